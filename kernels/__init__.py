@@ -1,0 +1,11 @@
+"""sparsefx.kernels: tensors in, tensors out.
+
+Importing this package registers the ``torch.ops.sparsefx`` ops (``ops.py``). The pattern
+math every layer of sparsefx shares lives in ``patterns.py``; the Triton kernels in
+``diag_triton.py`` / ``fanin_triton.py`` (imported on first use with CUDA tensors); the CPU
+kernels in ``cpu.py``. Nothing here imports ``sparsefx`` or ``sparsefx.passes``.
+"""
+from . import patterns
+from .ops import diag_linear, fanin_linear
+
+__all__ = ["patterns", "diag_linear", "fanin_linear"]

@@ -1,0 +1,152 @@
+"""Argument checks for the sparse linear ops.
+
+Shape, dtype and device checks run on every call (fake tensors included, so a compiled
+model fails at trace time with the same message). The value checks on the integer structure
+(range, distinctness) read the data, so each structure tensor is checked once and then again
+only after it changed: the record is keyed by the tensor object, its version counter (bumped
+by every in-place write, DST updates included) and its storage pointer.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+
+from . import patterns
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# id(tensor) -> (weak reference, stamp); an entry dies with its tensor.
+_verified: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _verify_once(tensor: torch.Tensor, key: tuple, check: Callable[[], None]) -> None:
+    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, key)
+    entry = _verified.get(id(tensor))
+    if entry is not None and entry[0]() is tensor and entry[1] == stamp:
+        return
+    check()
+    tensor_id = id(tensor)
+    _verified[tensor_id] = (weakref.ref(tensor, lambda _: _verified.pop(tensor_id, None)), stamp)
+
+
+def _require_tensor(op: str, name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} is a {type(value).__name__}: expected a torch.Tensor")
+
+
+def check_float_operands(op: str, operands: dict[str, torch.Tensor | None]) -> None:
+    """Every operand a tensor of one floating dtype on one device."""
+    (first_name, first), *rest = [(n, t) for n, t in operands.items() if t is not None]
+    _require_tensor(op, first_name, first)
+    if first.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {first_name}.dtype is {first.dtype}: expected one of "
+                        "float16, bfloat16, float32, float64")
+    for name, tensor in rest:
+        _require_tensor(op, name, tensor)
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"{op}: {name}.dtype is {tensor.dtype}: expected {first.dtype}, "
+                            f"the dtype of {first_name}")
+        if tensor.device != first.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}: expected {first.device}, "
+                             f"the device of {first_name}")
+
+
+def _check_structure_tensor(op: str, name: str, structure: torch.Tensor, device: torch.device,
+                            ndim: int) -> None:
+    _require_tensor(op, name, structure)
+    if not patterns.is_integer_dtype(structure.dtype):
+        raise TypeError(f"{op}: {name}.dtype is {structure.dtype}: expected an integer dtype "
+                        "(int32 or int64; int16/int8/uint8 also accepted)")
+    if structure.device != device:
+        raise ValueError(f"{op}: {name} is on {structure.device}: expected {device}, "
+                         "the device of the values")
+    if structure.dim() != ndim:
+        raise ValueError(f"{op}: {name} has shape {tuple(structure.shape)}: expected "
+                         f"{ndim} dimension{'s' if ndim > 1 else ''}")
+
+
+def _check_bias(op: str, bias: torch.Tensor | None, out_features: int) -> None:
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}: expected ({out_features},)")
+
+
+def _check_activations(op: str, name: str, x: torch.Tensor) -> None:
+    if x.dim() < 1:
+        raise ValueError(f"{op}: {name} is a 0-d tensor: expected shape [..., features]")
+
+
+# ------------------------------------------------------------------------------------ diag
+
+
+def check_diag(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor,
+               offsets: torch.Tensor, out_features: int, in_features: int,
+               bias: torch.Tensor | None = None, structure: bool = True) -> None:
+    """Checks shared by the diagonal op and its gradient ops (``x`` is the op's activation
+    operand: the input, or the output gradient)."""
+    check_float_operands(op, {"values": values, x_name: x, "bias": bias})
+    _check_activations(op, x_name, x)
+    _check_structure_tensor(op, "offsets", offsets, values.device, ndim=1)
+    if (not isinstance(out_features, (int, torch.SymInt)) or isinstance(out_features, bool)
+            or out_features < 1):
+        raise ValueError(f"{op}: out_features={out_features!r}: expected an int >= 1")
+    if in_features < 1:
+        raise ValueError(f"{op}: in_features = {in_features}: expected >= 1")
+    num_candidates, length = patterns.diag_geometry(out_features, in_features)
+    if values.dim() != 2 or values.shape[1] != length:
+        raise ValueError(
+            f"{op}: values has shape {tuple(values.shape)}: expected [K, L] with L = "
+            f"min(out_features, in_features) = min({out_features}, {in_features}) = {length}")
+    num_kept = values.shape[0]
+    if offsets.shape[0] != num_kept:
+        raise ValueError(f"{op}: offsets has {offsets.shape[0]} entries: expected K = "
+                         f"{num_kept}, one per row of values")
+    if not 1 <= num_kept <= num_candidates:
+        raise ValueError(f"{op}: values holds K = {num_kept} diagonals: expected 1 <= K <= P = "
+                         f"max(out_features, in_features) = {num_candidates}")
+    _check_bias(op, bias, out_features)
+    if structure:
+        def check() -> None:
+            try:
+                patterns.check_diag_offsets(offsets, out_features, in_features)
+            except ValueError as error:
+                raise ValueError(f"{op}: {error}") from None
+        _verify_once(offsets, ("diag", out_features, in_features), check)
+
+
+# ----------------------------------------------------------------------------------- fanin
+
+
+def check_fanin(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor | None,
+                indices: torch.Tensor, in_features: int, bias: torch.Tensor | None = None,
+                structure: bool = True) -> None:
+    """Checks shared by the fan-in op and its gradient ops (the values-gradient op has no
+    ``values`` operand: pass ``None`` and ``indices`` carries the shape)."""
+    check_float_operands(op, {"values": values, x_name: x, "bias": bias})
+    _check_activations(op, x_name, x)
+    device = x.device if values is None else values.device
+    _check_structure_tensor(op, "indices", indices, device, ndim=2)
+    if values is not None:
+        if values.dim() != 2:
+            raise ValueError(f"{op}: values has shape {tuple(values.shape)}: expected [out, k]")
+        if tuple(indices.shape) != tuple(values.shape):
+            raise ValueError(f"{op}: indices has shape {tuple(indices.shape)}: expected "
+                             f"{tuple(values.shape)}, the shape of values")
+    if in_features < 1:
+        raise ValueError(f"{op}: in_features = {in_features}: expected >= 1")
+    num_out, fan_in = indices.shape
+    if num_out < 1:
+        raise ValueError(f"{op}: indices has shape {tuple(indices.shape)}: expected at least "
+                         "one output row")
+    if not 1 <= fan_in <= in_features:
+        raise ValueError(f"{op}: each row holds k = {fan_in} entries: expected "
+                         f"1 <= k <= in_features = {in_features}")
+    _check_bias(op, bias, num_out)
+    if structure:
+        def check() -> None:
+            try:
+                patterns.check_fanin_indices(indices, in_features)
+            except ValueError as error:
+                raise ValueError(f"{op}: {error}") from None
+        _verify_once(indices, ("fanin", in_features), check)

@@ -1,0 +1,294 @@
+"""The ``sparsefx`` custom ops: diagonal and fan-in sparse linear layers.
+
+Public call forms::
+
+    torch.ops.sparsefx.diag_linear(x, values, offsets, out_features, bias=None)
+    torch.ops.sparsefx.fanin_linear(x, values, indices, bias=None)
+
+plus their gradient ops (``*_grad_input``, ``*_grad_values``), which the autograd formulas
+call and which are ops themselves so that ``torch.compile`` traces the backward too.
+Each op routes by device: Triton kernels for CUDA tensors, the CPU kernels of ``cpu.py``
+for CPU tensors. They are ``custom_op``s (opaque to Inductor) because the CPU path is native
+code Inductor cannot look into anyway, and one opaque op keeps a single code path on both
+devices. fp16/bf16 are computed with fp32 accumulation on both devices.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cpu
+from ._checks import check_diag, check_fanin, check_float_operands
+
+__all__ = ["diag_linear", "fanin_linear"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _require_supported_device(op: str, x: Tensor) -> None:
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: tensors are on {x.device}: expected cpu or cuda")
+
+
+def _leading(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[:-1])
+
+
+def _features(x: Tensor) -> int:
+    # a 0-d tensor has no feature dim; 0 lets the checks report it properly
+    return x.shape[-1] if x.dim() else 0
+
+
+def _add_bias(y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _bias_grad(grad_out: Tensor) -> Tensor:
+    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    return rows.sum(0, dtype=_compute_dtype(grad_out.dtype)).to(grad_out.dtype)
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def _diag_apply(x: Tensor, values: Tensor, offsets: Tensor, mod: int, gather: bool) -> Tensor:
+    if x.is_cuda:
+        from . import diag_triton
+        return diag_triton.diag_apply(x.contiguous(), values.contiguous(), offsets.contiguous(),
+                                      mod, gather)
+    compute = _compute_dtype(x.dtype)
+    return cpu.diag_apply(x.to(compute), values.to(compute), offsets, mod, gather).to(x.dtype)
+
+
+def _diag_values_grad(a: Tensor, b: Tensor, offsets: Tensor, mod: int) -> Tensor:
+    if a.is_cuda:
+        from . import diag_triton
+        return diag_triton.diag_values_grad(a.contiguous(), b.contiguous(), offsets.contiguous(),
+                                            mod)
+    compute = _compute_dtype(a.dtype)
+    return cpu.diag_values_grad(a.to(compute), b.to(compute), offsets, mod).to(a.dtype)
+
+
+def _fanin_forward(x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    if x.is_cuda:
+        from . import fanin_triton
+        return fanin_triton.fanin_forward(x.contiguous(), values.contiguous(),
+                                          indices.contiguous())
+    compute = _compute_dtype(x.dtype)
+    return cpu.fanin_forward(x.to(compute), values.to(compute), indices).to(x.dtype)
+
+
+def _fanin_input_grad(grad_out: Tensor, values: Tensor, indices: Tensor,
+                      in_features: int) -> Tensor:
+    if grad_out.is_cuda:
+        from . import fanin_triton
+        return fanin_triton.fanin_input_grad(grad_out.contiguous(), values.contiguous(),
+                                             indices.contiguous(), in_features)
+    compute = _compute_dtype(grad_out.dtype)
+    return cpu.fanin_input_grad(grad_out.to(compute), values.to(compute), indices,
+                                in_features).to(grad_out.dtype)
+
+
+def _fanin_values_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+    if x.is_cuda:
+        from . import fanin_triton
+        return fanin_triton.fanin_values_grad(grad_out.contiguous(), x.contiguous(),
+                                              indices.contiguous())
+    compute = _compute_dtype(x.dtype)
+    return cpu.fanin_values_grad(grad_out.to(compute), x.to(compute), indices).to(x.dtype)
+
+
+def _check_rows_match(op: str, grad_out: Tensor, x: Tensor) -> None:
+    if _leading(grad_out) != _leading(x):
+        raise ValueError(f"{op}: grad_out has leading dims {_leading(grad_out)}: expected "
+                         f"{_leading(x)}, the leading dims of x")
+
+
+def _check_last_dim(op: str, name: str, tensor: Tensor, expected: int, what: str) -> None:
+    if tensor.shape[-1] != expected:
+        raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}: expected last "
+                         f"dimension {expected} ({what})")
+
+
+# ---------------------------------------------------------------------------------- diag
+
+
+@torch.library.custom_op("sparsefx::diag_linear", mutates_args=())
+def diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W.T + bias`` for the diagonal-sparse ``W[out_features, in_features]`` that keeps
+    diagonals ``offsets[K]`` with entries ``values[K, L]`` (convention: ``kernels.patterns``)."""
+    op = "sparsefx.diag_linear"
+    check_diag(op, x, "x", values, offsets, out_features, _features(x), bias)
+    _require_supported_device(op, x)
+    in_features = x.shape[-1]
+    y = _diag_apply(x.reshape(-1, in_features), values, offsets,
+                    max(out_features, in_features), gather=out_features < in_features)
+    return _add_bias(y, bias).reshape(*_leading(x), out_features)
+
+
+@diag_linear.register_fake
+def _(x, values, offsets, out_features, bias=None):
+    check_diag("sparsefx.diag_linear", x, "x", values, offsets, out_features, _features(x), bias,
+               structure=False)
+    return x.new_empty(*_leading(x), out_features)
+
+
+@torch.library.custom_op("sparsefx::diag_linear_grad_input", mutates_args=())
+def diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
+                           in_features: int) -> Tensor:
+    """``grad_out @ W``: the transpose of a diagonal matrix is diagonal, so this is the
+    forward kernel with the gather and scatter forms swapped."""
+    op = "sparsefx.diag_linear_grad_input"
+    out_features = _features(grad_out)
+    check_diag(op, grad_out, "grad_out", values, offsets, out_features, in_features)
+    _require_supported_device(op, grad_out)
+    grad_x = _diag_apply(grad_out.reshape(-1, out_features), values, offsets,
+                         max(out_features, in_features), gather=out_features >= in_features)
+    return grad_x.reshape(*_leading(grad_out), in_features)
+
+
+@diag_linear_grad_input.register_fake
+def _(grad_out, values, offsets, in_features):
+    check_diag("sparsefx.diag_linear_grad_input", grad_out, "grad_out", values, offsets,
+               _features(grad_out), in_features, structure=False)
+    return grad_out.new_empty(*_leading(grad_out), in_features)
+
+
+def _check_diag_values_grad(op, grad_out, x, values, offsets, structure):
+    check_diag(op, x, "x", values, offsets, _features(grad_out), _features(x), structure=structure)
+    check_diag(op, grad_out, "grad_out", values, offsets, _features(grad_out), _features(x),
+               structure=False)
+    _check_rows_match(op, grad_out, x)
+
+
+@torch.library.custom_op("sparsefx::diag_linear_grad_values", mutates_args=())
+def diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
+                            offsets: Tensor) -> Tensor:
+    """Gradient of ``values[K, L]``: the kept diagonals of ``grad_out.T @ x`` only."""
+    op = "sparsefx.diag_linear_grad_values"
+    _check_diag_values_grad(op, grad_out, x, values, offsets, structure=True)
+    _require_supported_device(op, x)
+    out_features, in_features = grad_out.shape[-1], x.shape[-1]
+    grad_rows, x_rows = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
+    # wide (out < in): grad[k, t] = sum grad_out[:, t] * x[:, (t + d) % in]; tall: the reverse
+    a, b = (grad_rows, x_rows) if out_features < in_features else (x_rows, grad_rows)
+    return _diag_values_grad(a, b, offsets, max(out_features, in_features))
+
+
+@diag_linear_grad_values.register_fake
+def _(grad_out, x, values, offsets):
+    _check_diag_values_grad("sparsefx.diag_linear_grad_values", grad_out, x, values, offsets,
+                            structure=False)
+    return values.new_empty(values.shape)
+
+
+def _diag_setup_context(ctx, inputs, output):
+    x, values, offsets, _, _ = inputs
+    ctx.save_for_backward(x, values, offsets)
+
+
+def _diag_backward(ctx, grad_out):
+    x, values, offsets = ctx.saved_tensors
+    # a call that left bias at its default may report one flag fewer
+    need_x, need_values, _, _, need_bias = (*ctx.needs_input_grad, False)[:5]
+    grad_x = diag_linear_grad_input(grad_out, values, offsets, x.shape[-1]) if need_x else None
+    grad_values = diag_linear_grad_values(grad_out, x, values, offsets) if need_values else None
+    grad_bias = _bias_grad(grad_out) if need_bias else None
+    return grad_x, grad_values, None, None, grad_bias
+
+
+diag_linear.register_autograd(_diag_backward, setup_context=_diag_setup_context)
+
+
+# --------------------------------------------------------------------------------- fanin
+
+
+@torch.library.custom_op("sparsefx::fanin_linear", mutates_args=())
+def fanin_linear(x: Tensor, values: Tensor, indices: Tensor,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W.T + bias`` for the constant fan-in ``W[out, in]`` whose row ``o`` holds
+    ``values[o, j]`` at column ``indices[o, j]``. N:M layers use this op too."""
+    op = "sparsefx.fanin_linear"
+    check_fanin(op, x, "x", values, indices, _features(x), bias)
+    _require_supported_device(op, x)
+    y = _fanin_forward(x.reshape(-1, x.shape[-1]), values, indices)
+    return _add_bias(y, bias).reshape(*_leading(x), values.shape[0])
+
+
+@fanin_linear.register_fake
+def _(x, values, indices, bias=None):
+    check_fanin("sparsefx.fanin_linear", x, "x", values, indices, _features(x), bias,
+                structure=False)
+    return x.new_empty(*_leading(x), values.shape[0])
+
+
+def _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure):
+    check_fanin(op, grad_out, "grad_out", values, indices, in_features, structure=structure)
+    _check_last_dim(op, "grad_out", grad_out, values.shape[0], "out features, rows of values")
+
+
+@torch.library.custom_op("sparsefx::fanin_linear_grad_input", mutates_args=())
+def fanin_linear_grad_input(grad_out: Tensor, values: Tensor, indices: Tensor,
+                            in_features: int) -> Tensor:
+    """``grad_out @ W`` for the fan-in ``W``."""
+    op = "sparsefx.fanin_linear_grad_input"
+    _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure=True)
+    _require_supported_device(op, grad_out)
+    grad_x = _fanin_input_grad(grad_out.reshape(-1, grad_out.shape[-1]), values, indices,
+                               in_features)
+    return grad_x.reshape(*_leading(grad_out), in_features)
+
+
+@fanin_linear_grad_input.register_fake
+def _(grad_out, values, indices, in_features):
+    _check_fanin_grad_input("sparsefx.fanin_linear_grad_input", grad_out, values, indices,
+                            in_features, structure=False)
+    return grad_out.new_empty(*_leading(grad_out), in_features)
+
+
+def _check_fanin_values_grad(op, grad_out, x, indices, structure):
+    check_fanin(op, x, "x", None, indices, _features(x), structure=structure)
+    check_fanin(op, grad_out, "grad_out", None, indices, _features(x), structure=False)
+    check_float_operands(op, {"x": x, "grad_out": grad_out})
+    _check_last_dim(op, "grad_out", grad_out, indices.shape[0], "out features, rows of indices")
+    _check_rows_match(op, grad_out, x)
+
+
+@torch.library.custom_op("sparsefx::fanin_linear_grad_values", mutates_args=())
+def fanin_linear_grad_values(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+    """Gradient of ``values[out, k]``: ``grad_out.T @ x`` read at the stored entries only."""
+    op = "sparsefx.fanin_linear_grad_values"
+    _check_fanin_values_grad(op, grad_out, x, indices, structure=True)
+    _require_supported_device(op, x)
+    return _fanin_values_grad(grad_out.reshape(-1, grad_out.shape[-1]),
+                              x.reshape(-1, x.shape[-1]), indices)
+
+
+@fanin_linear_grad_values.register_fake
+def _(grad_out, x, indices):
+    _check_fanin_values_grad("sparsefx.fanin_linear_grad_values", grad_out, x, indices,
+                             structure=False)
+    return x.new_empty(indices.shape)
+
+
+def _fanin_setup_context(ctx, inputs, output):
+    x, values, indices, _ = inputs
+    ctx.save_for_backward(x, values, indices)
+
+
+def _fanin_backward(ctx, grad_out):
+    x, values, indices = ctx.saved_tensors
+    need_x, need_values, _, need_bias = (*ctx.needs_input_grad, False)[:4]
+    grad_x = (fanin_linear_grad_input(grad_out, values, indices, x.shape[-1]) if need_x
+              else None)
+    grad_values = fanin_linear_grad_values(grad_out, x, indices) if need_values else None
+    grad_bias = _bias_grad(grad_out) if need_bias else None
+    return grad_x, grad_values, None, grad_bias
+
+
+fanin_linear.register_autograd(_fanin_backward, setup_context=_fanin_setup_context)

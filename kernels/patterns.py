@@ -1,0 +1,256 @@
+"""Pattern math: the one place that says what a diagonal, fan-in or N:M structure is.
+
+Every other part of sparsefx (the kernels' dense references, the checks on op inputs, the
+rewrite passes, the DST manager) asks this module; none of them re-derives a formula.
+
+Conventions (weight ``W`` of shape ``(out, in)``, ``y = x @ W.T + b``):
+
+* **diag** -- ``P = max(out, in)`` candidate diagonals of length ``L = min(out, in)``,
+  wrapping around modulo the larger dimension:
+
+  - ``out >= in``: diagonal ``d`` holds ``W[(t + d) % out, t]`` for ``t in range(in)``;
+  - ``out <  in``: diagonal ``d`` holds ``W[t, (t + d) % in]`` for ``t in range(out)``.
+
+  The P candidates tile ``W`` exactly once. A layer keeps ``K`` distinct diagonals, stored
+  as ``values[K, L]`` and ``offsets[K]``.
+* **fanin** -- every output row holds exactly ``k`` entries: ``values[out, k]`` and
+  ``indices[out, k]`` (column ids, distinct within a row).
+* **nm** -- fanin where each row holds exactly ``n`` entries in every group of ``m``
+  consecutive inputs, so ``k = n * in / m``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "diag_geometry", "diag_num_kept", "diag_coordinates", "diag_to_dense", "diag_norms",
+    "dense_to_diag", "random_diag_offsets", "check_diag_offsets",
+    "fanin_num_kept", "fanin_to_dense", "dense_to_fanin", "random_fanin_indices",
+    "check_fanin_indices",
+    "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
+    "is_integer_dtype",
+]
+
+# (1 - 0.7) * 10 == 3.0000000000000004: round products to this many digits before ceil/floor,
+# so that a sparsity written in decimal gives the count a person would compute by hand.
+_FLOAT_NOISE_DIGITS = 9
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """True for the dtypes a structure tensor (offsets, indices) may have."""
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity!r}: expected a fraction in [0, 1)")
+
+
+# --------------------------------------------------------------------------------- diag
+
+
+def diag_geometry(out_features: int, in_features: int) -> tuple[int, int]:
+    """``(P, L)``: the number of candidate diagonals and the length of each."""
+    if out_features < 1 or in_features < 1:
+        raise ValueError(
+            f"weight shape ({out_features}, {in_features}): expected both dimensions >= 1")
+    return max(out_features, in_features), min(out_features, in_features)
+
+
+def diag_num_kept(out_features: int, in_features: int, sparsity: float) -> int:
+    """``K = max(1, ceil((1 - sparsity) * P))`` diagonals kept at ``sparsity``."""
+    _check_sparsity(sparsity)
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    kept = math.ceil(round((1.0 - sparsity) * num_candidates, _FLOAT_NOISE_DIGITS))
+    return max(1, min(num_candidates, kept))
+
+
+def diag_coordinates(
+    offsets: torch.Tensor, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column ids ``[K, L]`` of every element of the diagonals ``offsets``."""
+    _, length = diag_geometry(out_features, in_features)
+    t = torch.arange(length, device=offsets.device)
+    shifted = t[None, :] + offsets.to(torch.int64)[:, None]
+    if out_features >= in_features:
+        return shifted % out_features, t.expand_as(shifted)
+    return t.expand_as(shifted), shifted % in_features
+
+
+def diag_to_dense(
+    values: torch.Tensor, offsets: torch.Tensor, out_features: int, in_features: int
+) -> torch.Tensor:
+    """The dense ``W[out, in]`` that ``values[K, L]`` on diagonals ``offsets[K]`` stand for."""
+    rows, cols = diag_coordinates(offsets, out_features, in_features)
+    weight = values.new_zeros(out_features, in_features)
+    weight[rows.reshape(-1), cols.reshape(-1)] = values.reshape(-1)
+    return weight
+
+
+def diag_norms(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every candidate diagonal of ``weight``: a ``[P]`` tensor indexed by offset."""
+    out_features, in_features = weight.shape
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    all_offsets = torch.arange(num_candidates, device=weight.device)
+    rows, cols = diag_coordinates(all_offsets, out_features, in_features)
+    return weight[rows, cols].float().norm(dim=1)
+
+
+def dense_to_diag(weight: torch.Tensor, num_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``num_kept`` diagonals of largest L2 norm: ``(values[K, L], offsets[K])``.
+
+    Offsets come back sorted ascending, ties broken towards the smaller offset.
+    """
+    out_features, in_features = weight.shape
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    if not 1 <= num_kept <= num_candidates:
+        raise ValueError(f"num_kept={num_kept}: expected 1 <= K <= P = {num_candidates}")
+    norms = diag_norms(weight)
+    # stable sort on the negated norms: equal norms keep offset order
+    offsets = torch.sort(torch.argsort(-norms, stable=True)[:num_kept]).values
+    rows, cols = diag_coordinates(offsets, out_features, in_features)
+    return weight[rows, cols].clone(), offsets
+
+
+def random_diag_offsets(
+    out_features: int, in_features: int, num_kept: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``num_kept`` distinct offsets drawn uniformly, sorted, as int64."""
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    if not 1 <= num_kept <= num_candidates:
+        raise ValueError(f"num_kept={num_kept}: expected 1 <= K <= P = {num_candidates}")
+    return torch.sort(torch.randperm(num_candidates, generator=generator)[:num_kept]).values
+
+
+def check_diag_offsets(offsets: torch.Tensor, out_features: int, in_features: int,
+                       name: str = "offsets") -> None:
+    """Raise ``ValueError`` unless ``offsets`` are distinct integers in ``[0, P)``."""
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    flat = offsets.reshape(-1).to(torch.int64)
+    if flat.numel() == 0:
+        return
+    bad = (flat < 0) | (flat >= num_candidates)
+    if bool(bad.any()):
+        value = int(flat[bad][0])
+        raise ValueError(
+            f"{name} holds {value} (at position {int(bad.nonzero()[0])}): expected offsets in "
+            f"[0, P) with P = max(out_features, in_features) = {num_candidates}")
+    ordered = torch.sort(flat).values
+    repeated = ordered[1:] == ordered[:-1]
+    if bool(repeated.any()):
+        raise ValueError(
+            f"{name} repeats offset {int(ordered[1:][repeated][0])}: expected distinct diagonals")
+
+
+# -------------------------------------------------------------------------------- fanin
+
+
+def fanin_num_kept(in_features: int, sparsity: float) -> int:
+    """``k = max(1, round((1 - sparsity) * in))`` entries per row (halves round up)."""
+    _check_sparsity(sparsity)
+    kept = math.floor(round((1.0 - sparsity) * in_features, _FLOAT_NOISE_DIGITS) + 0.5)
+    return max(1, min(in_features, kept))
+
+
+def fanin_to_dense(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense ``W[out, in]`` whose row ``o`` holds ``values[o, j]`` at column ``indices[o, j]``."""
+    weight = values.new_zeros(values.shape[0], in_features)
+    return weight.scatter_(1, indices.to(torch.int64), values)
+
+
+def dense_to_fanin(weight: torch.Tensor, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each row's ``fan_in`` largest-magnitude entries: ``(values, indices)``, int32,
+    columns ascending within a row."""
+    in_features = weight.shape[1]
+    if not 1 <= fan_in <= in_features:
+        raise ValueError(f"fan_in={fan_in}: expected 1 <= k <= in_features = {in_features}")
+    indices = torch.sort(weight.abs().topk(fan_in, dim=1).indices, dim=1).values
+    return weight.gather(1, indices), indices.to(torch.int32)
+
+
+def random_fanin_indices(
+    out_features: int, in_features: int, fan_in: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``[out, fan_in]`` int32 column ids, distinct and ascending within each row."""
+    if not 1 <= fan_in <= in_features:
+        raise ValueError(f"fan_in={fan_in}: expected 1 <= k <= in_features = {in_features}")
+    scores = torch.rand(out_features, in_features, generator=generator)
+    return torch.sort(scores.topk(fan_in, dim=1).indices, dim=1).values.to(torch.int32)
+
+
+def check_fanin_indices(indices: torch.Tensor, in_features: int, name: str = "indices") -> None:
+    """Raise ``ValueError`` unless every row of ``indices`` holds distinct ids in ``[0, in)``."""
+    if indices.numel() == 0:
+        return
+    flat = indices.to(torch.int64)
+    bad = (flat < 0) | (flat >= in_features)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{row}, {col}] = {int(flat[row, col])}: expected column ids in "
+            f"[0, in_features) = [0, {in_features})")
+    ordered = torch.sort(flat, dim=1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    if bool(repeated.any()):
+        row, col = (int(i) for i in repeated.nonzero()[0])
+        raise ValueError(
+            f"{name} row {row} repeats column {int(ordered[row, col])}: expected distinct "
+            f"column ids within a row")
+
+
+# ----------------------------------------------------------------------------------- nm
+
+
+def _check_nm(n: int, m: int, in_features: int) -> None:
+    if not 0 < n < m:
+        raise ValueError(f"N:M = {n}:{m}: expected 0 < N < M")
+    if in_features % m:
+        raise ValueError(f"in_features = {in_features}: expected a multiple of M = {m} for N:M")
+
+
+def nm_num_kept(in_features: int, n: int, m: int) -> int:
+    """Entries per row of an N:M layer: ``n`` in each of the ``in / m`` groups."""
+    _check_nm(n, m, in_features)
+    return n * (in_features // m)
+
+
+def dense_to_nm(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``n`` largest-magnitude entries of every group of ``m``: ``(values, indices)``."""
+    out_features, in_features = weight.shape
+    _check_nm(n, m, in_features)
+    groups = weight.abs().reshape(out_features, in_features // m, m)
+    within = torch.sort(groups.topk(n, dim=2).indices, dim=2).values
+    base = torch.arange(0, in_features, m, device=weight.device)[None, :, None]
+    indices = (within + base).reshape(out_features, -1)
+    return weight.gather(1, indices), indices.to(torch.int32)
+
+
+def random_nm_indices(out_features: int, in_features: int, n: int, m: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[out, n * in / m]`` int32 ids with ``n`` random entries in each group of ``m``."""
+    _check_nm(n, m, in_features)
+    scores = torch.rand(out_features, in_features, generator=generator)
+    _, indices = dense_to_nm(scores, n, m)
+    return indices
+
+
+def check_nm_indices(indices: torch.Tensor, in_features: int, n: int, m: int,
+                     name: str = "indices") -> None:
+    """Raise ``ValueError`` unless ``indices`` is a valid fan-in structure holding exactly
+    ``n`` entries in every group of ``m`` inputs of every row."""
+    _check_nm(n, m, in_features)
+    check_fanin_indices(indices, in_features, name)
+    expected = nm_num_kept(in_features, n, m)
+    if indices.shape[-1] != expected:
+        raise ValueError(f"{name} has {indices.shape[-1]} entries per row: expected "
+                         f"{expected} = {n} * {in_features} / {m} for {n}:{m}")
+    groups = indices.to(torch.int64) // m
+    counts = torch.zeros(indices.shape[0], in_features // m, dtype=torch.int64,
+                         device=indices.device).scatter_add_(1, groups, torch.ones_like(groups))
+    wrong = counts != n
+    if bool(wrong.any()):
+        row, group = (int(i) for i in wrong.nonzero()[0])
+        raise ValueError(f"{name} row {row} holds {int(counts[row, group])} entries in group "
+                         f"{group} (inputs {group * m}..{group * m + m - 1}): expected {n}")

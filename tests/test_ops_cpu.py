@@ -1,0 +1,106 @@
+"""The public ops on CPU tensors, against the dense reference: forward and every gradient,
+for both CPU implementations (native C++ and the PyTorch fallback)."""
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+
+from helpers import (FLOAT_DTYPES, diag_case, fanin_case, feature_sizes, leading_shapes,
+                     sparsities)
+from sparsefx.kernels import cpu, patterns
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_kernels(request, monkeypatch):
+    monkeypatch.setenv("SPARSEFX_CPU_KERNELS", request.param)
+    assert cpu.backend_name() == request.param
+    return request.param
+
+
+shapes_and_inputs = dict(
+    out_features=feature_sizes, in_features=feature_sizes, leading=leading_shapes,
+    sparsity=sparsities, dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1))
+
+
+@given(**shapes_and_inputs)
+@example(out_features=16, in_features=16, leading=(3,), sparsity=0.75, dtype=torch.float32,
+         with_bias=True, seed=0)   # square
+@example(out_features=300, in_features=7, leading=(2, 3), sparsity=0.5, dtype=torch.float32,
+         with_bias=False, seed=1)  # tall, several output tiles
+@example(out_features=5, in_features=257, leading=(), sparsity=0.9, dtype=torch.bfloat16,
+         with_bias=True, seed=2)   # wide, one vector, partial tile
+@example(out_features=9, in_features=13, leading=(0, 4), sparsity=0.5, dtype=torch.float16,
+         with_bias=True, seed=3)   # empty batch
+def test_diag_linear_matches_dense(cpu_kernels, out_features, in_features, leading, sparsity,
+                                   dtype, with_bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values, offsets, check = diag_case(out_features, in_features, sparsity, dtype, generator)
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    check.compare(lambda x, v, b: torch.ops.sparsefx.diag_linear(x, v, offsets, out_features, b),
+                  x, values, bias, seed)
+
+
+@given(**shapes_and_inputs)
+@example(out_features=300, in_features=40, leading=(70,), sparsity=0.9, dtype=torch.float32,
+         with_bias=True, seed=0)   # batch wide enough for the column-split scatter
+@example(out_features=3, in_features=1, leading=(), sparsity=0.0, dtype=torch.float16,
+         with_bias=False, seed=1)
+@example(out_features=6, in_features=8, leading=(0,), sparsity=0.5, dtype=torch.bfloat16,
+         with_bias=True, seed=2)
+def test_fanin_linear_matches_dense(cpu_kernels, out_features, in_features, leading, sparsity,
+                                    dtype, with_bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values, indices, check = fanin_case(out_features, in_features, sparsity, dtype, generator)
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices, b),
+                  x, values, bias, seed)
+
+
+@given(out_groups=st.integers(1, 6), groups=st.integers(1, 8),
+       nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8)]),
+       leading=leading_shapes, dtype=st.sampled_from(FLOAT_DTYPES), seed=st.integers(0, 999))
+def test_nm_structure_through_fanin_linear(cpu_kernels, out_groups, groups, nm, leading, dtype,
+                                           seed):
+    n, m = nm
+    out_features, in_features = 4 * out_groups, m * groups
+    generator = torch.Generator().manual_seed(seed)
+    indices = patterns.random_nm_indices(out_features, in_features, n, m, generator)
+    patterns.check_nm_indices(indices, in_features, n, m)
+    values = torch.randn(indices.shape, generator=generator).to(dtype)
+    weight = patterns.fanin_to_dense(values, indices, in_features)
+    grouped = (weight != 0).reshape(out_features, groups, m).sum(-1)
+    assert (grouped <= n).all()
+    rows = torch.arange(out_features)[:, None].expand_as(indices)
+    from helpers import DenseCheck
+    check = DenseCheck(weight, (rows, indices.long()), terms=indices.shape[1],
+                       terms_grad_x=out_features)
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype)
+    check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices, b),
+                  x, values, None, seed)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int8, torch.int16, torch.int32, torch.int64,
+                                         torch.uint8])
+def test_structure_accepts_every_integer_dtype(cpu_kernels, index_dtype):
+    generator = torch.Generator().manual_seed(0)
+    values, offsets, check = diag_case(12, 20, 0.5, torch.float32, generator)
+    x = torch.randn(3, 20, generator=generator)
+    torch.testing.assert_close(
+        torch.ops.sparsefx.diag_linear(x, values, offsets.to(index_dtype), 12),
+        x @ check.weight.T)
+    fvalues, indices, fcheck = fanin_case(12, 20, 0.5, torch.float32, generator)
+    torch.testing.assert_close(
+        torch.ops.sparsefx.fanin_linear(x, fvalues, indices.to(index_dtype)),
+        x @ fcheck.weight.T)
+
+
+def test_non_contiguous_inputs(cpu_kernels):
+    generator = torch.Generator().manual_seed(0)
+    values, offsets, check = diag_case(10, 6, 0.5, torch.float32, generator)
+    x = torch.randn(6, 5, generator=generator).T            # [5, 6], column-major
+    wide_values = torch.randn(values.shape[1], values.shape[0], generator=generator).T
+    weight = patterns.diag_to_dense(wide_values, offsets, 10, 6)
+    torch.testing.assert_close(torch.ops.sparsefx.diag_linear(x, wide_values, offsets, 10),
+                               x @ weight.T)

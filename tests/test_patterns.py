@@ -1,0 +1,139 @@
+"""The pattern math of SPEC section 2, which every other layer relies on."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from sparsefx.kernels import patterns
+
+dims = st.integers(1, 50)
+
+
+@given(out_features=dims, in_features=dims)
+def test_diagonals_tile_the_matrix_exactly_once(out_features, in_features):
+    num_candidates, length = patterns.diag_geometry(out_features, in_features)
+    assert (num_candidates, length) == (max(out_features, in_features),
+                                        min(out_features, in_features))
+    rows, cols = patterns.diag_coordinates(torch.arange(num_candidates), out_features,
+                                           in_features)
+    hits = torch.zeros(out_features, in_features, dtype=torch.int64)
+    hits.index_put_((rows.reshape(-1), cols.reshape(-1)), torch.tensor(1), accumulate=True)
+    assert (hits == 1).all()
+
+
+def test_diagonal_convention_by_hand():
+    # out >= in: diagonal d holds W[(t + d) % out, t]
+    rows, cols = patterns.diag_coordinates(torch.tensor([2]), 4, 3)
+    assert rows.tolist() == [[2, 3, 0]] and cols.tolist() == [[0, 1, 2]]
+    # out < in: diagonal d holds W[t, (t + d) % in]
+    rows, cols = patterns.diag_coordinates(torch.tensor([3]), 2, 5)
+    assert rows.tolist() == [[0, 1]] and cols.tolist() == [[3, 4]]
+    weight = patterns.diag_to_dense(torch.tensor([[1.0, 2.0]]), torch.tensor([4]), 2, 5)
+    assert weight.tolist() == [[0, 0, 0, 0, 1.0], [2.0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("out_features,in_features,sparsity,expected", [
+    (10, 10, 0.7, 3),        # (1 - 0.7) * 10 = 3.0000000000000004 in floating point
+    (10, 10, 0.9, 1),
+    (10, 10, 0.0, 10),
+    (4096, 4096, 0.9, 410),  # ceil(409.6)
+    (8, 100, 0.95, 5),       # P = 100
+    (3, 3, 0.99, 1),         # never fewer than one diagonal
+])
+def test_diag_num_kept(out_features, in_features, sparsity, expected):
+    assert patterns.diag_num_kept(out_features, in_features, sparsity) == expected
+
+
+@pytest.mark.parametrize("in_features,sparsity,expected", [
+    (10, 0.7, 3), (4096, 0.9, 410), (5, 0.9, 1), (3, 0.5, 2), (100, 0.0, 100)])
+def test_fanin_num_kept(in_features, sparsity, expected):
+    assert patterns.fanin_num_kept(in_features, sparsity) == expected
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan")])
+def test_sparsity_outside_unit_interval_is_rejected(sparsity):
+    with pytest.raises(ValueError, match=r"sparsity=.*expected a fraction in \[0, 1\)"):
+        patterns.diag_num_kept(8, 8, sparsity)
+    with pytest.raises(ValueError, match=r"sparsity="):
+        patterns.fanin_num_kept(8, sparsity)
+
+
+@given(out_features=dims, in_features=dims, data=st.data())
+def test_dense_to_diag_keeps_the_largest_diagonals(out_features, in_features, data):
+    num_candidates, _ = patterns.diag_geometry(out_features, in_features)
+    num_kept = data.draw(st.integers(1, num_candidates))
+    weight = torch.randn(out_features, in_features,
+                         generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    values, offsets = patterns.dense_to_diag(weight, num_kept)
+    norms = patterns.diag_norms(weight)
+    dropped = torch.ones(num_candidates, dtype=torch.bool)
+    dropped[offsets] = False
+    if dropped.any():
+        assert norms[offsets].min() >= norms[dropped].max()
+    patterns.check_diag_offsets(offsets, out_features, in_features)
+    # the kept diagonals are copied exactly: round trip through the dense form
+    kept = patterns.diag_to_dense(values, offsets, out_features, in_features)
+    assert torch.equal(kept[kept != 0], weight[kept != 0])
+    assert torch.equal(patterns.dense_to_diag(kept, num_kept)[1], offsets)
+
+
+@given(out_features=dims, in_features=dims, data=st.data())
+def test_dense_to_fanin_keeps_each_rows_largest_entries(out_features, in_features, data):
+    fan_in = data.draw(st.integers(1, in_features))
+    weight = torch.randn(out_features, in_features,
+                         generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    values, indices = patterns.dense_to_fanin(weight, fan_in)
+    assert indices.dtype == torch.int32 and indices.shape == (out_features, fan_in)
+    patterns.check_fanin_indices(indices, in_features)
+    assert (indices[:, 1:] > indices[:, :-1]).all()  # ascending within a row
+    kept = patterns.fanin_to_dense(values, indices, in_features)
+    assert torch.equal(kept.gather(1, indices.long()), weight.gather(1, indices.long()))
+    threshold = weight.abs().gather(1, indices.long()).min(1).values
+    dropped_max = torch.where(kept != 0, 0.0, weight.abs()).max(1).values
+    assert (dropped_max <= threshold).all()
+
+
+@given(rows=st.integers(1, 8), groups=st.integers(1, 6),
+       nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8)]), seed=st.integers(0, 99))
+def test_nm_keeps_n_largest_per_group(rows, groups, nm, seed):
+    n, m = nm
+    in_features = groups * m
+    weight = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed))
+    values, indices = patterns.dense_to_nm(weight, n, m)
+    patterns.check_nm_indices(indices, in_features, n, m)
+    assert indices.shape[1] == patterns.nm_num_kept(in_features, n, m) == n * groups
+    grouped = weight.abs().reshape(rows, groups, m)
+    kth_largest = grouped.topk(n, dim=2).values[..., -1]
+    kept = grouped.gather(2, (indices.long() % m).reshape(rows, groups, n))
+    assert (kept >= kth_largest[..., None]).all()
+    random = patterns.random_nm_indices(rows, in_features, n, m,
+                                        torch.Generator().manual_seed(seed))
+    patterns.check_nm_indices(random, in_features, n, m)
+
+
+@pytest.mark.parametrize("n,m,in_features,message", [
+    (2, 2, 8, r"N:M = 2:2: expected 0 < N < M"),
+    (0, 4, 8, r"N:M = 0:4"),
+    (2, 4, 10, r"in_features = 10: expected a multiple of M = 4"),
+])
+def test_nm_rejects_bad_configurations(n, m, in_features, message):
+    with pytest.raises(ValueError, match=message):
+        patterns.nm_num_kept(in_features, n, m)
+
+
+def test_check_nm_indices_names_the_bad_group():
+    indices = torch.tensor([[0, 2, 4, 5]])  # groups {0, 2} and {4, 5}: two each
+    with pytest.raises(ValueError, match=r"row 0 holds 1 entries in group 0 .*expected 2"):
+        patterns.check_nm_indices(torch.tensor([[0, 4, 5, 6]]), 8, 2, 4)
+    patterns.check_nm_indices(indices, 8, 2, 4)
+
+
+def test_random_structures_are_valid_and_seeded():
+    first = patterns.random_diag_offsets(30, 20, 7, torch.Generator().manual_seed(5))
+    again = patterns.random_diag_offsets(30, 20, 7, torch.Generator().manual_seed(5))
+    assert torch.equal(first, again)
+    patterns.check_diag_offsets(first, 30, 20)
+    indices = patterns.random_fanin_indices(9, 31, 4, torch.Generator().manual_seed(5))
+    patterns.check_fanin_indices(indices, 31)
+    assert math.prod(indices.shape) == 36

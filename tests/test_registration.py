@@ -1,0 +1,168 @@
+"""The ops as torch.library ops: opcheck, gradcheck in float64, torch.compile(fullgraph=True)
+forward and backward with no graph break."""
+import pytest
+import torch
+import torch._dynamo
+
+from sparsefx.kernels import _checks, patterns
+
+OPS = torch.ops.sparsefx
+
+
+def _diag_inputs(out_features, in_features, leading, dtype=torch.float32, sparsity=0.5,
+                 bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num_kept = patterns.diag_num_kept(out_features, in_features, sparsity)
+    offsets = patterns.random_diag_offsets(out_features, in_features, num_kept, generator)
+    _, length = patterns.diag_geometry(out_features, in_features)
+    x = torch.randn(*leading, in_features, generator=generator, dtype=dtype)
+    values = torch.randn(num_kept, length, generator=generator, dtype=dtype)
+    b = torch.randn(out_features, generator=generator, dtype=dtype) if bias else None
+    return x, values, offsets, b
+
+
+def _fanin_inputs(out_features, in_features, leading, dtype=torch.float32, sparsity=0.5,
+                  bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    fan_in = patterns.fanin_num_kept(in_features, sparsity)
+    indices = patterns.random_fanin_indices(out_features, in_features, fan_in, generator)
+    x = torch.randn(*leading, in_features, generator=generator, dtype=dtype)
+    values = torch.randn(out_features, fan_in, generator=generator, dtype=dtype)
+    b = torch.randn(out_features, generator=generator, dtype=dtype) if bias else None
+    return x, values, indices, b
+
+
+SHAPES = [(8, 8, (3,)), (12, 5, (2, 3)), (5, 12, ()), (7, 9, (0,)), (16, 4, (2, 1, 3))]
+
+
+@pytest.mark.parametrize("out_features,in_features,leading", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_diag(out_features, in_features, leading, bias):
+    x, values, offsets, b = _diag_inputs(out_features, in_features, leading, bias=bias)
+    x.requires_grad_()
+    values.requires_grad_()
+    torch.library.opcheck(OPS.diag_linear, (x, values, offsets, out_features, b))
+    grad_out = torch.randn(*leading, out_features)
+    torch.library.opcheck(OPS.diag_linear_grad_input, (grad_out, values.detach(), offsets,
+                                                       in_features))
+    torch.library.opcheck(OPS.diag_linear_grad_values, (grad_out, x.detach(), values.detach(),
+                                                        offsets))
+
+
+@pytest.mark.parametrize("out_features,in_features,leading", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_fanin(out_features, in_features, leading, bias):
+    x, values, indices, b = _fanin_inputs(out_features, in_features, leading, bias=bias)
+    x.requires_grad_()
+    values.requires_grad_()
+    args = (x, values, indices, b) if bias else (x, values, indices)
+    torch.library.opcheck(OPS.fanin_linear, args)
+    grad_out = torch.randn(*leading, out_features)
+    torch.library.opcheck(OPS.fanin_linear_grad_input, (grad_out, values.detach(), indices,
+                                                        in_features))
+    torch.library.opcheck(OPS.fanin_linear_grad_values, (grad_out, x.detach(), indices))
+
+
+@pytest.mark.parametrize("out_features,in_features,leading", SHAPES)
+def test_gradcheck_diag(out_features, in_features, leading):
+    x, values, offsets, b = _diag_inputs(out_features, in_features, leading, torch.float64)
+    inputs = (x.requires_grad_(), values.requires_grad_(), b.requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: OPS.diag_linear(x, v, offsets, out_features, b), inputs)
+
+
+@pytest.mark.parametrize("out_features,in_features,leading", SHAPES)
+def test_gradcheck_fanin(out_features, in_features, leading):
+    x, values, indices, b = _fanin_inputs(out_features, in_features, leading, torch.float64)
+    inputs = (x.requires_grad_(), values.requires_grad_(), b.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, v, b: OPS.fanin_linear(x, v, indices, b), inputs)
+
+
+class _DiagMLP(torch.nn.Module):
+    """Two diagonal layers (tall then wide) around a nonlinearity."""
+
+    def __init__(self, width=24, hidden=40, out=10, sparsity=0.75):
+        super().__init__()
+        self.shapes = [(hidden, width), (out, hidden)]
+        generator = torch.Generator().manual_seed(0)
+        for i, (o, n) in enumerate(self.shapes):
+            k = patterns.diag_num_kept(o, n, sparsity)
+            offsets = patterns.random_diag_offsets(o, n, k, generator)
+            _, length = patterns.diag_geometry(o, n)
+            self.register_buffer(f"offsets{i}", offsets)
+            setattr(self, f"values{i}", torch.nn.Parameter(torch.randn(k, length) * 0.3))
+            setattr(self, f"bias{i}", torch.nn.Parameter(torch.zeros(o)))
+
+    def forward(self, x):
+        h = OPS.diag_linear(x, self.values0, self.offsets0, self.shapes[0][0], self.bias0)
+        return OPS.diag_linear(torch.relu(h), self.values1, self.offsets1, self.shapes[1][0],
+                               self.bias1)
+
+
+class _FaninMLP(torch.nn.Module):
+    def __init__(self, width=24, hidden=40, out=10, sparsity=0.75):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        for i, (o, n) in enumerate([(hidden, width), (out, hidden)]):
+            k = patterns.fanin_num_kept(n, sparsity)
+            self.register_buffer(f"indices{i}", patterns.random_fanin_indices(o, n, k, generator))
+            setattr(self, f"values{i}", torch.nn.Parameter(torch.randn(o, k) * 0.3))
+            setattr(self, f"bias{i}", torch.nn.Parameter(torch.zeros(o)))
+
+    def forward(self, x):
+        h = OPS.fanin_linear(x, self.values0, self.indices0, self.bias0)
+        return OPS.fanin_linear(torch.relu(h), self.values1, self.indices1, self.bias1)
+
+
+@pytest.mark.parametrize("model_cls", [_DiagMLP, _FaninMLP])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_forward_backward(model_cls, dynamic):
+    torch._dynamo.reset()
+    eager, compiled_model = model_cls(), model_cls()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=dynamic)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1))
+    for model in (eager, compiled):
+        model(x).square().mean().backward()
+    torch.testing.assert_close(compiled(x), eager(x))
+    for (name, p_eager), (_, p_compiled) in zip(eager.named_parameters(),
+                                                compiled_model.named_parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad, msg=name)
+    explanation = torch._dynamo.explain(compiled_model)(x)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_compiled_model_sees_in_place_structure_change():
+    """A structure buffer edited in place (as the DST manager will) is picked up by the
+    compiled model without recompiling."""
+    torch._dynamo.reset()
+    model = _DiagMLP()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 24)
+    compiled(x)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        offsets = model.offsets0
+        free = sorted(set(range(40)) - set(offsets.tolist()))
+        offsets[0] = free[0]
+    torch.testing.assert_close(compiled(x), model(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
+
+
+def test_structure_checked_once_until_it_changes(monkeypatch):
+    calls = []
+    real = patterns.check_diag_offsets
+    monkeypatch.setattr(patterns, "check_diag_offsets",
+                        lambda *args, **kwargs: (calls.append(1), real(*args, **kwargs))[1])
+    x, values, offsets, b = _diag_inputs(8, 12, (3,))
+    for _ in range(3):
+        OPS.diag_linear(x, values, offsets, 8, b)
+    assert len(calls) == 1
+    offsets.add_(0)  # an in-place write, even one that changes nothing, means re-check
+    OPS.diag_linear(x, values, offsets, 8, b)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="repeats offset"):
+        offsets[1] = offsets[0]
+        OPS.diag_linear(x, values, offsets, 8, b)
+    assert _checks._verified  # the record is kept while the tensors live

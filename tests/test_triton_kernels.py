@@ -1,0 +1,124 @@
+"""The Triton kernels called directly -- under TRITON_INTERPRET=1 on a machine without a GPU,
+compiled on a GPU -- against the dense reference. Every output buffer the kernel should fill
+is poisoned with NaN first, so an element a kernel forgets to write fails the test (the
+interpreter raises nothing for a missed store or an unmasked out-of-bounds load)."""
+import pytest
+import torch
+from hypothesis import example, given, settings, strategies as st
+
+from helpers import FLOAT_DTYPES, diag_case, fanin_case, sparsities
+
+triton = pytest.importorskip("triton")
+from sparsefx.kernels import diag_triton, fanin_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter runs every program in Python: small shapes, fewer examples
+small_sizes = st.one_of(st.integers(1, 24), st.sampled_from([33, 129]))
+triton_settings = settings(max_examples=25)
+
+
+def poisoned(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+class TritonDiag(torch.autograd.Function):
+    """diag_linear wired straight to the Triton kernels, outputs poisoned."""
+
+    @staticmethod
+    def forward(ctx, x, values, offsets, out_features):
+        in_features = x.shape[-1]
+        mod = max(out_features, in_features)
+        ctx.save_for_backward(x, values, offsets)
+        ctx.shape = (out_features, in_features, mod)
+        return diag_triton.diag_apply(x, values, offsets, mod, gather=out_features < in_features,
+                                      out=poisoned(x.shape[0], out_features, dtype=x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, offsets = ctx.saved_tensors
+        out_features, in_features, mod = ctx.shape
+        grad_out = grad_out.contiguous()
+        grad_x = diag_triton.diag_apply(grad_out, values, offsets, mod,
+                                        gather=out_features >= in_features,
+                                        out=poisoned(*x.shape, dtype=x.dtype))
+        a, b = (grad_out, x) if out_features < in_features else (x, grad_out)
+        grad_values = diag_triton.diag_values_grad(a, b, offsets, mod,
+                                                   out=poisoned(*values.shape, dtype=x.dtype))
+        return grad_x, grad_values, None, None
+
+
+class TritonFanin(torch.autograd.Function):
+    """fanin_linear wired straight to the Triton kernels, outputs poisoned."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices):
+        ctx.save_for_backward(x, values, indices)
+        return fanin_triton.fanin_forward(x, values, indices,
+                                          out=poisoned(x.shape[0], values.shape[0], dtype=x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, indices = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        # the input gradient accumulates with atomics into a buffer it zeroes itself
+        grad_x = fanin_triton.fanin_input_grad(grad_out, values, indices, x.shape[1])
+        grad_values = fanin_triton.fanin_values_grad(grad_out, x, indices,
+                                                     out=poisoned(*values.shape, dtype=x.dtype))
+        return grad_x, grad_values, None
+
+
+def _with_bias(y, bias):
+    return y if bias is None else y + bias
+
+
+@triton_settings
+@given(out_features=small_sizes, in_features=small_sizes, rows=st.integers(0, 40),
+       sparsity=sparsities, dtype=st.sampled_from(FLOAT_DTYPES + [torch.float64]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(out_features=129, in_features=5, rows=33, sparsity=0.9, dtype=torch.float32,
+         with_bias=True, seed=0)
+@example(out_features=3, in_features=129, rows=1, sparsity=0.5, dtype=torch.bfloat16,
+         with_bias=False, seed=1)
+@example(out_features=24, in_features=24, rows=17, sparsity=0.75, dtype=torch.float16,
+         with_bias=True, seed=2)
+def test_triton_diag_kernels(out_features, in_features, rows, sparsity, dtype, with_bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values, offsets, check = diag_case(out_features, in_features, sparsity, dtype, generator)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    offsets = offsets.to(torch.int32).to(DEVICE)
+    check.weight = check.weight.to(DEVICE)
+    check.compare(lambda x, v, b: _with_bias(TritonDiag.apply(x, v, offsets, out_features), b),
+                  x.to(DEVICE), values.to(DEVICE), None if bias is None else bias.to(DEVICE),
+                  seed)
+
+
+@triton_settings
+@given(out_features=small_sizes, in_features=small_sizes, rows=st.integers(0, 40),
+       sparsity=sparsities, dtype=st.sampled_from(FLOAT_DTYPES + [torch.float64]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(out_features=129, in_features=33, rows=40, sparsity=0.9, dtype=torch.float32,
+         with_bias=True, seed=0)
+@example(out_features=1, in_features=1, rows=1, sparsity=0.0, dtype=torch.bfloat16,
+         with_bias=False, seed=1)
+def test_triton_fanin_kernels(out_features, in_features, rows, sparsity, dtype, with_bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values, indices, check = fanin_case(out_features, in_features, sparsity, dtype, generator)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    indices = indices.to(DEVICE)
+    check.weight = check.weight.to(DEVICE)
+    check.stored = tuple(t.to(DEVICE) for t in check.stored)
+    check.compare(lambda x, v, b: _with_bias(TritonFanin.apply(x, v, indices), b),
+                  x.to(DEVICE), values.to(DEVICE), None if bias is None else bias.to(DEVICE),
+                  seed)
+
+
+def test_triton_fanin_masks_out_of_range_ids():
+    """An id outside [0, in) must never be read: the kernels mask it off."""
+    x = torch.randn(4, 6, device=DEVICE)
+    values = torch.ones(3, 2, device=DEVICE)
+    indices = torch.tensor([[0, 1], [2, 600], [-7, 5]], dtype=torch.int32, device=DEVICE)
+    y = fanin_triton.fanin_forward(x, values, indices)
+    expected = torch.stack([x[:, 0] + x[:, 1], x[:, 2], x[:, 5]], dim=1)
+    torch.testing.assert_close(y, expected)

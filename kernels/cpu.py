@@ -161,7 +161,7 @@ def fanin_values_grad(grad_out: torch.Tensor, x: torch.Tensor,
 
 
 def _native_indices(indices: torch.Tensor) -> torch.Tensor:
-    # the C++ kernels read int32 or int64 directly; narrower ids are widened once per call
-    if indices.dtype not in (torch.int32, torch.int64):
+    # the C++ kernels read int16, int32 and int64 directly; other ids are converted per call
+    if indices.dtype not in (torch.int16, torch.int32, torch.int64):
         indices = indices.to(torch.int32)
     return indices.contiguous()

@@ -27,7 +27,7 @@ import torch
 __all__ = [
     "diag_geometry", "diag_num_kept", "diag_coordinates", "diag_to_dense", "diag_norms",
     "dense_to_diag", "random_diag_offsets", "check_diag_offsets",
-    "fanin_num_kept", "fanin_to_dense", "dense_to_fanin", "random_fanin_indices",
+    "fanin_index_dtype", "fanin_num_kept", "fanin_to_dense", "dense_to_fanin", "random_fanin_indices",
     "check_fanin_indices",
     "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
     "is_integer_dtype",
@@ -147,6 +147,12 @@ def check_diag_offsets(offsets: torch.Tensor, out_features: int, in_features: in
 # -------------------------------------------------------------------------------- fanin
 
 
+def fanin_index_dtype(in_features: int) -> torch.dtype:
+    """The narrowest dtype that holds every column id: int16 below 2**15 inputs, else int32.
+    Index bytes are half the traffic of a fan-in kernel at batch 1, so narrower is faster."""
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
 def fanin_num_kept(in_features: int, sparsity: float) -> int:
     """``k = max(1, round((1 - sparsity) * in))`` entries per row (halves round up)."""
     _check_sparsity(sparsity)
@@ -161,23 +167,25 @@ def fanin_to_dense(values: torch.Tensor, indices: torch.Tensor, in_features: int
 
 
 def dense_to_fanin(weight: torch.Tensor, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each row's ``fan_in`` largest-magnitude entries: ``(values, indices)``, int32,
-    columns ascending within a row."""
+    """Keep each row's ``fan_in`` largest-magnitude entries: ``(values, indices)``, ids in
+    ``fanin_index_dtype(in)``, ascending within a row."""
     in_features = weight.shape[1]
     if not 1 <= fan_in <= in_features:
         raise ValueError(f"fan_in={fan_in}: expected 1 <= k <= in_features = {in_features}")
     indices = torch.sort(weight.abs().topk(fan_in, dim=1).indices, dim=1).values
-    return weight.gather(1, indices), indices.to(torch.int32)
+    return weight.gather(1, indices), indices.to(fanin_index_dtype(in_features))
 
 
 def random_fanin_indices(
     out_features: int, in_features: int, fan_in: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """``[out, fan_in]`` int32 column ids, distinct and ascending within each row."""
+    """``[out, fan_in]`` column ids (``fanin_index_dtype(in)``), distinct and ascending
+    within each row."""
     if not 1 <= fan_in <= in_features:
         raise ValueError(f"fan_in={fan_in}: expected 1 <= k <= in_features = {in_features}")
     scores = torch.rand(out_features, in_features, generator=generator)
-    return torch.sort(scores.topk(fan_in, dim=1).indices, dim=1).values.to(torch.int32)
+    indices = torch.sort(scores.topk(fan_in, dim=1).indices, dim=1).values
+    return indices.to(fanin_index_dtype(in_features))
 
 
 def check_fanin_indices(indices: torch.Tensor, in_features: int, name: str = "indices") -> None:
@@ -224,12 +232,12 @@ def dense_to_nm(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, tor
     within = torch.sort(groups.topk(n, dim=2).indices, dim=2).values
     base = torch.arange(0, in_features, m, device=weight.device)[None, :, None]
     indices = (within + base).reshape(out_features, -1)
-    return weight.gather(1, indices), indices.to(torch.int32)
+    return weight.gather(1, indices), indices.to(fanin_index_dtype(in_features))
 
 
 def random_nm_indices(out_features: int, in_features: int, n: int, m: int,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[out, n * in / m]`` int32 ids with ``n`` random entries in each group of ``m``."""
+    """``[out, n * in / m]`` ids with ``n`` random entries in each group of ``m``."""
     _check_nm(n, m, in_features)
     scores = torch.rand(out_features, in_features, generator=generator)
     _, indices = dense_to_nm(scores, n, m)

@@ -126,11 +126,12 @@ def test_gradient_ops_check_their_operands():
                                      torch.tensor([[0, 1, 2]] * 6))
 
 
-def test_native_kernels_never_read_outside_the_input():
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
+def test_native_kernels_never_read_outside_the_input(index_dtype):
     """The C++ kernels bounds-check every id themselves (a structure edited behind the op's
     back, e.g. through ``.data``, must not read foreign memory)."""
     native = cpu.load_native()
-    bad = torch.tensor([[0, 1], [2, 1000]], dtype=torch.int32)
+    bad = torch.tensor([[0, 1], [2, 1000]], dtype=index_dtype)
     with pytest.raises(IndexError, match=r"outside \[0, 6\)"):
         native.fanin_forward(torch.randn(6, 3), torch.randn(2, 2), bad)
     with pytest.raises(IndexError, match=r"outside \[0, 6\)"):

@@ -84,7 +84,8 @@ def test_dense_to_fanin_keeps_each_rows_largest_entries(out_features, in_feature
     weight = torch.randn(out_features, in_features,
                          generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
     values, indices = patterns.dense_to_fanin(weight, fan_in)
-    assert indices.dtype == torch.int32 and indices.shape == (out_features, fan_in)
+    assert indices.dtype == patterns.fanin_index_dtype(in_features)
+    assert indices.shape == (out_features, fan_in)
     patterns.check_fanin_indices(indices, in_features)
     assert (indices[:, 1:] > indices[:, :-1]).all()  # ascending within a row
     kept = patterns.fanin_to_dense(values, indices, in_features)
@@ -127,6 +128,11 @@ def test_check_nm_indices_names_the_bad_group():
     with pytest.raises(ValueError, match=r"row 0 holds 1 entries in group 0 .*expected 2"):
         patterns.check_nm_indices(torch.tensor([[0, 4, 5, 6]]), 8, 2, 4)
     patterns.check_nm_indices(indices, 8, 2, 4)
+
+
+def test_index_dtype_is_the_narrowest_that_fits():
+    assert patterns.fanin_index_dtype(32768) == torch.int16   # ids up to 32767
+    assert patterns.fanin_index_dtype(32769) == torch.int32
 
 
 def test_random_structures_are_valid_and_seeded():

@@ -103,41 +103,53 @@ void diag_values_grad(const T* a, const T* b, const int64_t* offsets, T* grad, i
 }
 
 // Fan-in kernels. xt: [in, batch], yt: [out, batch], values / indices: [out, fan_in].
-// An index outside [0, in) is skipped and reported through `bad_index`, never read.
+// Each row's ids are range-checked first (a vectorised max over ids already in L1), so the
+// loops that read activations run unchecked; a row with an id outside [0, in) is skipped and
+// reported through `bad_index`, never read.
+template <typename I>
+inline bool row_in_range(const I* idx, int64_t fan_in, int64_t in) {
+  uint64_t largest = 0;  // a negative id converts to a huge unsigned value
+#pragma omp simd reduction(max : largest)
+  for (int64_t j = 0; j < fan_in; ++j)
+    largest = std::max(largest, static_cast<uint64_t>(static_cast<int64_t>(idx[j])));
+  return fan_in == 0 || largest < static_cast<uint64_t>(in);
+}
+
 template <typename T, typename I>
 void fanin_forward(const T* xt, const T* values, const I* indices, T* yt, int64_t batch,
                    int64_t out, int64_t fan_in, int64_t in, std::atomic<bool>& bad_index) {
   at::parallel_for(0, out, 16, [&](int64_t first, int64_t last) {
-    bool bad = false;
     for (int64_t o = first; o < last; ++o) {
       const T* v = values + o * fan_in;
       const I* idx = indices + o * fan_in;
       T* yo = yt + o * batch;
-      if (batch == 1) {
-        T acc = 0;
-        for (int64_t j = 0; j < fan_in; ++j) {
-          const int64_t c = idx[j];
-          const bool inside = static_cast<uint64_t>(c) < static_cast<uint64_t>(in);
-          bad |= !inside;
-          acc += inside ? v[j] * xt[c] : T(0);
-        }
-        yo[0] = acc;
+      std::fill(yo, yo + batch, T(0));
+      if (!row_in_range(idx, fan_in, in)) {
+        bad_index = true;
         continue;
       }
-      std::fill(yo, yo + batch, T(0));
-      for (int64_t j = 0; j < fan_in; ++j) {
-        const int64_t c = idx[j];
-        if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(in)) {
-          bad = true;
-          continue;
+      if (batch == 1) {
+        // a gather dot product; four scalar chains beat vector gathers, which are slow on
+        // some x86 cores (measured: 0.93 ms vs 1.18 ms for 4096 rows x 410 on a Zen 4)
+        T acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+        int64_t j = 0;
+        for (; j + 4 <= fan_in; j += 4) {
+          acc0 += v[j] * xt[idx[j]];
+          acc1 += v[j + 1] * xt[idx[j + 1]];
+          acc2 += v[j + 2] * xt[idx[j + 2]];
+          acc3 += v[j + 3] * xt[idx[j + 3]];
         }
+        for (; j < fan_in; ++j) acc0 += v[j] * xt[idx[j]];
+        yo[0] = (acc0 + acc1) + (acc2 + acc3);
+        continue;
+      }
+      for (int64_t j = 0; j < fan_in; ++j) {
         const T w = v[j];
-        const T* xc = xt + c * batch;
+        const T* xc = xt + static_cast<int64_t>(idx[j]) * batch;
 #pragma omp simd
         for (int64_t m = 0; m < batch; ++m) yo[m] += w * xc[m];
       }
     }
-    if (bad) bad_index = true;
   });
 }
 
@@ -148,24 +160,26 @@ template <typename T, typename I>
 void fanin_input_grad(const T* dyt, const T* values, const I* indices, T* dxt, int64_t batch,
                       int64_t out, int64_t fan_in, int64_t in, std::atomic<bool>& bad_index) {
   auto scatter_rows = [&](int64_t o0, int64_t o1, int64_t m0, int64_t m1, T* target) {
-    bool bad = false;
     for (int64_t o = o0; o < o1; ++o) {
       const T* v = values + o * fan_in;
       const I* idx = indices + o * fan_in;
       const T* g = dyt + o * batch;
+      if (!row_in_range(idx, fan_in, in)) {
+        bad_index = true;
+        continue;
+      }
+      if (batch == 1) {
+        const T go = g[0];
+        for (int64_t j = 0; j < fan_in; ++j) target[idx[j]] += v[j] * go;
+        continue;
+      }
       for (int64_t j = 0; j < fan_in; ++j) {
-        const int64_t c = idx[j];
-        if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(in)) {
-          bad = true;
-          continue;
-        }
         const T w = v[j];
-        T* dst = target + c * batch;
+        T* dst = target + static_cast<int64_t>(idx[j]) * batch;
 #pragma omp simd
         for (int64_t m = m0; m < m1; ++m) dst[m] += w * g[m];
       }
     }
-    if (bad) bad_index = true;
   };
   const int64_t threads = at::get_num_threads();
   constexpr int64_t kMinColumnsPerThread = 32;
@@ -194,24 +208,29 @@ template <typename T, typename I>
 void fanin_values_grad(const T* dyt, const T* xt, const I* indices, T* grad, int64_t batch,
                        int64_t out, int64_t fan_in, int64_t in, std::atomic<bool>& bad_index) {
   at::parallel_for(0, out, 16, [&](int64_t first, int64_t last) {
-    bool bad = false;
     for (int64_t o = first; o < last; ++o) {
       const T* g = dyt + o * batch;
+      const I* idx = indices + o * fan_in;
+      T* grad_row = grad + o * fan_in;
+      if (!row_in_range(idx, fan_in, in)) {
+        bad_index = true;
+        std::fill(grad_row, grad_row + fan_in, T(0));
+        continue;
+      }
+      if (batch == 1) {
+        const T go = g[0];
+#pragma omp simd
+        for (int64_t j = 0; j < fan_in; ++j) grad_row[j] = go * xt[idx[j]];
+        continue;
+      }
       for (int64_t j = 0; j < fan_in; ++j) {
-        const int64_t c = indices[o * fan_in + j];
-        if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(in)) {
-          bad = true;
-          grad[o * fan_in + j] = 0;
-          continue;
-        }
-        const T* xc = xt + c * batch;
+        const T* xc = xt + static_cast<int64_t>(idx[j]) * batch;
         T acc = 0;
 #pragma omp simd reduction(+ : acc)
         for (int64_t m = 0; m < batch; ++m) acc += g[m] * xc[m];
-        grad[o * fan_in + j] = acc;
+        grad_row[j] = acc;
       }
     }
-    if (bad) bad_index = true;
   });
 }
 
@@ -255,15 +274,26 @@ torch::Tensor diag_values_grad_(const torch::Tensor& a, const torch::Tensor& b,
   return grad;
 }
 
-#define SPARSEFX_DISPATCH_INDEX(index_tensor, ...)                                   \
-  [&] {                                                                              \
-    if ((index_tensor).scalar_type() == torch::kInt) {                               \
-      using index_t = int32_t;                                                       \
-      return __VA_ARGS__();                                                          \
-    }                                                                                \
-    TORCH_CHECK((index_tensor).scalar_type() == torch::kLong, "indices: int32/int64"); \
-    using index_t = int64_t;                                                         \
-    return __VA_ARGS__();                                                            \
+// int16 ids halve the index traffic of int32 (sparsefx stores them whenever in < 2^15)
+#define SPARSEFX_DISPATCH_INDEX(index_tensor, ...)                                     \
+  [&] {                                                                                \
+    switch ((index_tensor).scalar_type()) {                                            \
+      case torch::kShort: {                                                            \
+        using index_t = int16_t;                                                       \
+        return __VA_ARGS__();                                                          \
+      }                                                                                \
+      case torch::kInt: {                                                              \
+        using index_t = int32_t;                                                       \
+        return __VA_ARGS__();                                                          \
+      }                                                                                \
+      case torch::kLong: {                                                             \
+        using index_t = int64_t;                                                       \
+        return __VA_ARGS__();                                                          \
+      }                                                                                \
+      default:                                                                         \
+        TORCH_CHECK(false, "indices must be int16, int32 or int64, got ",              \
+                    (index_tensor).scalar_type());                                     \
+    }                                                                                  \
   }()
 
 torch::Tensor fanin_forward_(const torch::Tensor& xt, const torch::Tensor& values,

@@ -27,18 +27,12 @@ from sparsefx.kernels import cpu, patterns
 RESULTS = Path(__file__).parent / "results"
 
 
-def csr_layer(weight: torch.Tensor):
-    """The CSR baseline at its best: W and W.T as CSR with int32 indices, built once (as if
-    cached until the structure changes); the values gradient is the sampled product
-    ``(dY.T @ x)`` at W's pattern."""
-    to_csr = lambda w: w.to_sparse_csr().to_sparse_csr() if False else torch.sparse_csr_tensor(
-        *_int32_csr(w), size=w.shape)
-    return to_csr(weight), to_csr(weight.T.contiguous())
-
-
-def _int32_csr(weight):
+def csr_int32(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as CSR with int32 indices (half the index bytes of PyTorch's default)."""
     csr = weight.to_sparse_csr()
-    return (csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values())
+    return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32),
+                                   csr.col_indices().to(torch.int32), csr.values(),
+                                   size=weight.shape)
 
 
 def make_cases(batch: int, features: int, sparsity: float, generator: torch.Generator):
@@ -69,7 +63,10 @@ def make_cases(batch: int, features: int, sparsity: float, generator: torch.Gene
                 lambda: run_op(x_grad, values_grad).backward(grad_out))
 
     def csr_pair(weight):
-        w_csr, wt_csr = csr_layer(weight)
+        """The CSR baseline at its best: W and W.T built once (as if cached until the
+        structure changes); the values gradient is the sampled product dY.T @ x at W's
+        pattern."""
+        w_csr, wt_csr = csr_int32(weight), csr_int32(weight.T.contiguous())
         pattern = torch.sparse_csr_tensor(w_csr.crow_indices(), w_csr.col_indices(),
                                           torch.zeros_like(w_csr.values()), size=weight.shape)
         forward = lambda: torch.mm(w_csr, x.T).T

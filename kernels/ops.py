@@ -55,51 +55,20 @@ def _bias_grad(grad_out: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------ dispatch
 
 
-def _diag_apply(x: Tensor, values: Tensor, offsets: Tensor, mod: int, gather: bool) -> Tensor:
-    if x.is_cuda:
-        from . import diag_triton
-        return diag_triton.diag_apply(x.contiguous(), values.contiguous(), offsets.contiguous(),
-                                      mod, gather)
-    compute = _compute_dtype(x.dtype)
-    return cpu.diag_apply(x.to(compute), values.to(compute), offsets, mod, gather).to(x.dtype)
-
-
-def _diag_values_grad(a: Tensor, b: Tensor, offsets: Tensor, mod: int) -> Tensor:
-    if a.is_cuda:
-        from . import diag_triton
-        return diag_triton.diag_values_grad(a.contiguous(), b.contiguous(), offsets.contiguous(),
-                                            mod)
-    compute = _compute_dtype(a.dtype)
-    return cpu.diag_values_grad(a.to(compute), b.to(compute), offsets, mod).to(a.dtype)
-
-
-def _fanin_forward(x: Tensor, values: Tensor, indices: Tensor) -> Tensor:
-    if x.is_cuda:
-        from . import fanin_triton
-        return fanin_triton.fanin_forward(x.contiguous(), values.contiguous(),
-                                          indices.contiguous())
-    compute = _compute_dtype(x.dtype)
-    return cpu.fanin_forward(x.to(compute), values.to(compute), indices).to(x.dtype)
-
-
-def _fanin_input_grad(grad_out: Tensor, values: Tensor, indices: Tensor,
-                      in_features: int) -> Tensor:
-    if grad_out.is_cuda:
-        from . import fanin_triton
-        return fanin_triton.fanin_input_grad(grad_out.contiguous(), values.contiguous(),
-                                             indices.contiguous(), in_features)
-    compute = _compute_dtype(grad_out.dtype)
-    return cpu.fanin_input_grad(grad_out.to(compute), values.to(compute), indices,
-                                in_features).to(grad_out.dtype)
-
-
-def _fanin_values_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
-    if x.is_cuda:
-        from . import fanin_triton
-        return fanin_triton.fanin_values_grad(grad_out.contiguous(), x.contiguous(),
-                                              indices.contiguous())
-    compute = _compute_dtype(x.dtype)
-    return cpu.fanin_values_grad(grad_out.to(compute), x.to(compute), indices).to(x.dtype)
+def _run_kernel(kernel: str, *operands, **params) -> Tensor:
+    """Run ``kernel`` (a function of the same name in the Triton module of its pattern and in
+    ``cpu``) on ``operands``; the first operand's dtype is the result's. Triton gets
+    contiguous tensors; the CPU kernels get float operands upcast to fp32 (fp64 stays)."""
+    lead = operands[0]
+    if lead.is_cuda:
+        if kernel.startswith("diag"):
+            from . import diag_triton as triton_kernels
+        else:
+            from . import fanin_triton as triton_kernels
+        return getattr(triton_kernels, kernel)(*(t.contiguous() for t in operands), **params)
+    compute = _compute_dtype(lead.dtype)
+    operands = [t.to(compute) if t.is_floating_point() else t for t in operands]
+    return getattr(cpu, kernel)(*operands, **params).to(lead.dtype)
 
 
 def _check_rows_match(op: str, grad_out: Tensor, x: Tensor) -> None:
@@ -126,8 +95,8 @@ def diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
     check_diag(op, x, "x", values, offsets, out_features, _features(x), bias)
     _require_supported_device(op, x)
     in_features = x.shape[-1]
-    y = _diag_apply(x.reshape(-1, in_features), values, offsets,
-                    max(out_features, in_features), gather=out_features < in_features)
+    y = _run_kernel("diag_apply", x.reshape(-1, in_features), values, offsets,
+                    mod=max(out_features, in_features), gather=out_features < in_features)
     return _add_bias(y, bias).reshape(*_leading(x), out_features)
 
 
@@ -147,8 +116,8 @@ def diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
     out_features = _features(grad_out)
     check_diag(op, grad_out, "grad_out", values, offsets, out_features, in_features)
     _require_supported_device(op, grad_out)
-    grad_x = _diag_apply(grad_out.reshape(-1, out_features), values, offsets,
-                         max(out_features, in_features), gather=out_features >= in_features)
+    grad_x = _run_kernel("diag_apply", grad_out.reshape(-1, out_features), values, offsets,
+                         mod=max(out_features, in_features), gather=out_features >= in_features)
     return grad_x.reshape(*_leading(grad_out), in_features)
 
 
@@ -177,7 +146,7 @@ def diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
     grad_rows, x_rows = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
     # wide (out < in): grad[k, t] = sum grad_out[:, t] * x[:, (t + d) % in]; tall: the reverse
     a, b = (grad_rows, x_rows) if out_features < in_features else (x_rows, grad_rows)
-    return _diag_values_grad(a, b, offsets, max(out_features, in_features))
+    return _run_kernel("diag_values_grad", a, b, offsets, mod=max(out_features, in_features))
 
 
 @diag_linear_grad_values.register_fake
@@ -216,7 +185,7 @@ def fanin_linear(x: Tensor, values: Tensor, indices: Tensor,
     op = "sparsefx.fanin_linear"
     check_fanin(op, x, "x", values, indices, _features(x), bias)
     _require_supported_device(op, x)
-    y = _fanin_forward(x.reshape(-1, x.shape[-1]), values, indices)
+    y = _run_kernel("fanin_forward", x.reshape(-1, x.shape[-1]), values, indices)
     return _add_bias(y, bias).reshape(*_leading(x), values.shape[0])
 
 
@@ -239,8 +208,8 @@ def fanin_linear_grad_input(grad_out: Tensor, values: Tensor, indices: Tensor,
     op = "sparsefx.fanin_linear_grad_input"
     _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure=True)
     _require_supported_device(op, grad_out)
-    grad_x = _fanin_input_grad(grad_out.reshape(-1, grad_out.shape[-1]), values, indices,
-                               in_features)
+    grad_x = _run_kernel("fanin_input_grad", grad_out.reshape(-1, grad_out.shape[-1]), values,
+                         indices, in_features=in_features)
     return grad_x.reshape(*_leading(grad_out), in_features)
 
 
@@ -265,8 +234,8 @@ def fanin_linear_grad_values(grad_out: Tensor, x: Tensor, indices: Tensor) -> Te
     op = "sparsefx.fanin_linear_grad_values"
     _check_fanin_values_grad(op, grad_out, x, indices, structure=True)
     _require_supported_device(op, x)
-    return _fanin_values_grad(grad_out.reshape(-1, grad_out.shape[-1]),
-                              x.reshape(-1, x.shape[-1]), indices)
+    return _run_kernel("fanin_values_grad", grad_out.reshape(-1, grad_out.shape[-1]),
+                       x.reshape(-1, x.shape[-1]), indices)
 
 
 @fanin_linear_grad_values.register_fake

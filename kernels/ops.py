@@ -67,8 +67,10 @@ def _run_kernel(kernel: str, *operands, **params) -> Tensor:
             from . import fanin_triton as triton_kernels
         return getattr(triton_kernels, kernel)(*(t.contiguous() for t in operands), **params)
     compute = _compute_dtype(lead.dtype)
-    operands = [t.to(compute) if t.is_floating_point() else t for t in operands]
-    return getattr(cpu, kernel)(*operands, **params).to(lead.dtype)
+    if lead.dtype != compute:
+        operands = [t.to(compute) if t.is_floating_point() else t for t in operands]
+        return getattr(cpu, kernel)(*operands, **params).to(lead.dtype)
+    return getattr(cpu, kernel)(*operands, **params)
 
 
 def _check_rows_match(op: str, grad_out: Tensor, x: Tensor) -> None:

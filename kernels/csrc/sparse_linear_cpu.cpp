@@ -19,6 +19,14 @@ constexpr int64_t kTileRows = 8;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Tasks smaller than this many multiply-adds are grouped, so that a small layer runs on the
+// calling thread instead of paying a few microseconds to wake the pool.
+constexpr int64_t kMinWorkPerTask = 32768;
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work_per_item));
+}
+
 // Output positions [begin, end) that read source position p + shift.
 struct Run {
   int64_t begin, end, shift;
@@ -51,7 +59,8 @@ void diag_apply(const T* x, const T* values, const int64_t* offsets, T* y, int64
   const int64_t out_len = gather ? length : mod;
   const int64_t position_tiles = ceil_div(out_len, kTilePositions);
   const int64_t row_tiles = ceil_div(rows, kTileRows);
-  at::parallel_for(0, position_tiles * row_tiles, 1, [&](int64_t first, int64_t last) {
+  const int64_t grain = grain_for(num_diagonals * kTilePositions * std::min(rows, kTileRows));
+  at::parallel_for(0, position_tiles * row_tiles, grain, [&](int64_t first, int64_t last) {
     Run runs[2];
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t p0 = (tile % position_tiles) * kTilePositions;
@@ -81,7 +90,8 @@ void diag_values_grad(const T* a, const T* b, const int64_t* offsets, T* grad, i
                       int64_t num_diagonals, int64_t length, int64_t mod) {
   const int64_t position_tiles = ceil_div(length, kTilePositions);
   // diagonal index varies fastest, so consecutive tasks reuse the same columns of `a`
-  at::parallel_for(0, position_tiles * num_diagonals, 1, [&](int64_t first, int64_t last) {
+  const int64_t grain = grain_for(kTilePositions * rows);
+  at::parallel_for(0, position_tiles * num_diagonals, grain, [&](int64_t first, int64_t last) {
     Run runs[2];
     for (int64_t task = first; task < last; ++task) {
       const int64_t k = task % num_diagonals;
@@ -118,7 +128,7 @@ inline bool row_in_range(const I* idx, int64_t fan_in, int64_t in) {
 template <typename T, typename I>
 void fanin_forward(const T* xt, const T* values, const I* indices, T* yt, int64_t batch,
                    int64_t out, int64_t fan_in, int64_t in, std::atomic<bool>& bad_index) {
-  at::parallel_for(0, out, 16, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, out, grain_for(fan_in * batch), [&](int64_t first, int64_t last) {
     for (int64_t o = first; o < last; ++o) {
       const T* v = values + o * fan_in;
       const I* idx = indices + o * fan_in;
@@ -187,14 +197,15 @@ void fanin_input_grad(const T* dyt, const T* values, const I* indices, T* dxt, i
   // inputs, so the scattered read-modify-writes stay in L2
   constexpr int64_t kColumnsPerPass = 32;
   if (threads == 1 || batch >= threads * kMinColumnsPerThread) {
-    at::parallel_for(0, batch, kMinColumnsPerThread, [&](int64_t m0, int64_t m1) {
+    const int64_t grain = std::max(kMinColumnsPerThread, grain_for(out * fan_in));
+    at::parallel_for(0, batch, grain, [&](int64_t m0, int64_t m1) {
       for (int64_t c0 = m0; c0 < m1; c0 += kColumnsPerPass)
         scatter_rows(0, out, c0, std::min(m1, c0 + kColumnsPerPass), dxt);
     });
     return;
   }
   std::vector<T> partial(static_cast<size_t>(threads) * in * batch, T(0));
-  at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, out, grain_for(fan_in * batch), [&](int64_t o0, int64_t o1) {
     scatter_rows(o0, o1, 0, batch, partial.data() + at::get_thread_num() * in * batch);
   });
   const int64_t size = in * batch;
@@ -211,7 +222,7 @@ void fanin_input_grad(const T* dyt, const T* values, const I* indices, T* dxt, i
 template <typename T, typename I>
 void fanin_values_grad(const T* dyt, const T* xt, const I* indices, T* grad, int64_t batch,
                        int64_t out, int64_t fan_in, int64_t in, std::atomic<bool>& bad_index) {
-  at::parallel_for(0, out, 16, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, out, grain_for(fan_in * batch), [&](int64_t first, int64_t last) {
     for (int64_t o = first; o < last; ++o) {
       const T* g = dyt + o * batch;
       const I* idx = indices + o * fan_in;

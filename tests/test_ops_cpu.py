@@ -104,3 +104,24 @@ def test_non_contiguous_inputs(cpu_kernels):
     weight = patterns.diag_to_dense(wide_values, offsets, 10, 6)
     torch.testing.assert_close(torch.ops.sparsefx.diag_linear(x, wide_values, offsets, 10),
                                x @ weight.T)
+
+
+def test_ops_never_materialise_the_dense_weight(cpu_kernels, monkeypatch):
+    """Forward and backward run without building W (the reference builders are disabled)."""
+    generator = torch.Generator().manual_seed(0)
+    values, offsets, diag_check = diag_case(20, 12, 0.5, torch.float32, generator)
+    fvalues, indices, fanin_check = fanin_case(20, 12, 0.5, torch.float32, generator)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dense weight was materialised")
+
+    monkeypatch.setattr(patterns, "diag_to_dense", forbidden)
+    monkeypatch.setattr(patterns, "fanin_to_dense", forbidden)
+    x = torch.randn(5, 12, generator=generator, requires_grad=True)
+    values.requires_grad_()
+    fvalues.requires_grad_()
+    y = (torch.ops.sparsefx.diag_linear(x, values, offsets, 20)
+         + torch.ops.sparsefx.fanin_linear(x, fvalues, indices))
+    y.sum().backward()
+    expected = x.detach() @ (diag_check.weight + fanin_check.weight).T
+    torch.testing.assert_close(y.detach(), expected)

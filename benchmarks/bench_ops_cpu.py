@@ -108,7 +108,7 @@ def run(features: int, sparsity: float, batches: list[int], rounds: int, min_run
                     samples[name].append(measure(fns[mode_index], min_run_time))
             dense = samples["dense F.linear"]
             for name, times in samples.items():
-                ratio = statistics.median(d / t for d, t in zip(dense, times))
+                ratio = statistics.median(d / t for d, t in zip(dense, times, strict=True))
                 rows.append(dict(batch=batch, mode=mode, candidate=name,
                                  median_ms=1e3 * statistics.median(times),
                                  speedup_vs_dense=ratio))

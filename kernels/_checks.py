@@ -9,7 +9,7 @@ by every in-place write, DST updates included) and its storage pointer.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -35,6 +35,16 @@ _NATIVE_FLAGS = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() i
 _GATHER_CHUNK = 1 << 22
 
 
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the CPU model and its instruction-set flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "|".join(sorted({line for line in lines if line.startswith(wanted)}))
+
+
 @functools.cache
 def load_native():
     """Build (once, cached on disk) and import the C++ kernels; ``None`` if that fails."""
@@ -43,7 +53,7 @@ def load_native():
     # The name carries the source, the flags and the CPU, so a changed kernel or a cache
     # shared with another machine never loads a stale or foreign build.
     digest = hashlib.sha1(_SOURCE.read_bytes())
-    digest.update(" ".join(_NATIVE_FLAGS + [platform.processor(), platform.machine(),
+    digest.update(" ".join(_NATIVE_FLAGS + [_cpu_signature(), platform.machine(),
                                             torch.__version__]).encode())
     name = f"sparsefx_cpu_{digest.hexdigest()[:12]}"
     try:
@@ -133,8 +143,9 @@ def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torc
                      in_features: int) -> torch.Tensor:
     """``dx[:, c] = sum over (o, j) with indices[o, j] == c of values[o, j] * grad_out[:, o]``."""
     if backend_name() == "native":
-        return load_native().fanin_input_grad(grad_out.t().contiguous(), values.contiguous(),
-                                              _native_indices(indices), in_features).t().contiguous()
+        grad_xt = load_native().fanin_input_grad(grad_out.t().contiguous(), values.contiguous(),
+                                                 _native_indices(indices), in_features)
+        return grad_xt.t().contiguous()
     out, fan_in = values.shape
     rows = grad_out.shape[0]
     grad_x = grad_out.new_zeros(rows, in_features)

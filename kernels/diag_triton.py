@@ -26,7 +26,7 @@ def _diag_apply_kernel(
     mod,              # P = max(out, in): the wrap-around modulus
     in_len,           # row stride of x: mod when GATHER else length
     out_len,          # row stride of y: length when GATHER else mod
-    GATHER: tl.constexpr,      # True: y[p] reads x[(p + off) % mod]; False: y[p] reads x[(p - off) % mod]
+    GATHER: tl.constexpr,      # True: y[p] reads x[(p + off) % mod]; False: x[(p - off) % mod]
     ACC_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
     BLOCK_ROWS: tl.constexpr,  # activation rows per program
     BLOCK_POS: tl.constexpr,   # output positions per program

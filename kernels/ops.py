@@ -29,9 +29,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _require_supported_device(op: str, x: Tensor) -> None:
+def _require_supported_device(op: str, name: str, x: Tensor) -> None:
     if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: tensors are on {x.device}: expected cpu or cuda")
+        raise ValueError(f"{op}: {name} is on {x.device}: expected cpu or cuda")
 
 
 def _leading(x: Tensor) -> tuple[int, ...]:
@@ -94,8 +94,8 @@ def diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
     """``x @ W.T + bias`` for the diagonal-sparse ``W[out_features, in_features]`` that keeps
     diagonals ``offsets[K]`` with entries ``values[K, L]`` (convention: ``kernels.patterns``)."""
     op = "sparsefx.diag_linear"
+    _require_supported_device(op, "x", x)
     check_diag(op, x, "x", values, offsets, out_features, _features(x), bias)
-    _require_supported_device(op, x)
     in_features = x.shape[-1]
     y = _run_kernel("diag_apply", x.reshape(-1, in_features), values, offsets,
                     mod=max(out_features, in_features), gather=out_features < in_features)
@@ -115,9 +115,9 @@ def diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
     """``grad_out @ W``: the transpose of a diagonal matrix is diagonal, so this is the
     forward kernel with the gather and scatter forms swapped."""
     op = "sparsefx.diag_linear_grad_input"
+    _require_supported_device(op, "grad_out", grad_out)
     out_features = _features(grad_out)
     check_diag(op, grad_out, "grad_out", values, offsets, out_features, in_features)
-    _require_supported_device(op, grad_out)
     grad_x = _run_kernel("diag_apply", grad_out.reshape(-1, out_features), values, offsets,
                          mod=max(out_features, in_features), gather=out_features >= in_features)
     return grad_x.reshape(*_leading(grad_out), in_features)
@@ -142,8 +142,8 @@ def diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
                             offsets: Tensor) -> Tensor:
     """Gradient of ``values[K, L]``: the kept diagonals of ``grad_out.T @ x`` only."""
     op = "sparsefx.diag_linear_grad_values"
+    _require_supported_device(op, "x", x)
     _check_diag_values_grad(op, grad_out, x, values, offsets, structure=True)
-    _require_supported_device(op, x)
     out_features, in_features = grad_out.shape[-1], x.shape[-1]
     grad_rows, x_rows = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
     # wide (out < in): grad[k, t] = sum grad_out[:, t] * x[:, (t + d) % in]; tall: the reverse
@@ -185,8 +185,8 @@ def fanin_linear(x: Tensor, values: Tensor, indices: Tensor,
     """``x @ W.T + bias`` for the constant fan-in ``W[out, in]`` whose row ``o`` holds
     ``values[o, j]`` at column ``indices[o, j]``. N:M layers use this op too."""
     op = "sparsefx.fanin_linear"
+    _require_supported_device(op, "x", x)
     check_fanin(op, x, "x", values, indices, _features(x), bias)
-    _require_supported_device(op, x)
     y = _run_kernel("fanin_forward", x.reshape(-1, x.shape[-1]), values, indices)
     return _add_bias(y, bias).reshape(*_leading(x), values.shape[0])
 
@@ -208,8 +208,8 @@ def fanin_linear_grad_input(grad_out: Tensor, values: Tensor, indices: Tensor,
                             in_features: int) -> Tensor:
     """``grad_out @ W`` for the fan-in ``W``."""
     op = "sparsefx.fanin_linear_grad_input"
+    _require_supported_device(op, "grad_out", grad_out)
     _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure=True)
-    _require_supported_device(op, grad_out)
     grad_x = _run_kernel("fanin_input_grad", grad_out.reshape(-1, grad_out.shape[-1]), values,
                          indices, in_features=in_features)
     return grad_x.reshape(*_leading(grad_out), in_features)
@@ -234,8 +234,8 @@ def _check_fanin_values_grad(op, grad_out, x, indices, structure):
 def fanin_linear_grad_values(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
     """Gradient of ``values[out, k]``: ``grad_out.T @ x`` read at the stored entries only."""
     op = "sparsefx.fanin_linear_grad_values"
+    _require_supported_device(op, "x", x)
     _check_fanin_values_grad(op, grad_out, x, indices, structure=True)
-    _require_supported_device(op, x)
     return _run_kernel("fanin_values_grad", grad_out.reshape(-1, grad_out.shape[-1]),
                        x.reshape(-1, x.shape[-1]), indices)
 

@@ -27,7 +27,8 @@ import torch
 __all__ = [
     "diag_geometry", "diag_num_kept", "diag_coordinates", "diag_to_dense", "diag_norms",
     "dense_to_diag", "random_diag_offsets", "check_diag_offsets",
-    "fanin_index_dtype", "fanin_num_kept", "fanin_to_dense", "dense_to_fanin", "random_fanin_indices",
+    "fanin_index_dtype", "fanin_num_kept", "fanin_to_dense", "dense_to_fanin",
+    "random_fanin_indices",
     "check_fanin_indices",
     "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
     "is_integer_dtype",
@@ -161,7 +162,7 @@ def fanin_num_kept(in_features: int, sparsity: float) -> int:
 
 
 def fanin_to_dense(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The dense ``W[out, in]`` whose row ``o`` holds ``values[o, j]`` at column ``indices[o, j]``."""
+    """The dense ``W[out, in]``: row ``o`` holds ``values[o, j]`` at column ``indices[o, j]``."""
     weight = values.new_zeros(values.shape[0], in_features)
     return weight.scatter_(1, indices.to(torch.int64), values)
 

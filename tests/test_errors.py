@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from sparsefx.kernels import cpu, patterns
+from sparsefx.kernels import cpu
 
 OPS = torch.ops.sparsefx
 
@@ -93,6 +93,13 @@ def test_fanin_linear_rejects(changes, error, message):
     with pytest.raises(error, match=message) as info:
         call_fanin(fanin_args(**changes))
     assert "sparsefx.fanin_linear" in str(info.value)
+
+
+def test_meta_tensors_propagate_shapes():
+    """On the meta device the ops only compute shapes (through their fake implementations)."""
+    y = OPS.diag_linear(torch.randn(2, 4, 10, device="meta"), torch.randn(3, 6, device="meta"),
+                        torch.tensor([0, 4, 9], device="meta"), 6)
+    assert y.shape == (2, 4, 6) and y.device.type == "meta"
 
 
 def test_non_tensor_operand_is_named():

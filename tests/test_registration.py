@@ -126,7 +126,7 @@ def test_compile_fullgraph_forward_backward(model_cls, dynamic):
         model(x).square().mean().backward()
     torch.testing.assert_close(compiled(x), eager(x))
     for (name, p_eager), (_, p_compiled) in zip(eager.named_parameters(),
-                                                compiled_model.named_parameters()):
+                                                compiled_model.named_parameters(), strict=True):
         torch.testing.assert_close(p_compiled.grad, p_eager.grad, msg=name)
     explanation = torch._dynamo.explain(compiled_model)(x)
     assert explanation.graph_break_count == 0

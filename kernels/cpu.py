@@ -66,13 +66,18 @@ def load_native():
 
 
 def backend_name() -> str:
-    """``"native"`` or ``"torch"``: which CPU kernels the ops use now."""
+    """Which kernels the ops use for CPU tensors now: ``"native"``, ``"torch"``, or
+    ``"triton"`` (the Triton kernels under the interpreter, for tests only)."""
     choice = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
-    if choice not in ("native", "torch"):
-        raise ValueError(f"SPARSEFX_CPU_KERNELS={choice!r}: expected 'native' or 'torch'")
-    if choice == "native" and load_native() is not None:
-        return "native"
-    return "torch"
+    if choice not in ("native", "torch", "triton"):
+        raise ValueError(f"SPARSEFX_CPU_KERNELS={choice!r}: expected 'native', 'torch' or "
+                         "'triton'")
+    if choice == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("SPARSEFX_CPU_KERNELS=triton runs Triton on CPU tensors, which needs "
+                         "TRITON_INTERPRET=1 set before triton is imported")
+    if choice == "native" and load_native() is None:
+        return "torch"
+    return choice
 
 
 # ------------------------------------------------------------------------- diag kernels

@@ -58,9 +58,11 @@ def _bias_grad(grad_out: Tensor) -> Tensor:
 def _run_kernel(kernel: str, *operands, **params) -> Tensor:
     """Run ``kernel`` (a function of the same name in the Triton module of its pattern and in
     ``cpu``) on ``operands``; the first operand's dtype is the result's. Triton gets
-    contiguous tensors; the CPU kernels get float operands upcast to fp32 (fp64 stays)."""
+    contiguous tensors; the CPU kernels get float operands upcast to fp32 (fp64 stays).
+    ``SPARSEFX_CPU_KERNELS=triton`` sends CPU tensors to Triton too, for testing the whole op
+    under ``TRITON_INTERPRET=1``."""
     lead = operands[0]
-    if lead.is_cuda:
+    if lead.is_cuda or cpu.backend_name() == "triton":
         if kernel.startswith("diag"):
             from . import diag_triton as triton_kernels
         else:

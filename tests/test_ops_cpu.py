@@ -125,3 +125,21 @@ def test_ops_never_materialise_the_dense_weight(cpu_kernels, monkeypatch):
     y.sum().backward()
     expected = x.detach() @ (diag_check.weight + fanin_check.weight).T
     torch.testing.assert_close(y.detach(), expected)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(600, 900), (900, 600), (640, 640)])
+@pytest.mark.parametrize("rows", [1, 5, 100])
+def test_layers_large_enough_to_use_every_thread(cpu_kernels, out_features, in_features, rows):
+    """Sizes whose work the native kernels split over threads (small layers run on the
+    calling thread), in every partitioning: by tiles, by rows, by batch columns, and by
+    rows with per-thread partial sums for the fan-in input gradient."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    values, offsets, check = diag_case(out_features, in_features, 0.8, torch.float32, generator)
+    check.compare(lambda x, v, b: torch.ops.sparsefx.diag_linear(x, v, offsets, out_features, b),
+                  x, values, bias)
+    values, indices, check = fanin_case(out_features, in_features, 0.8, torch.float32,
+                                        generator)
+    check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices, b),
+                  x, values, bias)

@@ -14,10 +14,12 @@ devices. fp16/bf16 are computed with fp32 accumulation on both devices.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import cpu
 from ._checks import check_diag, check_fanin, check_float_operands
@@ -265,3 +267,49 @@ def _fanin_backward(ctx, grad_out):
 
 
 fanin_linear.register_autograd(_fanin_backward, setup_context=_fanin_setup_context)
+
+
+# ---------------------------------------------------------------------------------- flops
+# FlopCounterMode counts 2 FLOPs per stored multiply-add, as it does for dense matmuls:
+# a diagonal layer does K * L of them per activation row, a fan-in layer out * k, in the
+# forward and again in each of the two gradient ops.
+
+
+def _rows(shape) -> int:
+    return math.prod(shape[:-1])
+
+
+@register_flop_formula(torch.ops.sparsefx.diag_linear)
+def _diag_linear_flops(x_shape, values_shape, offsets_shape, out_features, bias_shape=None,
+                       out_shape=None, **kwargs) -> int:
+    return 2 * _rows(x_shape) * math.prod(values_shape)
+
+
+@register_flop_formula(torch.ops.sparsefx.diag_linear_grad_input)
+def _diag_grad_input_flops(grad_out_shape, values_shape, offsets_shape, in_features,
+                           out_shape=None, **kwargs) -> int:
+    return 2 * _rows(grad_out_shape) * math.prod(values_shape)
+
+
+@register_flop_formula(torch.ops.sparsefx.diag_linear_grad_values)
+def _diag_grad_values_flops(grad_out_shape, x_shape, values_shape, offsets_shape,
+                            out_shape=None, **kwargs) -> int:
+    return 2 * _rows(x_shape) * math.prod(values_shape)
+
+
+@register_flop_formula(torch.ops.sparsefx.fanin_linear)
+def _fanin_linear_flops(x_shape, values_shape, indices_shape, bias_shape=None, out_shape=None,
+                        **kwargs) -> int:
+    return 2 * _rows(x_shape) * math.prod(values_shape)
+
+
+@register_flop_formula(torch.ops.sparsefx.fanin_linear_grad_input)
+def _fanin_grad_input_flops(grad_out_shape, values_shape, indices_shape, in_features,
+                            out_shape=None, **kwargs) -> int:
+    return 2 * _rows(grad_out_shape) * math.prod(values_shape)
+
+
+@register_flop_formula(torch.ops.sparsefx.fanin_linear_grad_values)
+def _fanin_grad_values_flops(grad_out_shape, x_shape, indices_shape, out_shape=None,
+                             **kwargs) -> int:
+    return 2 * _rows(x_shape) * math.prod(indices_shape)

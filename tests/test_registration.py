@@ -166,3 +166,27 @@ def test_structure_checked_once_until_it_changes(monkeypatch):
         offsets[1] = offsets[0]
         OPS.diag_linear(x, values, offsets, 8, b)
     assert _checks._verified  # the record is kept while the tensors live
+
+
+@pytest.mark.parametrize("pattern", ["diag", "fanin"])
+def test_flop_counter_counts_stored_multiply_adds(pattern):
+    """FlopCounterMode sees 2 FLOPs per stored multiply-add in the forward and in each of
+    the two gradient ops -- the dense count scaled by the stored fraction."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out_features, in_features, rows = 40, 24, 6
+    make = _diag_inputs if pattern == "diag" else _fanin_inputs
+    x, values, structure, bias = make(out_features, in_features, (2, 3), sparsity=0.75)
+    x.requires_grad_()
+    values.requires_grad_()
+    if pattern == "diag":
+        run = lambda: OPS.diag_linear(x, values, structure, out_features, bias)
+    else:
+        run = lambda: OPS.fanin_linear(x, values, structure, bias)
+    stored = values.numel()
+    with FlopCounterMode(display=False) as counter:
+        y = run()
+    assert counter.get_total_flops() == 2 * rows * stored
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 2 * (2 * rows * stored)

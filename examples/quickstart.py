@@ -4,7 +4,7 @@
     python examples/quickstart.py --pattern fanin --sparsity 0.95 --compile
 
 The digits ship with scikit-learn: nothing is downloaded. The hidden layers of the sparse
-model call ``torch.ops.sparsefx.diag_linear`` / ``fanin_linear``; the script prints the
+model are ``sparsefx.DiagLinear`` / ``FanInLinear``; the script prints the
 per-layer report, test accuracy next to the dense model trained the same way, and the
 inference speed of both, measured in the same run.
 """
@@ -20,43 +20,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 from tqdm import tqdm
 
-import sparsefx  # noqa: F401  (registers torch.ops.sparsefx)
-from sparsefx.kernels import patterns
-
-
-class SparseLinear(nn.Module):
-    """A linear layer stored as diagonals or constant fan-in rows, initialised by keeping the
-    largest-magnitude structure of a dense initialisation and rescaling to the kept fan-in."""
-
-    def __init__(self, in_features: int, out_features: int, pattern: str, sparsity: float,
-                 generator: torch.Generator):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.pattern, self.sparsity = pattern, sparsity
-        dense = torch.randn(out_features, in_features, generator=generator)
-        if pattern == "diag":
-            num_kept = patterns.diag_num_kept(out_features, in_features, sparsity)
-            values, structure = patterns.dense_to_diag(dense, num_kept)
-            terms_per_output = num_kept
-        else:
-            fan_in = patterns.fanin_num_kept(in_features, sparsity)
-            values, structure = patterns.dense_to_fanin(dense, fan_in)
-            terms_per_output = fan_in
-        # He initialisation for the inputs each output actually sees
-        values = values / values.std() * math.sqrt(2.0 / terms_per_output)
-        self.values = nn.Parameter(values)
-        self.register_buffer("structure", structure)
-        self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def forward(self, x):
-        if self.pattern == "diag":
-            return torch.ops.sparsefx.diag_linear(x, self.values, self.structure,
-                                                  self.out_features, self.bias)
-        return torch.ops.sparsefx.fanin_linear(x, self.values, self.structure, self.bias)
-
-    def extra_repr(self):
-        return (f"{self.in_features}, {self.out_features}, pattern={self.pattern}, "
-                f"sparsity={self.sparsity:.0%}")
+import sparsefx
 
 
 def mlp(hidden: int, pattern: str | None, sparsity: float, seed: int) -> nn.Sequential:
@@ -64,8 +28,9 @@ def mlp(hidden: int, pattern: str | None, sparsity: float, seed: int) -> nn.Sequ
     input layer are sparse; the 10-way head stays dense, as is usual."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    layer = (lambda i, o: SparseLinear(i, o, pattern, sparsity, generator)) if pattern else (
-        lambda i, o: nn.Linear(i, o))
+    sparse = {"diag": sparsefx.DiagLinear, "fanin": sparsefx.FanInLinear}.get(pattern)
+    layer = (lambda i, o: sparse.random(i, o, sparsity=sparsity, generator=generator)
+             ) if pattern else (lambda i, o: nn.Linear(i, o))
     return nn.Sequential(layer(64, hidden), nn.ReLU(), layer(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, 10))
 
@@ -110,10 +75,9 @@ def accuracy(model, data) -> float:
 def report(model: nn.Module) -> list[dict]:
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, SparseLinear)):
+        if isinstance(module, (nn.Linear, sparsefx.DiagLinear, sparsefx.FanInLinear)):
             dense_params = module.in_features * module.out_features
-            stored = (module.values.numel() if isinstance(module, SparseLinear)
-                      else module.weight.numel())
+            stored = getattr(module, "stored", dense_params)
             rows.append(dict(name=name, shape=f"{module.out_features}x{module.in_features}",
                              pattern=getattr(module, "pattern", "dense"),
                              sparsity=1 - stored / dense_params,

@@ -31,7 +31,7 @@ __all__ = [
     "random_fanin_indices",
     "check_fanin_indices",
     "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
-    "is_integer_dtype",
+    "unstructured_num_kept", "is_integer_dtype",
 ]
 
 # (1 - 0.7) * 10 == 3.0000000000000004: round products to this many digits before ceil/floor,
@@ -154,11 +154,21 @@ def fanin_index_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
+def _round_kept(total: int, sparsity: float) -> int:
+    """``max(1, round((1 - sparsity) * total))``, halves rounding up."""
+    _check_sparsity(sparsity)
+    kept = math.floor(round((1.0 - sparsity) * total, _FLOAT_NOISE_DIGITS) + 0.5)
+    return max(1, min(total, kept))
+
+
 def fanin_num_kept(in_features: int, sparsity: float) -> int:
     """``k = max(1, round((1 - sparsity) * in))`` entries per row (halves round up)."""
-    _check_sparsity(sparsity)
-    kept = math.floor(round((1.0 - sparsity) * in_features, _FLOAT_NOISE_DIGITS) + 0.5)
-    return max(1, min(in_features, kept))
+    return _round_kept(in_features, sparsity)
+
+
+def unstructured_num_kept(num_elements: int, sparsity: float) -> int:
+    """Entries an unstructured (masked) layer keeps: ``max(1, round((1 - s) * out * in))``."""
+    return _round_kept(num_elements, sparsity)
 
 
 def fanin_to_dense(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:

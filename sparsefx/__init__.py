@@ -1,9 +1,12 @@
 """sparsefx: structured sparse training for PyTorch.
 
 Importing sparsefx registers the ops ``torch.ops.sparsefx.diag_linear`` and
-``torch.ops.sparsefx.fanin_linear`` (see ``sparsefx.kernels``).
+``torch.ops.sparsefx.fanin_linear`` (see ``sparsefx.kernels``); ``sparsefx.layers`` holds
+the modules that own a sparse weight and call them.
 """
 from sparsefx.kernels import diag_linear, fanin_linear, patterns
+from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
 
 __version__ = "0.1.0"
-__all__ = ["diag_linear", "fanin_linear", "patterns", "__version__"]
+__all__ = ["diag_linear", "fanin_linear", "patterns", "DiagLinear", "FanInLinear",
+           "MaskedLinear", "__version__"]

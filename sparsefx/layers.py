@@ -1,0 +1,227 @@
+"""Sparse linear layers: each owns its ``values`` and structure buffers and calls one op.
+
+* ``DiagLinear``   -- K whole wrap-around diagonals (``torch.ops.sparsefx.diag_linear``);
+* ``FanInLinear``  -- exactly k inputs per output row, optionally N:M
+  (``torch.ops.sparsefx.fanin_linear``);
+* ``MaskedLinear`` -- a dense weight times a 0/1 mask: the unstructured baseline, not
+  accelerated.
+
+Each builds from a dense weight with ``from_dense``: ``init="magnitude"`` keeps the
+largest-magnitude diagonals / entries, so a pretrained layer can be sparsified;
+``init="random"`` draws the structure at random and keeps the dense values there, as RigL
+does when training from scratch. ``random(...)`` does the latter from ``nn.Linear``'s
+initialisation. ``dense_weight()`` / ``to_dense()`` go back. The structure math is
+``sparsefx.kernels.patterns``'; nothing here re-derives it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsefx.kernels import patterns
+
+__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear"]
+
+_INITS = ("magnitude", "random")
+
+
+def _check_init(init: str) -> None:
+    if init not in _INITS:
+        raise ValueError(f"init={init!r}: expected one of {_INITS}")
+
+
+def _linear_init(in_features: int, out_features: int, bias: bool, device, dtype):
+    """``nn.Linear``'s default initialisation: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(in_features)
+    uniform = lambda *shape: torch.empty(*shape, device=device, dtype=dtype).uniform_(-bound,
+                                                                                      bound)
+    return uniform(out_features, in_features), uniform(out_features) if bias else None
+
+
+class _SparseLinear(nn.Module):
+    """What the three layers share: shapes, bias, the report numbers and densifying. Each
+    layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``."""
+
+    pattern: str
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def random(cls, in_features: int, out_features: int, bias: bool = True, *,
+               generator: torch.Generator | None = None, device=None, dtype=None, **structure):
+        """A fresh layer for training from scratch: ``nn.Linear``'s initialisation, then a
+        random structure (``structure`` as for ``from_dense``: ``sparsity=`` or ``nm=``)."""
+        weight, bias_values = _linear_init(in_features, out_features, bias, device, dtype)
+        return cls.from_dense(weight, bias_values, init="random", generator=generator,
+                              **structure)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the dense weight's entries not stored."""
+        return 1.0 - self.stored / (self.in_features * self.out_features)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing exactly what this layer computes."""
+        weight = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, pattern={self.pattern}, "
+                f"sparsity={self.sparsity:.1%}")
+
+
+class DiagLinear(_SparseLinear):
+    """``y = x @ W.T + b`` with ``W`` keeping ``K`` whole diagonals: ``values [K, L]`` (a
+    parameter) on ``offsets [K]`` (an int64 buffer, rewritten in place by DST)."""
+
+    pattern = "diag"
+
+    def __init__(self, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
+                 in_features: int, bias: torch.Tensor | None = None):
+        super().__init__(in_features, out_features, bias)
+        patterns.check_diag_offsets(offsets, out_features, in_features)
+        self.values = nn.Parameter(values.detach().clone())
+        self.register_buffer("offsets", offsets.detach().to(torch.int64).clone())
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   sparsity: float, init: str = "magnitude",
+                   generator: torch.Generator | None = None) -> DiagLinear:
+        """Keep ``diag_num_kept(out, in, sparsity)`` diagonals of ``weight``: the largest by
+        L2 norm (``init="magnitude"``) or drawn at random (``init="random"``)."""
+        _check_init(init)
+        out_features, in_features = weight.shape
+        num_kept = patterns.diag_num_kept(out_features, in_features, sparsity)
+        if init == "magnitude":
+            values, offsets = patterns.dense_to_diag(weight.detach(), num_kept)
+        else:
+            offsets = patterns.random_diag_offsets(out_features, in_features, num_kept,
+                                                   generator).to(weight.device)
+            rows, cols = patterns.diag_coordinates(offsets, out_features, in_features)
+            values = weight.detach()[rows, cols]
+        return cls(values, offsets, out_features, in_features, bias)
+
+    @property
+    def stored(self) -> int:
+        return self.values.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparsefx.diag_linear(x, self.values, self.offsets, self.out_features,
+                                              self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return patterns.diag_to_dense(self.values.detach(), self.offsets, self.out_features,
+                                      self.in_features)
+
+
+class FanInLinear(_SparseLinear):
+    """``y = x @ W.T + b`` with every output row keeping ``k`` inputs: ``values [out, k]``
+    (a parameter) at ``indices [out, k]`` (a buffer, rewritten in place by DST). With
+    ``nm=(n, m)`` each row holds ``n`` entries in every group of ``m`` inputs."""
+
+    def __init__(self, values: torch.Tensor, indices: torch.Tensor, in_features: int,
+                 bias: torch.Tensor | None = None, nm: tuple[int, int] | None = None):
+        super().__init__(in_features, values.shape[0], bias)
+        if nm is None:
+            patterns.check_fanin_indices(indices, in_features)
+        else:
+            patterns.check_nm_indices(indices, in_features, *nm)
+        self.nm = None if nm is None else tuple(nm)
+        self.values = nn.Parameter(values.detach().clone())
+        self.register_buffer("indices", indices.detach().to(
+            patterns.fanin_index_dtype(in_features)).clone())
+
+    @property
+    def pattern(self) -> str:
+        return "fanin" if self.nm is None else f"nm {self.nm[0]}:{self.nm[1]}"
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   sparsity: float | None = None, nm: tuple[int, int] | None = None,
+                   init: str = "magnitude",
+                   generator: torch.Generator | None = None) -> FanInLinear:
+        """Keep ``fanin_num_kept(in, sparsity)`` entries per row of ``weight`` -- or, with
+        ``nm=(n, m)``, ``n`` of every ``m`` -- the largest in magnitude
+        (``init="magnitude"``) or at random (``init="random"``)."""
+        _check_init(init)
+        if (sparsity is None) == (nm is None):
+            raise ValueError(f"sparsity={sparsity!r}, nm={nm!r}: expected exactly one of them")
+        out_features, in_features = weight.shape
+        weight = weight.detach()
+        if init == "random":
+            scores = torch.rand(weight.shape, generator=generator).to(weight.device)
+        else:
+            scores = weight
+        if nm is None:
+            _, indices = patterns.dense_to_fanin(scores, patterns.fanin_num_kept(in_features,
+                                                                                 sparsity))
+        else:
+            _, indices = patterns.dense_to_nm(scores, *nm)
+        values = weight.gather(1, indices.to(torch.int64))
+        return cls(values, indices, in_features, bias, nm)
+
+    @property
+    def stored(self) -> int:
+        return self.values.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparsefx.fanin_linear(x, self.values, self.indices, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return patterns.fanin_to_dense(self.values.detach(), self.indices, self.in_features)
+
+
+class MaskedLinear(_SparseLinear):
+    """``y = x @ (W * mask).T + b``: unstructured sparsity as a dense weight and a 0/1 mask
+    (the accuracy baseline for RigL/SET; no faster than dense)."""
+
+    pattern = "unstructured"
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}: expected "
+                             f"{tuple(weight.shape)}, the shape of the weight")
+        self.register_buffer("mask", mask.detach().to(dtype=torch.bool).clone())
+        self.weight = nn.Parameter((weight.detach() * self.mask).clone())
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   sparsity: float, init: str = "magnitude",
+                   generator: torch.Generator | None = None) -> MaskedLinear:
+        """Keep the ``round((1 - sparsity) * out * in)`` largest-magnitude entries of the whole
+        layer (``init="magnitude"``) or as many at random (``init="random"``)."""
+        _check_init(init)
+        weight = weight.detach()
+        kept = patterns.unstructured_num_kept(weight.numel(), sparsity)
+        if init == "random":
+            scores = torch.rand(weight.shape, generator=generator).to(weight.device)
+        else:
+            scores = weight.abs()
+        mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+        mask[scores.reshape(-1).topk(kept).indices] = True
+        return cls(weight, mask.reshape(weight.shape), bias)
+
+    @property
+    def stored(self) -> int:
+        return int(self.mask.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.detach() * self.mask

@@ -270,46 +270,18 @@ fanin_linear.register_autograd(_fanin_backward, setup_context=_fanin_setup_conte
 
 
 # ---------------------------------------------------------------------------------- flops
-# FlopCounterMode counts 2 FLOPs per stored multiply-add, as it does for dense matmuls:
-# a diagonal layer does K * L of them per activation row, a fan-in layer out * k, in the
-# forward and again in each of the two gradient ops.
+# FlopCounterMode counts 2 FLOPs per stored multiply-add, as it does for dense matmuls: each
+# op does one per stored weight per activation row. The rows come from the first operand;
+# the stored weights are the shape of ``values`` (or of ``indices``), at the position below.
 
 
-def _rows(shape) -> int:
-    return math.prod(shape[:-1])
+def _register_flops(op, stored_position: int) -> None:
+    @register_flop_formula(op)
+    def flops(*shapes, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(shapes[0][:-1]) * math.prod(shapes[stored_position])
 
 
-@register_flop_formula(torch.ops.sparsefx.diag_linear)
-def _diag_linear_flops(x_shape, values_shape, offsets_shape, out_features, bias_shape=None,
-                       out_shape=None, **kwargs) -> int:
-    return 2 * _rows(x_shape) * math.prod(values_shape)
-
-
-@register_flop_formula(torch.ops.sparsefx.diag_linear_grad_input)
-def _diag_grad_input_flops(grad_out_shape, values_shape, offsets_shape, in_features,
-                           out_shape=None, **kwargs) -> int:
-    return 2 * _rows(grad_out_shape) * math.prod(values_shape)
-
-
-@register_flop_formula(torch.ops.sparsefx.diag_linear_grad_values)
-def _diag_grad_values_flops(grad_out_shape, x_shape, values_shape, offsets_shape,
-                            out_shape=None, **kwargs) -> int:
-    return 2 * _rows(x_shape) * math.prod(values_shape)
-
-
-@register_flop_formula(torch.ops.sparsefx.fanin_linear)
-def _fanin_linear_flops(x_shape, values_shape, indices_shape, bias_shape=None, out_shape=None,
-                        **kwargs) -> int:
-    return 2 * _rows(x_shape) * math.prod(values_shape)
-
-
-@register_flop_formula(torch.ops.sparsefx.fanin_linear_grad_input)
-def _fanin_grad_input_flops(grad_out_shape, values_shape, indices_shape, in_features,
-                            out_shape=None, **kwargs) -> int:
-    return 2 * _rows(grad_out_shape) * math.prod(values_shape)
-
-
-@register_flop_formula(torch.ops.sparsefx.fanin_linear_grad_values)
-def _fanin_grad_values_flops(grad_out_shape, x_shape, indices_shape, out_shape=None,
-                             **kwargs) -> int:
-    return 2 * _rows(x_shape) * math.prod(indices_shape)
+for _name, _stored_position in [("diag_linear", 1), ("diag_linear_grad_input", 1),
+                                ("diag_linear_grad_values", 2), ("fanin_linear", 1),
+                                ("fanin_linear_grad_input", 1), ("fanin_linear_grad_values", 2)]:
+    _register_flops(getattr(torch.ops.sparsefx, _name), _stored_position)

@@ -21,12 +21,17 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _verified: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
-def _verify_once(tensor: torch.Tensor, key: tuple, check: Callable[[], None]) -> None:
-    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, key)
+def _verify_once(op: str, tensor: torch.Tensor, check: Callable[..., None], *args) -> None:
+    """Run ``check(tensor, *args)`` unless it already passed for this tensor as it is now;
+    its ``ValueError`` is re-raised with the op's name in front."""
+    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, check, args)
     entry = _verified.get(id(tensor))
     if entry is not None and entry[0]() is tensor and entry[1] == stamp:
         return
-    check()
+    try:
+        check(tensor, *args)
+    except ValueError as error:
+        raise ValueError(f"{op}: {error}") from None
     tensor_id = id(tensor)
     _verified[tensor_id] = (weakref.ref(tensor, lambda _: _verified.pop(tensor_id, None)), stamp)
 
@@ -107,12 +112,7 @@ def check_diag(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor,
                          f"max(out_features, in_features) = {num_candidates}")
     _check_bias(op, bias, out_features)
     if structure:
-        def check() -> None:
-            try:
-                patterns.check_diag_offsets(offsets, out_features, in_features)
-            except ValueError as error:
-                raise ValueError(f"{op}: {error}") from None
-        _verify_once(offsets, ("diag", out_features, in_features), check)
+        _verify_once(op, offsets, patterns.check_diag_offsets, out_features, in_features)
 
 
 # ----------------------------------------------------------------------------------- fanin
@@ -144,9 +144,4 @@ def check_fanin(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor | No
                          f"1 <= k <= in_features = {in_features}")
     _check_bias(op, bias, num_out)
     if structure:
-        def check() -> None:
-            try:
-                patterns.check_fanin_indices(indices, in_features)
-            except ValueError as error:
-                raise ValueError(f"{op}: {error}") from None
-        _verify_once(indices, ("fanin", in_features), check)
+        _verify_once(op, indices, patterns.check_fanin_indices, in_features)

@@ -3,37 +3,25 @@
 Shape, dtype and device checks run on every call (fake tensors included, so a compiled
 model fails at trace time with the same message). The value checks on the integer structure
 (range, distinctness) read the data, so each structure tensor is checked once and then again
-only after it changed: the record is keyed by the tensor object, its version counter (bumped
-by every in-place write, DST updates included) and its storage pointer.
+only after it changed (``_structure_cache``).
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 
-from . import patterns
+from . import _structure_cache, patterns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# id(tensor) -> (weak reference, stamp); an entry dies with its tensor.
-_verified: dict[int, tuple[weakref.ref, tuple]] = {}
-
 
 def _verify_once(op: str, tensor: torch.Tensor, check: Callable[..., None], *args) -> None:
     """Run ``check(tensor, *args)`` unless it already passed for this tensor as it is now;
     its ``ValueError`` is re-raised with the op's name in front."""
-    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, check, args)
-    entry = _verified.get(id(tensor))
-    if entry is not None and entry[0]() is tensor and entry[1] == stamp:
-        return
     try:
-        check(tensor, *args)
+        _structure_cache.derived(tensor, (check, args), lambda: check(tensor, *args))
     except ValueError as error:
         raise ValueError(f"{op}: {error}") from None
-    tensor_id = id(tensor)
-    _verified[tensor_id] = (weakref.ref(tensor, lambda _: _verified.pop(tensor_id, None)), stamp)
 
 
 def _require_tensor(op: str, name: str, value) -> None:

@@ -143,3 +143,22 @@ def test_layers_large_enough_to_use_every_thread(cpu_kernels, out_features, in_f
                                         generator)
     check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices, b),
                   x, values, bias)
+
+
+def test_input_gradient_follows_in_place_structure_changes(cpu_kernels):
+    """An in-place write to the indices (as DST makes) changes the next input gradient,
+    with nothing derived from the old structure left behind."""
+    generator = torch.Generator().manual_seed(0)
+    values, indices, _ = fanin_case(9, 14, 0.5, torch.float32, generator)
+    x = torch.randn(6, 14, generator=generator, requires_grad=True)
+
+    def grad_x():
+        x.grad = None
+        torch.ops.sparsefx.fanin_linear(x, values, indices).sum().backward()
+        return x.grad.clone()
+
+    grad_x()
+    with torch.no_grad():
+        indices[3] = torch.sort(torch.randperm(14, generator=generator)[:indices.shape[1]]).values
+    expected = torch.ones(6, 9) @ patterns.fanin_to_dense(values, indices, 14)
+    torch.testing.assert_close(grad_x(), expected)

@@ -1,0 +1,32 @@
+"""Results derived from a structure tensor (offsets, indices), kept until it changes.
+
+A record is keyed by the tensor object (held weakly, so it dies with the tensor), its version
+counter (bumped by every in-place write, DST updates included), its storage pointer, shape
+and dtype, and what was derived. Writes that bypass the version counter (through ``.data`` or
+a NumPy view) are not seen: replace the tensor, or write to it in place, instead.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# id(tensor) -> {key: (weak reference, stamp, result)}
+_records: dict[int, dict[Any, tuple[weakref.ref, tuple, Any]]] = {}
+
+
+def derived(tensor: torch.Tensor, key: Any, build: Callable[[], Any]) -> Any:
+    """``build()``'s result for ``tensor`` as it is now, computed once per change."""
+    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+    tensor_id = id(tensor)
+    entry = _records.get(tensor_id, {}).get(key)
+    if entry is not None and entry[0]() is tensor and entry[1] == stamp:
+        return entry[2]
+    result = build()
+    records = _records.get(tensor_id)
+    if records is None or any(ref() is not tensor for ref, _, _ in records.values()):
+        records = _records[tensor_id] = {}
+    records[key] = (weakref.ref(tensor, lambda _: _records.pop(tensor_id, None)), stamp, result)
+    return result

@@ -31,7 +31,7 @@ __all__ = [
     "random_fanin_indices",
     "check_fanin_indices",
     "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
-    "unstructured_num_kept", "is_integer_dtype",
+    "unstructured_num_kept", "erk_densities", "is_integer_dtype",
 ]
 
 # (1 - 0.7) * 10 == 3.0000000000000004: round products to this many digits before ceil/floor,
@@ -273,3 +273,30 @@ def check_nm_indices(indices: torch.Tensor, in_features: int, n: int, m: int,
         row, group = (int(i) for i in wrong.nonzero()[0])
         raise ValueError(f"{name} row {row} holds {int(counts[row, group])} entries in group "
                          f"{group} (inputs {group * m}..{group * m + m - 1}): expected {n}")
+
+
+# ------------------------------------------------------------------------- allocation
+
+
+def erk_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]:
+    """Per-layer densities for the layer shapes ``(out, in)`` under Erdős–Rényi-Kernel.
+
+    A layer's density is proportional to ``(in + out) / (in * out)``, scaled so that the layers
+    together keep ``(1 - sparsity)`` of their weights. A layer whose density would exceed 1 is
+    kept dense and the others are rescaled to hold the global budget, until none exceeds 1.
+    """
+    _check_sparsity(sparsity)
+    if not shapes:
+        raise ValueError("shapes is empty: expected at least one (out, in) layer shape")
+    sizes = [out * inp for out, inp in shapes]
+    raw = [(out + inp) / (out * inp) for out, inp in shapes]
+    budget = (1.0 - sparsity) * sum(sizes)
+    dense: set[int] = set()
+    while True:
+        free = [i for i in range(len(shapes)) if i not in dense]
+        remaining = budget - sum(sizes[i] for i in dense)
+        scale = remaining / sum(raw[i] * sizes[i] for i in free) if free else 0.0
+        over = {i for i in free if scale * raw[i] > 1.0}
+        if not over:
+            return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
+        dense |= over

@@ -143,3 +143,35 @@ def test_random_structures_are_valid_and_seeded():
     indices = patterns.random_fanin_indices(9, 31, 4, torch.Generator().manual_seed(5))
     patterns.check_fanin_indices(indices, 31)
     assert math.prod(indices.shape) == 36
+
+
+layer_shapes = st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), min_size=1,
+                        max_size=8)
+
+
+@given(shapes=layer_shapes, sparsity=st.sampled_from([0.0, 0.5, 0.8, 0.9, 0.95, 0.99]))
+def test_erk_keeps_the_global_budget(shapes, sparsity):
+    densities = patterns.erk_densities(shapes, sparsity)
+    sizes = [o * i for o, i in shapes]
+    assert all(0.0 < d <= 1.0 + 1e-12 for d in densities)
+    kept = sum(d * n for d, n in zip(densities, sizes, strict=True))
+    assert kept == pytest.approx((1 - sparsity) * sum(sizes), rel=1e-9)
+    # below the cap, density is proportional to (in + out) / (in * out)
+    ratios = [d * o * i / (o + i) for d, (o, i) in zip(densities, shapes, strict=True) if d < 1]
+    assert all(r == pytest.approx(ratios[0], rel=1e-9) for r in ratios)
+    # a layer left dense would have needed more than density 1 at the final scale
+    if ratios:
+        assert all(ratios[0] * (o + i) / (o * i) >= 1 - 1e-9
+                   for d, (o, i) in zip(densities, shapes, strict=True) if d >= 1)
+
+
+def test_erk_by_hand():
+    # two layers: 10x10 (raw 0.2) and 100x100 (raw 0.02); keep 10 % of 10100 weights
+    small, large = patterns.erk_densities([(10, 10), (100, 100)], 0.9)
+    assert large == pytest.approx(small / 10)
+    assert small * 100 + large * 10000 == pytest.approx(1010)
+    # at 50 % the small layer would need density > 1: it stays dense, the large one pays
+    small, large = patterns.erk_densities([(10, 10), (100, 100)], 0.5)
+    assert small == 1.0 and large == pytest.approx((5050 - 100) / 10000)
+    with pytest.raises(ValueError, match="shapes is empty"):
+        patterns.erk_densities([], 0.9)

@@ -6,7 +6,9 @@ the modules that own a sparse weight and call them.
 """
 from sparsefx.kernels import diag_linear, fanin_linear, patterns
 from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
+from sparsefx.report import Report, report
+from sparsefx.transform import densify, transform
 
 __version__ = "0.1.0"
-__all__ = ["diag_linear", "fanin_linear", "patterns", "DiagLinear", "FanInLinear",
-           "MaskedLinear", "__version__"]
+__all__ = ["transform", "densify", "report", "Report", "DiagLinear", "FanInLinear",
+           "MaskedLinear", "diag_linear", "fanin_linear", "patterns", "__version__"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sparsefx.kernels import patterns
 
-__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear"]
+__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "build_layer"]
 
 _INITS = ("magnitude", "random")
 
@@ -225,3 +225,24 @@ class MaskedLinear(_SparseLinear):
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.mask
+
+
+SPARSE_LAYERS = (DiagLinear, FanInLinear, MaskedLinear)
+
+
+def build_layer(pattern: str, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                sparsity: float, nm: tuple[int, int] | None = None, init: str = "magnitude",
+                generator: torch.Generator | None = None) -> _SparseLinear:
+    """The sparse layer of ``pattern`` for the dense ``weight [out, in]`` and ``bias``."""
+    if pattern == "diag":
+        return DiagLinear.from_dense(weight, bias, sparsity=sparsity, init=init,
+                                     generator=generator)
+    if pattern == "fanin":
+        return FanInLinear.from_dense(weight, bias, sparsity=sparsity, init=init,
+                                      generator=generator)
+    if pattern == "nm":
+        return FanInLinear.from_dense(weight, bias, nm=nm, init=init, generator=generator)
+    if pattern == "unstructured":
+        return MaskedLinear.from_dense(weight, bias, sparsity=sparsity, init=init,
+                                       generator=generator)
+    raise ValueError(f"pattern={pattern!r}: expected diag, fanin, nm or unstructured")

@@ -1,0 +1,139 @@
+"""Decide, per site, which pattern and sparsity it gets, or why it stays dense."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sparsefx.kernels import patterns
+
+from .sites import Site
+
+__all__ = ["Decision", "allocate", "PATTERNS"]
+
+PATTERNS = ("diag", "fanin", "nm", "unstructured")
+
+
+@dataclass
+class Decision:
+    """What the rewrite does with one site."""
+
+    site: Site
+    pattern: str | None          # None: stays dense
+    sparsity: float = 0.0
+    nm: tuple[int, int] | None = None
+    reason: str | None = None    # why it stays dense
+
+
+def _matches(key: str, name: str) -> bool:
+    return key == name or re.fullmatch(key, name) is not None
+
+
+def _check_sparsity(sparsity, where: str) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0.0 < sparsity < 1.0:
+        raise ValueError(f"{where}: sparsity={sparsity!r}: expected a fraction in (0, 1)")
+
+
+def _check_pattern(pattern, where: str) -> None:
+    if pattern not in PATTERNS:
+        raise ValueError(f"{where}: pattern={pattern!r}: expected one of {PATTERNS}")
+
+
+def allocate(sites: list[Site], site_types: dict[str, type], *, pattern: str, sparsity: float,
+             distribution: str = "uniform", nm: tuple[int, int] = (2, 4),
+             include: str | None = None, exclude: str | None = None,
+             include_types: tuple[type, ...] = (), exclude_types: tuple[type, ...] = (),
+             overrides: dict | None = None, keep_first_dense: bool = False,
+             keep_last_dense: bool = False) -> list[Decision]:
+    """One ``Decision`` per site, in the order given.
+
+    Filters apply first (``include`` / ``exclude``: regexes on the FQN, full match;
+    ``include_types`` / ``exclude_types``: the layer's module type, or for a functional site
+    the type of the module owning the weight), then keep-first/last, then ``overrides``
+    (FQN or regex -> ``"dense"``, a sparsity, or ``dict(pattern=..., sparsity=..., nm=...)``;
+    an override that names no site is an error), then ``distribution`` spreads ``sparsity``
+    over the remaining sites: ``uniform`` gives each the same, ``erk`` follows
+    ``patterns.erk_densities``.
+    """
+    _check_pattern(pattern, "transform")
+    if pattern != "nm":
+        _check_sparsity(sparsity, "transform")
+    if distribution not in ("uniform", "erk"):
+        raise ValueError(f"distribution={distribution!r}: expected 'uniform' or 'erk'")
+    if distribution == "erk" and pattern == "nm":
+        raise ValueError("distribution='erk' with pattern='nm': N:M fixes each layer's "
+                         "density at n/m; use distribution='uniform'")
+    decisions = [Decision(site, None, reason=site.dense_reason) for site in sites]
+    eligible = [d for d in decisions if d.reason is None]
+    for decision in eligible:
+        name, kind = decision.site.name, site_types.get(decision.site.name)
+        if include is not None and not _matches(include, name):
+            decision.reason = f"not matched by include={include!r}"
+        elif exclude is not None and _matches(exclude, name):
+            decision.reason = f"matched by exclude={exclude!r}"
+        elif include_types and not (kind and issubclass(kind, tuple(include_types))):
+            decision.reason = "type not in include_types"
+        elif exclude_types and kind and issubclass(kind, tuple(exclude_types)):
+            decision.reason = "type in exclude_types"
+    eligible = [d for d in decisions if d.reason is None]
+    if eligible and keep_first_dense:
+        eligible[0].reason = "keep_first_dense"
+    if eligible and keep_last_dense:
+        eligible[-1].reason = "keep_last_dense"
+
+    overridden = set()
+    for key, value in (overrides or {}).items():
+        hits = [d for d in decisions if _matches(key, d.site.name)]
+        if not hits:
+            raise ValueError(f"overrides[{key!r}] names no layer: the candidate layers are "
+                             f"{[d.site.name for d in decisions]}")
+        for decision in hits:
+            if decision.site.dense_reason is not None and value != "dense":
+                raise ValueError(f"overrides[{key!r}]: {decision.site.name} must stay dense "
+                                 f"({decision.site.dense_reason})")
+            _apply_override(decision, key, value, pattern, nm)
+            overridden.add(id(decision))
+
+    rest = [d for d in decisions if d.reason is None and id(d) not in overridden]
+    if distribution == "erk" and rest:
+        shapes = [(d.site.out_features, d.site.in_features) for d in rest]
+        for decision, density in zip(rest, patterns.erk_densities(shapes, sparsity),
+                                     strict=True):
+            if density >= 1.0:
+                decision.reason = "ERK gives this layer density 1"
+            else:
+                decision.pattern, decision.sparsity = pattern, 1.0 - density
+    else:
+        for decision in rest:
+            decision.pattern, decision.sparsity = pattern, sparsity
+    for decision in decisions:
+        if decision.pattern == "nm":
+            decision.nm = decision.nm or tuple(nm)
+            n, m = decision.nm
+            try:
+                patterns.nm_num_kept(decision.site.in_features, n, m)
+            except ValueError as error:
+                raise ValueError(f"layer {decision.site.name}: {error}") from None
+            decision.sparsity = 1.0 - n / m
+    return decisions
+
+
+def _apply_override(decision: Decision, key: str, value, pattern: str, nm) -> None:
+    where = f"overrides[{key!r}]"
+    if value == "dense":
+        decision.pattern, decision.reason = None, f"overridden by {where}"
+        return
+    if isinstance(value, (int, float)):
+        value = {"sparsity": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}={value!r}: expected 'dense', a sparsity or a dict")
+    unknown = set(value) - {"pattern", "sparsity", "nm"}
+    if unknown:
+        raise ValueError(f"{where} has keys {sorted(unknown)}: expected pattern, sparsity, nm")
+    decision.pattern = value.get("pattern", pattern)
+    _check_pattern(decision.pattern, where)
+    if decision.pattern == "nm":
+        decision.nm = tuple(value.get("nm", nm))
+    else:
+        decision.sparsity = value.get("sparsity")
+        _check_sparsity(decision.sparsity, where)
+    decision.reason = None

@@ -1,0 +1,113 @@
+"""``sparsefx.transform``: a dense model in, its sparse counterpart out; and back again."""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import torch
+import torch.nn as nn
+
+from sparsefx.layers import SPARSE_LAYERS, build_layer
+from sparsefx.passes.allocate import allocate
+from sparsefx.passes.rewrite import replace_module, rewrite_functional_sites
+from sparsefx.passes.sites import find_functional_sites, find_module_sites, parameter_use_counts
+from sparsefx.passes.trace import trace_parts
+
+__all__ = ["transform", "densify"]
+
+logger = logging.getLogger(__name__)
+
+
+def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
+              distribution: str = "uniform", nm: tuple[int, int] = (2, 4),
+              include: str | None = None, exclude: str | None = None,
+              include_types: tuple[type, ...] = (), exclude_types: tuple[type, ...] = (),
+              overrides: dict | None = None, keep_first_dense: bool = False,
+              keep_last_dense: bool = False, init: str = "magnitude", seed: int = 0,
+              leaf_modules: tuple = (), concrete_args: dict | None = None) -> nn.Module:
+    """A sparse copy of ``model``; ``model`` itself is never modified, also on error.
+
+    Finds every ``nn.Linear`` (and subclass) and, in the parts torch.fx can trace, every
+    ``F.linear`` / ``addmm`` / ``matmul`` on a parameter; decides per layer (see
+    ``passes.allocate.allocate`` for ``distribution``, ``include``/``exclude``,
+    ``include_types``/``exclude_types``, ``overrides``, ``keep_first_dense``/
+    ``keep_last_dense``); and replaces each chosen one by a ``DiagLinear``, ``FanInLinear``
+    (``pattern="fanin"`` or ``"nm"`` with ``nm=(n, m)``) or ``MaskedLinear``
+    (``"unstructured"``) built from its dense weights: the largest-magnitude structure
+    (``init="magnitude"``) or a random one seeded by ``seed`` (``init="random"``). Tied and
+    shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
+    candidate. ``leaf_modules`` (types or FQNs) and ``concrete_args`` go to the tracer.
+    """
+    new = copy.deepcopy(model)
+    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS, concrete_args)
+    uses = parameter_use_counts(new)
+    sites = find_module_sites(new)
+    functional = {part: find_functional_sites(part, gm, uses) for part, gm in parts.items()}
+    sites += [site for found in functional.values() for site in found]
+    if not sites:
+        warnings.warn("sparsefx.transform: the model has no nn.Linear and no traceable "
+                      "F.linear/addmm/matmul on a parameter; returning it unchanged",
+                      stacklevel=2)
+        return model
+    site_types = {site.name: type(new.get_submodule(site.name if site.kind == "module"
+                                                    else site.name.rpartition(".")[0]))
+                  for site in sites}
+    decisions = allocate(sites, site_types, pattern=pattern, sparsity=sparsity,
+                         distribution=distribution, nm=nm, include=include, exclude=exclude,
+                         include_types=include_types, exclude_types=exclude_types,
+                         overrides=overrides, keep_first_dense=keep_first_dense,
+                         keep_last_dense=keep_last_dense)
+    chosen = {d.site.name: d for d in decisions if d.pattern is not None}
+    if not chosen:
+        if include is not None:
+            raise ValueError(f"include={include!r} selects no layer that can be sparsified: "
+                             f"{ {d.site.name: d.reason for d in decisions} }")
+        warnings.warn("sparsefx.transform: every candidate layer stays dense "
+                      f"({ {d.site.name: d.reason for d in decisions} }); returning the "
+                      "model unchanged", stacklevel=2)
+        return model
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def make_layer(site, weight, bias):
+        decision = chosen[site.name]
+        try:
+            return build_layer(decision.pattern, weight, bias, sparsity=decision.sparsity,
+                               nm=decision.nm, init=init, generator=generator)
+        except ValueError as error:
+            raise ValueError(f"layer {site.name}: {error}") from None
+
+    for part, found in functional.items():
+        selected = [site for site in found if site.name in chosen]
+        if not selected:
+            continue
+        gm = rewrite_functional_sites(parts[part], selected, make_layer)
+        if part:
+            replace_module(new, part, gm)
+        else:
+            new = gm
+    for site in sites:
+        if site.kind == "module" and site.name in chosen:
+            linear = new.get_submodule(site.name)
+            replace_module(new, site.name, make_layer(site, linear.weight, linear.bias))
+
+    new._sparsefx_order = [d.site.name for d in decisions]
+    new._sparsefx_dense = {d.site.name: (d.site.out_features, d.site.in_features, d.reason)
+                           for d in decisions if d.pattern is None}
+    logger.info("sparsefx.transform: %d of %d candidate layers made sparse", len(chosen),
+                len(decisions))
+    return new
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every sparse layer replaced by the equivalent ``nn.Linear``
+    (for export, or to compare against dense); ``model`` is not modified."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, SPARSE_LAYERS):
+            replace_module(dense, name, module.to_dense())
+    for attribute in ("_sparsefx_order", "_sparsefx_dense"):
+        dense.__dict__.pop(attribute, None)
+    return dense

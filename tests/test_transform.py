@@ -1,0 +1,197 @@
+"""sparsefx.transform on real architectures: the right layers rewritten, outputs equal to the
+dense model with the same mask baked in, compile, densify, state_dict, report, errors."""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparsefx
+from models import Conv1D, SmallCNN, TinyGPT, TransformerBlock, mlp
+from sparsefx.layers import SPARSE_LAYERS
+
+PATTERNS = ["diag", "fanin", "nm", "unstructured"]
+GPT_SPARSE = {f"blocks.{i}.{name}" for i in range(2)
+              for name in ("c_attn.weight", "c_proj.weight", "w_fc", "w_out")}
+CASES = {
+    # model factory, input factory, the layers that must become sparse
+    "mlp": (mlp, lambda: torch.randn(5, 16), {"0", "2", "4"}),
+    "cnn": (SmallCNN, lambda: torch.randn(2, 1, 8, 8), {"head.1", "head.3"}),
+    "transformer": (TransformerBlock, lambda: torch.randn(2, 6, 32), {"fc1", "fc2"}),
+    "gpt": (TinyGPT, lambda: torch.randint(0, 50, (2, 12)), GPT_SPARSE),
+}
+
+
+def _build(case, seed=0):
+    torch.manual_seed(seed)
+    make_model, make_input, expected = CASES[case]
+    return make_model().eval(), make_input(), expected
+
+
+def _sparse_names(model):
+    return {name for name, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)}
+
+
+def _masked_reference(original, sparse, stored_in_out=()):
+    """The original model with every rewritten weight multiplied by its sparsity mask
+    (transposed for weights stored as (in, out): Conv1D's and those in ``stored_in_out``)."""
+    reference = copy.deepcopy(original)
+    parameters = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, module in sparse.named_modules():
+            if isinstance(module, SPARSE_LAYERS):
+                weight = parameters.get(f"{name}.weight", parameters.get(name))
+                mask = (module.dense_weight() != 0).to(weight.dtype)
+                owner = reference.get_submodule(name.rpartition(".")[0])
+                in_out = isinstance(owner, Conv1D) or name in stored_in_out
+                weight.mul_(mask.T if in_out else mask)
+    return reference
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("case", CASES)
+def test_transform_rewrites_exactly_the_eligible_layers(case, pattern):
+    model, x, expected = _build(case)
+    before = copy.deepcopy(model.state_dict())
+    sparse = sparsefx.transform(model, pattern=pattern, sparsity=0.75)
+    assert _sparse_names(sparse) == expected
+    for key, value in model.state_dict().items():  # the input model is untouched
+        assert torch.equal(value, before[key]), key
+    assert not _sparse_names(model)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), _masked_reference(model, sparse)(x))
+        torch.testing.assert_close(sparsefx.densify(sparse)(x), sparse(x))
+    assert not _sparse_names(sparsefx.densify(sparse))
+    for name in expected:
+        assert f"pattern={sparse.get_submodule(name).pattern}" in str(sparse)
+
+
+def test_report_says_what_stayed_dense_and_why():
+    model, _, _ = _build("gpt")
+    rows = {row.name: row for row in sparsefx.report(sparsefx.transform(model, "diag", 0.9))}
+    assert rows["lm_head"].pattern == "dense" and "tied" in rows["lm_head"].note
+    assert rows["blocks.0.c_attn.weight"].pattern == "diag"
+    row = rows["blocks.0.w_fc"]
+    assert (row.out_features, row.in_features) == (128, 32)
+    assert row.params == row.flops // 2 == 13 * 32 and row.dense_flops == 2 * 128 * 32
+    block, _, _ = _build("transformer")
+    rows = {r.name: r for r in sparsefx.report(sparsefx.transform(block, "fanin", 0.9))}
+    assert "MultiheadAttention" in rows["attn.out_proj"].note
+    text = str(sparsefx.report(sparsefx.transform(block, "fanin", 0.9)))
+    assert "attn.out_proj" in text and "total" in text
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt"])
+def test_flop_counter_counts_the_sparse_layers(case):
+    model, x, _ = _build(case)
+    sparse = sparsefx.transform(model, "diag", 0.9)
+    with FlopCounterMode(display=False) as sparse_count, torch.no_grad():
+        sparse(x)
+    with FlopCounterMode(display=False) as dense_count, torch.no_grad():
+        model(x)
+    rows = x.shape[0] if case == "mlp" else x.numel()
+    saved = sum(r.dense_flops - r.flops for r in sparsefx.report(sparse)) * rows
+    assert dense_count.get_total_flops() - sparse_count.get_total_flops() == saved
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_compiled_traced_part_runs_forward_and_backward(pattern):
+    torch._dynamo.reset()
+    model, x, _ = _build("gpt")
+    sparse = sparsefx.transform(model, pattern, 0.75)
+    block = sparse.blocks[0]
+    assert isinstance(block, torch.fx.GraphModule)  # the traced part that was rewritten
+    h = torch.randn(2, 12, 32)
+    compiled = torch.compile(block, fullgraph=True)
+    compiled(h).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    block(h).square().sum().backward()
+    for name, p in block.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("case", CASES)
+def test_state_dict_round_trips_into_a_fresh_transform(case, pattern):
+    model, x, _ = _build(case)
+    trained = sparsefx.transform(model, pattern, 0.75)
+    fresh = sparsefx.transform(_build(case, seed=1)[0], pattern, 0.75, init="random", seed=3)
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained(x))
+
+
+def test_options_select_and_shape_the_layers():
+    model, _, _ = _build("mlp")
+    kept = sparsefx.transform(model, "diag", 0.75, keep_first_dense=True, keep_last_dense=True)
+    assert _sparse_names(kept) == {"2"}
+    only = sparsefx.transform(model, "diag", 0.75, include=r"[02]", exclude="0")
+    assert _sparse_names(only) == {"2"}
+    mixed = sparsefx.transform(model, "diag", 0.75, overrides={
+        "0": "dense", "4": {"pattern": "nm", "nm": (1, 4)}, r"[2]": 0.5})
+    assert _sparse_names(mixed) == {"2", "4"}
+    assert mixed.get_submodule("2").sparsity == pytest.approx(0.5, abs=0.04)
+    assert mixed.get_submodule("4").pattern == "nm 1:4"
+    erk = {r.name: r for r in sparsefx.report(
+        sparsefx.transform(model, "fanin", 0.8, distribution="erk"))}
+    # within per-row rounding of the 20 % budget; the small output layer gets the most
+    assert sum(r.params for r in erk.values()) == pytest.approx(
+        0.2 * sum(r.dense_params for r in erk.values()), rel=0.1)
+    assert erk["4"].sparsity < erk["0"].sparsity < erk["2"].sparsity
+    cnn, _, _ = _build("cnn")
+    typed = sparsefx.transform(cnn, "diag", 0.5, exclude_types=(nn.Linear,))
+    assert typed is cnn  # nothing left to sparsify: unchanged, with a warning
+
+
+def test_errors_name_the_problem_and_leave_the_model_alone():
+    model, _, _ = _build("mlp")
+    before = copy.deepcopy(model.state_dict())
+    cases = [
+        (dict(pattern="blocky"), r"pattern='blocky': expected one of"),
+        (dict(sparsity=1.0), r"sparsity=1.0: expected a fraction in \(0, 1\)"),
+        (dict(sparsity=0.0), r"sparsity=0.0"),
+        (dict(pattern="nm", nm=(4, 4)), r"layer .*: N:M = 4:4: expected 0 < N < M"),
+        (dict(pattern="nm", nm=(2, 5)), r"layer 0: in_features = 16: expected a multiple of M"),
+        (dict(overrides={"fc9": "dense"}), r"overrides\['fc9'\] names no layer"),
+        (dict(include="nothing"), r"include='nothing' selects no layer"),
+        (dict(distribution="normal"), r"distribution='normal'"),
+    ]
+    for options, message in cases:
+        options = {"pattern": "diag", "sparsity": 0.5} | options
+        with pytest.raises(ValueError, match=message):
+            sparsefx.transform(model, **options)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conv_only = nn.Sequential(nn.Conv2d(1, 2, 3))
+        assert sparsefx.transform(conv_only, "diag", 0.5) is conv_only
+    assert any("no nn.Linear" in str(w.message) for w in caught)
+
+
+def test_leaf_modules_and_concrete_args_reach_the_tracer():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x, scale=None):
+            if scale is not None:  # resolved by concrete_args
+                x = x * scale
+            return torch.matmul(x, self.w)
+
+    gate = Gate()
+    found = sparsefx.transform(gate, "fanin", 0.5, concrete_args={"scale": None})
+    assert _sparse_names(found) == {"w"}
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(found(x), _masked_reference(gate, found, {"w"})(x))
+    wrapper = nn.Sequential(Gate())
+    left = sparsefx.transform(wrapper, "fanin", 0.5, leaf_modules=(Gate,))
+    assert left is wrapper  # a leaf is not traced into, so its matmul is not seen

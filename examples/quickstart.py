@@ -3,10 +3,10 @@
     python examples/quickstart.py                       # diag, 90 % sparse, 15 epochs
     python examples/quickstart.py --pattern fanin --sparsity 0.95 --compile
 
-The digits ship with scikit-learn: nothing is downloaded. The hidden layers of the sparse
-model are ``sparsefx.DiagLinear`` / ``FanInLinear``; the script prints the
-per-layer report, test accuracy next to the dense model trained the same way, and the
-inference speed of both, measured in the same run.
+The digits ship with scikit-learn: nothing is downloaded. ``sparsefx.transform`` turns a
+dense MLP into its sparse copy (static sparsity: the DST manager is not in this release);
+the script prints the per-layer report, test accuracy next to the dense model trained the
+same way, and the inference speed of both, measured in the same run.
 """
 from __future__ import annotations
 
@@ -23,15 +23,10 @@ from tqdm import tqdm
 import sparsefx
 
 
-def mlp(hidden: int, pattern: str | None, sparsity: float, seed: int) -> nn.Sequential:
-    """64 -> hidden -> hidden -> 10. With a pattern, the hidden-to-hidden layer and the
-    input layer are sparse; the 10-way head stays dense, as is usual."""
-    generator = torch.Generator().manual_seed(seed)
+def mlp(hidden: int, seed: int) -> nn.Sequential:
+    """64 -> hidden -> hidden -> 10, initialised from ``seed``."""
     torch.manual_seed(seed)
-    sparse = {"diag": sparsefx.DiagLinear, "fanin": sparsefx.FanInLinear}.get(pattern)
-    layer = (lambda i, o: sparse.random(i, o, sparsity=sparsity, generator=generator)
-             ) if pattern else (lambda i, o: nn.Linear(i, o))
-    return nn.Sequential(layer(64, hidden), nn.ReLU(), layer(hidden, hidden), nn.ReLU(),
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, 10))
 
 
@@ -72,19 +67,6 @@ def accuracy(model, data) -> float:
     return (model(x_test).argmax(1) == y_test).float().mean().item()
 
 
-def report(model: nn.Module) -> list[dict]:
-    rows = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, sparsefx.DiagLinear, sparsefx.FanInLinear)):
-            dense_params = module.in_features * module.out_features
-            stored = getattr(module, "stored", dense_params)
-            rows.append(dict(name=name, shape=f"{module.out_features}x{module.in_features}",
-                             pattern=getattr(module, "pattern", "dense"),
-                             sparsity=1 - stored / dense_params,
-                             params=f"{dense_params:,} -> {stored:,}"))
-    return rows
-
-
 @torch.no_grad()
 def inference_ms(model, batch: int) -> float:
     x = torch.randn(batch, 64)
@@ -107,9 +89,13 @@ def main():
 
     started = time.perf_counter()
     data = digits(args.seed)
-    models = {"dense": mlp(args.hidden, None, args.sparsity, args.seed),
-              args.pattern: mlp(args.hidden, args.pattern, args.sparsity, args.seed)}
-    print(models[args.pattern])
+    dense = mlp(args.hidden, args.seed)
+    # the same initial weights, sparsified: random structure (training from scratch), the
+    # 10-way output layer kept dense as is usual
+    sparse = sparsefx.transform(dense, args.pattern, args.sparsity, init="random",
+                                seed=args.seed, keep_last_dense=True)
+    models = {"dense": dense, args.pattern: sparse}
+    print(sparse)
     runners = {name: torch.compile(m, fullgraph=True) if args.compile else m
                for name, m in models.items()}
     train_seconds = {}
@@ -118,10 +104,8 @@ def main():
         train(model, data, args.epochs, args.batch_size, args.lr, name, args.seed)
         train_seconds[name] = time.perf_counter() - begin
 
-    print(f"\n{'layer':8s} {'shape':>10s} {'pattern':>8s} {'sparsity':>9s}  params dense -> stored")
-    for row in report(models[args.pattern]):
-        print(f"{row['name']:8s} {row['shape']:>10s} {row['pattern']:>8s} "
-              f"{row['sparsity']:9.1%}  {row['params']}")
+    print()
+    print(sparsefx.report(sparse))
     print("\ntest accuracy (digits, 450 held-out images) and training time:")
     for name, model in runners.items():
         print(f"  {name:6s} {accuracy(model.eval(), data):.2%}   trained in "

@@ -7,8 +7,8 @@ the modules that own a sparse weight and call them.
 from sparsefx.kernels import diag_linear, fanin_linear, patterns
 from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
 from sparsefx.report import Report, report
-from sparsefx.transform import densify, transform
+from sparsefx.transform import densify, layer_graph, transform
 
 __version__ = "0.1.0"
-__all__ = ["transform", "densify", "report", "Report", "DiagLinear", "FanInLinear",
+__all__ = ["transform", "densify", "report", "layer_graph", "Report", "DiagLinear", "FanInLinear",
            "MaskedLinear", "diag_linear", "fanin_linear", "patterns", "__version__"]

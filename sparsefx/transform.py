@@ -9,12 +9,13 @@ import torch
 import torch.nn as nn
 
 from sparsefx.layers import SPARSE_LAYERS, build_layer
+from sparsefx.passes import analyse
 from sparsefx.passes.allocate import allocate
 from sparsefx.passes.rewrite import replace_module, rewrite_functional_sites
 from sparsefx.passes.sites import find_functional_sites, find_module_sites, parameter_use_counts
 from sparsefx.passes.trace import trace_parts
 
-__all__ = ["transform", "densify"]
+__all__ = ["transform", "densify", "layer_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +112,11 @@ def densify(model: nn.Module) -> nn.Module:
     for attribute in ("_sparsefx_order", "_sparsefx_dense"):
         dense.__dict__.pop(attribute, None)
     return dense
+
+
+def layer_graph(model: nn.Module):
+    """The ``networkx.DiGraph`` of which sparse layer feeds which in ``model`` (through
+    elementwise ops only), each node carrying the ``input`` it reads; see
+    ``sparsefx.passes.analyse``. ``analyse.shared_inputs(graph)`` lists the layers that read
+    the same input."""
+    return analyse.layer_graph(model, SPARSE_LAYERS)

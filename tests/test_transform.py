@@ -195,3 +195,30 @@ def test_leaf_modules_and_concrete_args_reach_the_tracer():
     wrapper = nn.Sequential(Gate())
     left = sparsefx.transform(wrapper, "fanin", 0.5, leaf_modules=(Gate,))
     assert left is wrapper  # a leaf is not traced into, so its matmul is not seen
+
+
+class _QKV(nn.Module):
+    """Three projections of one input, then an MLP: shared inputs and a feeds-into chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        mixed = self.q(x) * self.k(x) + self.v(x)
+        return self.down(torch.relu(self.up(mixed) * 2.0))
+
+
+def test_layer_graph_finds_feeds_and_shared_inputs():
+    from sparsefx.passes.analyse import shared_inputs
+
+    graph = sparsefx.layer_graph(sparsefx.transform(_QKV(), "fanin", 0.5))
+    assert sorted(graph.edges) == [("up", "down")]  # q*k+v mixes features: no edge from them
+    assert shared_inputs(graph) == [["k", "q", "v"]]
+    gpt = sparsefx.layer_graph(sparsefx.transform(_build("gpt")[0], "diag", 0.5))
+    # w_fc -> (+ bias) -> gelu -> w_out; the attention path reshapes, so it has no edge
+    assert sorted(gpt.edges) == [("blocks.0.w_fc", "blocks.0.w_out"),
+                                 ("blocks.1.w_fc", "blocks.1.w_out")]
+    cnn = sparsefx.layer_graph(sparsefx.transform(_build("cnn")[0], "diag", 0.5))
+    assert list(cnn.edges) == [("head.1", "head.3")]

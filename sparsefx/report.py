@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from sparsefx.layers import SPARSE_LAYERS, MaskedLinear
+from sparsefx.passes import analyse
 
 __all__ = ["LayerReport", "Report", "report"]
 
@@ -24,6 +25,7 @@ class LayerReport:
     dense_flops: int          # per activation row: 2 * out * in
     flops: int                # per activation row, as the layer runs
     note: str = ""            # why a candidate stayed dense
+    feeds: tuple[str, ...] = ()  # sparse layers its outputs reach through elementwise ops
 
 
 class Report(list):
@@ -39,14 +41,14 @@ class Report(list):
 
     def __str__(self) -> str:
         header = ("layer", "shape", "pattern", "sparsity", "params dense -> sparse",
-                  "FLOPs/row dense -> sparse", "note")
+                  "FLOPs/row dense -> sparse", "feeds", "note")
         rows = [(r.name, f"{r.out_features}x{r.in_features}", r.pattern, f"{r.sparsity:.1%}",
                  f"{r.dense_params:,} -> {r.params:,}", f"{r.dense_flops:,} -> {r.flops:,}",
-                 r.note) for r in self]
+                 ", ".join(r.feeds), r.note) for r in self]
         rows.append(("total", "", "", f"{1 - self.params / max(1, self.dense_params):.1%}",
                      f"{self.dense_params:,} -> {self.params:,}",
                      f"{sum(r.dense_flops for r in self):,} -> {sum(r.flops for r in self):,}",
-                     ""))
+                     "", ""))
         widths = [max(len(str(cell)) for cell in column)
                   for column in zip(header, *rows, strict=True)]
         line = lambda cells: "  ".join(str(c).ljust(w)
@@ -57,7 +59,9 @@ class Report(list):
 
 def report(model: nn.Module) -> Report:
     """The report of a model returned by ``sparsefx.transform``: every sparse layer as it is
-    now (DST may have changed it) and every candidate that stayed dense, with the reason."""
+    now (DST may have changed it) and every candidate that stayed dense, with the reason,
+    and which sparse layers each one feeds (``passes.analyse.layer_graph``)."""
+    graph = analyse.layer_graph(model, SPARSE_LAYERS)
     modules = dict(model.named_modules())
     stayed_dense = getattr(model, "_sparsefx_dense", {})
     order = getattr(model, "_sparsefx_order", None) or [
@@ -73,7 +77,8 @@ def report(model: nn.Module) -> Report:
         module = modules[name]
         dense = module.out_features * module.in_features
         runs_dense = isinstance(module, MaskedLinear)  # a masked layer computes densely
+        feeds = tuple(sorted(graph.successors(name))) if name in graph else ()
         rows.append(LayerReport(name, module.out_features, module.in_features, module.pattern,
                                 module.sparsity, dense, module.stored, 2 * dense,
-                                2 * (dense if runs_dense else module.stored)))
+                                2 * (dense if runs_dense else module.stored), feeds=feeds))
     return rows

@@ -74,6 +74,7 @@ def test_report_says_what_stayed_dense_and_why():
     rows = {row.name: row for row in sparsefx.report(sparsefx.transform(model, "diag", 0.9))}
     assert rows["lm_head"].pattern == "dense" and "tied" in rows["lm_head"].note
     assert rows["blocks.0.c_attn.weight"].pattern == "diag"
+    assert rows["blocks.0.w_fc"].feeds == ("blocks.0.w_out",)
     row = rows["blocks.0.w_fc"]
     assert (row.out_features, row.in_features) == (128, 32)
     assert row.params == row.flops // 2 == 13 * 32 and row.dense_flops == 2 * 128 * 32

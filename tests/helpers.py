@@ -100,3 +100,24 @@ def fanin_case(out_features, in_features, sparsity, dtype, generator):
     rows = torch.arange(out_features)[:, None].expand_as(indices)
     return values, indices, DenseCheck(weight, (rows, indices.long()), terms=fan_in,
                                        terms_grad_x=out_features)
+
+
+def masked_reference(original, sparse, stored_in_out):
+    """``original`` with each weight that ``sparse`` rewrote multiplied by its sparsity mask:
+    the dense model with the same structure baked in. ``stored_in_out(name, owner)`` says
+    whether that weight is stored as (in, out) (GPT-2's Conv1D, ``x @ w``), so its mask is
+    transposed."""
+    import copy
+
+    from sparsefx.layers import SPARSE_LAYERS
+
+    reference = copy.deepcopy(original)
+    parameters = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, layer in sparse.named_modules():
+            if isinstance(layer, SPARSE_LAYERS):
+                weight = parameters.get(f"{name}.weight", parameters.get(name))
+                mask = (layer.dense_weight() != 0).to(weight.dtype)
+                owner = reference.get_submodule(name.rpartition(".")[0])
+                weight.mul_(mask.T if stored_in_out(name, owner) else mask)
+    return reference

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsefx
+from helpers import masked_reference
 from models import Conv1D, SmallCNN, TinyGPT, TransformerBlock, mlp
 from sparsefx.layers import SPARSE_LAYERS
 
@@ -36,19 +37,8 @@ def _sparse_names(model):
 
 
 def _masked_reference(original, sparse, stored_in_out=()):
-    """The original model with every rewritten weight multiplied by its sparsity mask
-    (transposed for weights stored as (in, out): Conv1D's and those in ``stored_in_out``)."""
-    reference = copy.deepcopy(original)
-    parameters = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, module in sparse.named_modules():
-            if isinstance(module, SPARSE_LAYERS):
-                weight = parameters.get(f"{name}.weight", parameters.get(name))
-                mask = (module.dense_weight() != 0).to(weight.dtype)
-                owner = reference.get_submodule(name.rpartition(".")[0])
-                in_out = isinstance(owner, Conv1D) or name in stored_in_out
-                weight.mul_(mask.T if in_out else mask)
-    return reference
+    return masked_reference(original, sparse, lambda name, owner: isinstance(owner, Conv1D)
+                            or name in stored_in_out)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

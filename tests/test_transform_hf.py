@@ -1,12 +1,12 @@
 """sparsefx.transform on HuggingFace GPT-2 and BERT built from small configs (nothing is
 downloaded). Neither traces whole with torch.fx; skipped where transformers is absent."""
-import copy
 import io
 
 import pytest
 import torch
 
 import sparsefx
+from helpers import masked_reference
 from sparsefx.layers import SPARSE_LAYERS
 
 transformers = pytest.importorskip("transformers")
@@ -35,20 +35,9 @@ BERT_SITES = {f"encoder.layer.{i}.{name}" for i in range(2)
 
 
 def _masked_reference(original, sparse):
-    """``original`` with each rewritten weight multiplied by its mask (GPT-2's Conv1D stores
-    its weight as (in, out), so its mask is transposed)."""
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # GPT-2's, weight stored as (in, out)
 
-    reference = copy.deepcopy(original)
-    parameters = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, layer in sparse.named_modules():
-            if isinstance(layer, SPARSE_LAYERS):
-                weight = parameters.get(f"{name}.weight", parameters.get(name))
-                mask = (layer.dense_weight() != 0).to(weight.dtype)
-                owner = reference.get_submodule(name.rpartition(".")[0])
-                weight.mul_(mask.T if isinstance(owner, Conv1D) else mask)
-    return reference
+    return masked_reference(original, sparse, lambda name, owner: isinstance(owner, Conv1D))
 
 
 def _output(model, tokens):

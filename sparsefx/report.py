@@ -60,7 +60,9 @@ class Report(list):
 def report(model: nn.Module) -> Report:
     """The report of a model returned by ``sparsefx.transform``: every sparse layer as it is
     now (DST may have changed it) and every candidate that stayed dense, with the reason,
-    and which sparse layers each one feeds (``passes.analyse.layer_graph``)."""
+    and which sparse layers each one feeds (``passes.analyse.layer_graph``). A compiled
+    model reports on the module it wraps."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     graph = analyse.layer_graph(model, SPARSE_LAYERS)
     modules = dict(model.named_modules())
     stayed_dense = getattr(model, "_sparsefx_dense", {})

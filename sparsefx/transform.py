@@ -104,8 +104,9 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
 @torch.no_grad()
 def densify(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every sparse layer replaced by the equivalent ``nn.Linear``
-    (for export, or to compare against dense); ``model`` is not modified."""
-    dense = copy.deepcopy(model)
+    (for export, or to compare against dense); ``model`` is not modified. A compiled model
+    gives back the plain module it wraps, densified."""
+    dense = copy.deepcopy(getattr(model, "_orig_mod", model))  # unwrap torch.compile
     for name, module in list(dense.named_modules()):
         if isinstance(module, SPARSE_LAYERS):
             replace_module(dense, name, module.to_dense())

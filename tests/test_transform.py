@@ -59,6 +59,14 @@ def test_transform_rewrites_exactly_the_eligible_layers(case, pattern):
         assert f"pattern={sparse.get_submodule(name).pattern}" in str(sparse)
 
 
+def test_report_and_densify_see_through_torch_compile():
+    sparse = sparsefx.transform(mlp(), "diag", 0.5)
+    compiled = torch.compile(sparse)
+    assert [r.name for r in sparsefx.report(compiled)] == ["0", "2", "4"]
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(sparsefx.densify(compiled)(x), sparse(x))
+
+
 def test_report_says_what_stayed_dense_and_why():
     model, _, _ = _build("gpt")
     rows = {row.name: row for row in sparsefx.report(sparsefx.transform(model, "diag", 0.9))}

@@ -15,6 +15,7 @@ from . import _structure_cache, patterns
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+
 def _verify_once(op: str, tensor: torch.Tensor, check: Callable[..., None], *args) -> None:
     """Run ``check(tensor, *args)`` unless it already passed for this tensor as it is now;
     its ``ValueError`` is re-raised with the op's name in front."""

@@ -38,10 +38,6 @@ class Site:
     node: str | None = None   # functional: the node's name in that part's graph
     transposed: bool = False  # functional: the weight parameter is stored as (in, out)
 
-    @property
-    def weight_name(self) -> str:
-        return f"{self.name}.weight" if self.kind == "module" else self.name
-
 
 def parameter_use_counts(model: nn.Module) -> Counter:
     """How many (module, name) slots hold each parameter: more than one means tied."""
@@ -68,7 +64,6 @@ def find_module_sites(model: nn.Module) -> list[Site]:
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, operator.matmul}
-_TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 
 
 def _parameter(gm: fx.GraphModule, node) -> tuple[str, bool] | None:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from sparsefx.kernels import patterns
 
-__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "build_layer"]
+__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "build_layer",
+           "soft_top_k_gates"]
 
 _INITS = ("magnitude", "random")
 
@@ -43,14 +44,26 @@ def _linear_init(in_features: int, out_features: int, bias: bool, device, dtype)
 
 class _SparseLinear(nn.Module):
     """What the three layers share: shapes, bias, the report numbers and densifying. Each
-    layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``."""
+    layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``.
+
+    ``_growth_probe`` is ``None`` except on the steps where ``sparsefx.DST`` needs the dense
+    gradient: then the output goes through ``torch.ops.sparsefx.growth_tap``, which leaves
+    the layer's growth scores in the probe's gradient (see ``sparsefx.kernels.growth``).
+    """
 
     pattern: str
+    growth_granularity = "element"  # what one growth score covers: an entry or a diagonal
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self._growth_probe: torch.Tensor | None = None
+
+    def _tap(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._growth_probe is None:
+            return y
+        return torch.ops.sparsefx.growth_tap(y, x, self._growth_probe, self.growth_granularity)
 
     @classmethod
     def random(cls, in_features: int, out_features: int, bias: bool = True, *,
@@ -83,11 +96,32 @@ class _SparseLinear(nn.Module):
                 f"sparsity={self.sparsity:.1%}")
 
 
+def soft_top_k_gates(importance: torch.Tensor, offsets: torch.Tensor,
+                     temperature: torch.Tensor) -> torch.Tensor:
+    """DynaDiag's gates for the ``K`` active diagonals ``offsets`` out of ``P`` candidates:
+
+        gate_d = sigmoid((importance[d] - theta) / temperature)
+
+    with ``theta`` halfway between the K-th and (K+1)-th largest importance (held constant
+    for the gradient). As ``temperature`` falls the gates harden towards the top-K indicator;
+    at ``temperature == 0`` they are exactly 1. Only the K active gates are computed.
+    """
+    num_kept, num_candidates = offsets.numel(), importance.numel()
+    active = importance[offsets]
+    if num_kept == num_candidates:
+        return torch.ones_like(active)
+    top = importance.detach().topk(num_kept + 1).values
+    theta = (top[num_kept - 1] + top[num_kept]) / 2
+    soft = torch.sigmoid((active - theta) / temperature.clamp_min(1e-12))
+    return torch.where(temperature > 0, soft, torch.ones_like(soft))
+
+
 class DiagLinear(_SparseLinear):
     """``y = x @ W.T + b`` with ``W`` keeping ``K`` whole diagonals: ``values [K, L]`` (a
     parameter) on ``offsets [K]`` (an int64 buffer, rewritten in place by DST)."""
 
     pattern = "diag"
+    growth_granularity = "diag"
 
     def __init__(self, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
                  in_features: int, bias: torch.Tensor | None = None):
@@ -95,6 +129,9 @@ class DiagLinear(_SparseLinear):
         patterns.check_diag_offsets(offsets, out_features, in_features)
         self.values = nn.Parameter(values.detach().clone())
         self.register_buffer("offsets", offsets.detach().to(torch.int64).clone())
+        # set by DST(method="dynadiag"): per-candidate importance [P] and gate temperature
+        self._importance: torch.Tensor | None = None
+        self._temperature: torch.Tensor | None = None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -119,12 +156,20 @@ class DiagLinear(_SparseLinear):
         return self.values.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.sparsefx.diag_linear(x, self.values, self.offsets, self.out_features,
-                                              self.bias)
+        y = torch.ops.sparsefx.diag_linear(x, self.effective_values(), self.offsets,
+                                           self.out_features, self.bias)
+        return self._tap(y, x)
+
+    def effective_values(self) -> torch.Tensor:
+        """``values``, scaled by DynaDiag's gates while ``DST(method="dynadiag")`` trains."""
+        if self._importance is None:
+            return self.values
+        gates = soft_top_k_gates(self._importance, self.offsets, self._temperature)
+        return self.values * gates.to(self.values.dtype)[:, None]
 
     def dense_weight(self) -> torch.Tensor:
-        return patterns.diag_to_dense(self.values.detach(), self.offsets, self.out_features,
-                                      self.in_features)
+        return patterns.diag_to_dense(self.effective_values().detach(), self.offsets,
+                                      self.out_features, self.in_features)
 
 
 class FanInLinear(_SparseLinear):
@@ -178,7 +223,8 @@ class FanInLinear(_SparseLinear):
         return self.values.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.sparsefx.fanin_linear(x, self.values, self.indices, self.bias)
+        return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices, self.bias),
+                         x)
 
     def dense_weight(self) -> torch.Tensor:
         return patterns.fanin_to_dense(self.values.detach(), self.indices, self.in_features)
@@ -221,7 +267,7 @@ class MaskedLinear(_SparseLinear):
         return int(self.mask.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return self._tap(F.linear(x, self.weight * self.mask, self.bias), x)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.mask

@@ -1,0 +1,562 @@
+"""``sparsefx.DST``: dynamic sparse training that rewrites each layer's structure in place.
+
+    model = sparsefx.transform(model, pattern="diag", sparsity=0.9, init="random")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dst = sparsefx.DST(model, optimizer, method="dynadiag", total_steps=T)
+    model = torch.compile(model)
+    for x, y in batches:                       # T steps
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        dst.step()                             # after the optimizer, every step
+
+Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...`` while
+``t < t_end * total_steps``; an update moves the fraction
+``f(t) = alpha / 2 * (1 + cos(pi * t / (t_end * total_steps)))`` of each layer's units,
+``n = round(f(t) * k)`` per row of slots (see ``sparsefx.regrow``). What moves, per method:
+
+``static``    nothing.
+``set``       drop the ``n`` smallest-magnitude units, grow ``n`` at random (seeded) among
+              the units not kept.
+``rigl``      drop as SET; grow the ``n`` not-kept units of largest dense-gradient magnitude.
+              Magnitude of a diagonal is its L2 norm; its growth score the L2 norm of the
+              dense gradient along it. Fan-in and N:M layers move ``n`` entries in every row
+              (N:M regrows within the groups that lost entries); unstructured layers move
+              ``n`` elements over the whole layer.
+``srigl``     fan-in layers only. First the layer-wide RigL sets: keep = the largest
+              ``A k - n_total`` magnitudes over the ``A`` active rows, grow = the ``n_total``
+              best gradient scores among the positions not kept. A row whose salient count
+              (entries in keep or grow) is below ``max(1, floor(gamma_sal * k))`` is ablated:
+              its values are set to zero and held there; an ablated row that becomes salient
+              again returns with its ``k`` best-scoring columns at zero. The output head
+              (``output_layers``, by default the last sparse layer) is never ablated. Then
+              RigL within each active row. ``k`` stays the stored fan-in: the values tensor
+              keeps its shape, so the layer's budget is ``A * k``.
+``dynadiag``  diag layers only. Each layer learns an importance ``a[P]`` over all candidate
+              diagonals; the ``K`` active diagonals compute with values scaled by the soft
+              top-K gates ``sigmoid((a_d - theta) / T)`` (``sparsefx.layers.soft_top_k_gates``,
+              ``theta`` halfway between the K-th and (K+1)-th largest ``a``). ``a`` is trained
+              by Adam (``importance_lr``) on the loss gradient through the gates, every step;
+              ``T`` falls linearly from ``temperature`` to 0 at ``t_end``, where the gates
+              harden to exactly 1. At update steps: drop the ``n`` active diagonals of lowest
+              ``a``, grow the ``n`` not-kept candidates of largest dense-gradient norm (how
+              inactive diagonals, which have no gate, re-enter), give grown diagonals the
+              median ``a`` of the diagonals active before the update, and reset every inactive ``a`` to
+              ``min(active a) - 1``. Only the ``K`` active diagonals are stored and computed.
+
+Invariants: storage and shapes never change (``offsets``, ``indices``, ``mask``, ``values``
+are written in place, so optimizers and compiled graphs keep their references); newly grown
+units start at zero with zeroed optimizer state, everything else in the optimizer is left
+alone; a unit dropped and grown back in the same update keeps its slot, value and state.
+The dense gradient is read only at update steps, through ``torch.ops.sparsefx.growth_tap``
+on the step before, one layer at a time inside the backward. Non-finite gradients skip the
+update with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from sparsefx import regrow
+from sparsefx.kernels import patterns
+from sparsefx.layers import SPARSE_LAYERS, DiagLinear, FanInLinear, MaskedLinear
+
+__all__ = ["DST", "METHODS"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("static", "set", "rigl", "srigl", "dynadiag")
+_KINDS_OF_METHOD = {
+    "static": ("diag", "fanin", "nm", "unstructured"),
+    "set": ("diag", "fanin", "nm", "unstructured"),
+    "rigl": ("diag", "fanin", "nm", "unstructured"),
+    "srigl": ("fanin",),
+    "dynadiag": ("diag",),
+}
+_NEEDS_GRADIENT = ("rigl", "srigl", "dynadiag")
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, DiagLinear):
+        return "diag"
+    if isinstance(module, FanInLinear):
+        return "fanin" if module.nm is None else "nm"
+    return "unstructured"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under torch.compile's and (Distributed)DataParallel's wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+@dataclass
+class _Layer:
+    """One sparse layer under the manager, and what the manager keeps about it."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
+    row_active: torch.Tensor | None = None  # srigl: [out] bool, False for ablated rows
+    ablate: bool = False  # srigl: may rows of this layer be ablated?
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.module.weight if self.kind == "unstructured" else self.module.values
+
+    def slots(self) -> torch.Tensor:
+        """Active unit ids as rows of slots ``[R, k]`` (int64; see ``sparsefx.regrow``)."""
+        if self.kind == "diag":
+            return self.module.offsets[None, :]
+        if self.kind == "unstructured":
+            return self.module.mask.reshape(1, -1).nonzero()[:, 1][None, :]
+        return self.module.indices.to(torch.int64)
+
+    def magnitude(self, active: torch.Tensor) -> torch.Tensor:
+        if self.kind == "diag":
+            return self.module.values.detach().float().norm(dim=1)[None, :]
+        if self.kind == "unstructured":
+            return self.module.weight.detach().reshape(1, -1).gather(1, active).abs()
+        return self.module.values.detach().abs()
+
+    def num_candidates(self) -> int:
+        if self.kind == "diag":
+            return patterns.diag_geometry(self.module.out_features, self.module.in_features)[0]
+        if self.kind == "unstructured":
+            return self.module.out_features * self.module.in_features
+        return self.module.in_features
+
+    def budget(self) -> int:
+        """Active units: diagonals, entries or elements."""
+        if self.kind == "diag":
+            return self.module.offsets.numel()
+        if self.kind == "unstructured":
+            return int(self.module.mask.sum())
+        rows = self.module.out_features if self.row_active is None else int(self.row_active.sum())
+        return rows * self.module.indices.shape[1]
+
+
+class DST:
+    """Dynamic sparse training of every sparse layer of ``model`` (see the module docstring
+    for each method's exact rule).
+
+    Args:
+        model: a model holding ``DiagLinear`` / ``FanInLinear`` / ``MaskedLinear`` layers
+            (from ``sparsefx.transform``), or its ``torch.compile`` / DDP wrapper.
+        optimizer: the optimizer that trains the sparse layers' values; its state for grown
+            units is zeroed at updates.
+        method: ``"static"``, ``"set"``, ``"rigl"``, ``"srigl"`` (fan-in layers) or
+            ``"dynadiag"`` (diag layers).
+        total_steps: how many times ``step()`` will be called in the whole run.
+        delta_t: steps between structure updates.
+        alpha: the fraction moved at step 0 of the cosine schedule, in (0, 1].
+        t_end: fraction of ``total_steps`` after which the structure is frozen.
+        gamma_sal: srigl's salience threshold, as a fraction of the fan-in.
+        output_layers: srigl: layer names (regexes) whose rows are never ablated; default
+            the last sparse layer; ``()`` protects none.
+        temperature, importance_lr: dynadiag's initial gate temperature and the Adam learning
+            rate of its per-diagonal importance.
+        seed: seeds SET's random growth.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, method: str = "rigl",
+                 *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
+                 t_end: float = 0.75, gamma_sal: float = 0.3,
+                 output_layers: tuple[str, ...] | None = None, temperature: float = 0.25,
+                 importance_lr: float = 1e-2, seed: int = 0):
+        _check_arguments(method, total_steps, delta_t, alpha, t_end, gamma_sal, temperature,
+                         importance_lr)
+        self.method, self.total_steps, self.delta_t = method, total_steps, delta_t
+        self.alpha, self.t_end, self.gamma_sal = alpha, t_end, gamma_sal
+        self.temperature, self.importance_lr, self.seed = temperature, importance_lr, seed
+        self.optimizer = optimizer
+        self.layers = _find_layers(_unwrap(model), method)
+        _check_optimizer(self.layers, optimizer)
+        self._step = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._skipped_updates = 0
+        if method == "srigl":
+            heads = _output_layers(_unwrap(model), self.layers, output_layers)
+            for layer in self.layers:
+                layer.row_active = torch.ones(layer.module.out_features, dtype=torch.bool,
+                                              device=layer.param.device)
+                layer.ablate = layer.name not in heads
+        self._importance_optimizer = None
+        if method == "dynadiag":
+            self._attach_importance()
+        if method in _NEEDS_GRADIENT:
+            for layer in self.layers:
+                layer.probe = torch.zeros(_probe_shape(layer), dtype=torch.float32,
+                                          device=layer.param.device, requires_grad=True)
+        self._arm()
+
+    # ------------------------------------------------------------------------- schedule
+
+    @property
+    def end_step(self) -> int:
+        """The first step at which no more updates happen."""
+        return int(self.t_end * self.total_steps)
+
+    def drop_fraction(self, step: int) -> float:
+        """``alpha / 2 * (1 + cos(pi * step / end_step))``; 0 from ``end_step`` on."""
+        if step >= self.end_step:
+            return 0.0
+        return self.alpha / 2 * (1 + math.cos(math.pi * step / self.end_step))
+
+    def is_update_step(self, step: int) -> bool:
+        return (self.method != "static" and step > 0 and step % self.delta_t == 0
+                and step < self.end_step)
+
+    @property
+    def next_update(self) -> int | None:
+        step = (self._step // self.delta_t + 1) * self.delta_t
+        return step if self.is_update_step(step) else None
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    # ----------------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Call once after every ``optimizer.step()``. Returns whether the structure changed."""
+        self._step += 1
+        if self._importance_optimizer is not None:
+            self._train_importance()
+        if self.method == "srigl":
+            for layer in self.layers:
+                self._hold_ablated_rows(layer)
+        changed = False
+        if self.is_update_step(self._step):
+            changed = self._update(self.drop_fraction(self._step))
+        for layer in self.layers:
+            if layer.probe is not None:
+                layer.probe.grad = None
+        self._arm()
+        return changed
+
+    def _arm(self) -> None:
+        """Route the next step's backward through the growth tap iff it ends in an update."""
+        armed = self.method in _NEEDS_GRADIENT and self.is_update_step(self._step + 1)
+        for layer in self.layers:
+            layer.module._growth_probe = layer.probe if armed else None
+
+    def _update(self, fraction: float) -> bool:
+        problems = [layer.name for layer in self.layers if not _finite_gradients(layer)]
+        if problems:
+            self._skipped_updates += 1
+            warnings.warn(f"sparsefx.DST: step {self._step}: non-finite gradients in "
+                          f"{', '.join(problems)}; structure update skipped", stacklevel=3)
+            return False
+        changed = False
+        for layer in self.layers:
+            if self.method in _NEEDS_GRADIENT and layer.probe.grad is None:
+                warnings.warn(f"sparsefx.DST: step {self._step}: layer {layer.name} got no "
+                              "gradient this step (not used in the forward?); its structure "
+                              "is left as it is", stacklevel=3)
+                continue
+            changed |= self._update_layer(layer, fraction)
+        logger.info("sparsefx.DST: step %d: structure update, fraction %.4f", self._step,
+                    fraction)
+        return changed
+
+    def _growth_scores(self, layer: _Layer) -> torch.Tensor:
+        """``[R, C]`` scores for growth: dense-gradient magnitudes, or uniform noise (SET)."""
+        if self.method == "set":
+            scores = torch.rand(_probe_shape(layer), generator=self._generator)
+            scores = scores.to(layer.param.device)
+        else:
+            scores = layer.probe.grad
+        return scores.reshape(1, -1) if layer.kind in ("diag", "unstructured") else scores
+
+    def _update_layer(self, layer: _Layer, fraction: float) -> bool:
+        active = layer.slots()
+        scores = self._growth_scores(layer)
+        if self.method == "srigl":
+            return self._update_srigl(layer, active, scores, fraction)
+        magnitude = (layer.module._importance[active] if self.method == "dynadiag"
+                     else layer.magnitude(active))
+        num_moved = min(round(fraction * active.shape[1]),
+                        layer.num_candidates() - active.shape[1])
+        group_size = layer.module.nm[1] if layer.kind == "nm" else None
+        new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
+                                                 group_size)
+        if not bool(grown.any()):
+            return False
+        self._write(layer, active, new_active, grown)
+        return True
+
+    def _update_srigl(self, layer: _Layer, active: torch.Tensor, scores: torch.Tensor,
+                      fraction: float) -> bool:
+        row_active, fan_in = layer.row_active, active.shape[1]
+        magnitude = layer.magnitude(active)
+        num_moved_row = min(round(fraction * fan_in), layer.num_candidates() - fan_in)
+        new_row_active = row_active.clone()
+        if layer.ablate:
+            total_moved = round(fraction * int(row_active.sum()) * fan_in)
+            salient = regrow.layerwise_salience(magnitude, active, scores, row_active,
+                                                total_moved)
+            new_row_active = salient >= max(1, math.floor(self.gamma_sal * fan_in))
+            if not bool(new_row_active.any()):  # never ablate a whole layer
+                new_row_active = row_active.clone()
+        new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved_row)
+        stay = row_active & new_row_active
+        new_active = torch.where(stay[:, None], new_active, active)
+        grown = grown & stay[:, None]
+        revived = new_row_active & ~row_active
+        if bool(revived.any()):
+            top = scores[revived].float().argsort(dim=1, descending=True, stable=True)
+            new_active[revived] = top[:, :fan_in]
+            grown[revived] = True
+        ablated = row_active & ~new_row_active
+        changed = bool(grown.any()) or bool(ablated.any())
+        if changed:
+            self._write(layer, active, new_active, grown)
+            layer.row_active.copy_(new_row_active)
+            self._hold_ablated_rows(layer)
+        return changed
+
+    def _write(self, layer: _Layer, active: torch.Tensor, new_active: torch.Tensor,
+               grown: torch.Tensor) -> None:
+        """Store the new structure in place; zero the grown units and their optimizer state."""
+        module = layer.module
+        if layer.kind == "unstructured":
+            new_mask = torch.zeros_like(module.mask).view(-1).scatter_(
+                0, new_active[0], True).view_as(module.mask)
+            changed = new_mask != module.mask
+            module.mask.copy_(new_mask)
+            _zero_units(self.optimizer, module.weight, changed)
+            return
+        if layer.kind == "diag":
+            module.offsets.copy_(new_active[0])
+            _zero_units(self.optimizer, module.values, grown[0][:, None])
+            if self.method == "dynadiag":
+                self._reset_importance(layer, active[0], new_active[0], grown[0])
+            return
+        module.indices.copy_(new_active.to(module.indices.dtype))
+        _zero_units(self.optimizer, module.values, grown)
+
+    # -------------------------------------------------------------------------- srigl
+
+    def _hold_ablated_rows(self, layer: _Layer) -> None:
+        """Ablated rows stay exactly zero, whatever the optimizer did to them."""
+        if layer.row_active is not None and not bool(layer.row_active.all()):
+            _zero_units(self.optimizer, layer.module.values, ~layer.row_active[:, None])
+
+    # ----------------------------------------------------------------------- dynadiag
+
+    def _attach_importance(self) -> None:
+        importances = []
+        for layer in self.layers:
+            module = layer.module
+            num_candidates = layer.num_candidates()
+            importance = torch.zeros(num_candidates, dtype=torch.float32,
+                                     device=module.values.device)
+            importance[module.offsets] = 1.0
+            importance.requires_grad_(True)
+            module._importance = importance
+            module._temperature = torch.tensor(self.temperature, dtype=torch.float32,
+                                               device=module.values.device)
+            importances.append(importance)
+        self._importance_optimizer = torch.optim.Adam(importances, lr=self.importance_lr)
+
+    def _temperature_at(self, step: int) -> float:
+        return self.temperature * max(0.0, 1.0 - step / self.end_step)
+
+    def _train_importance(self) -> None:
+        importances = [layer.module._importance for layer in self.layers]
+        grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in importances)
+        if grads_ok and self._step <= self.end_step:
+            self._importance_optimizer.step()
+        self._importance_optimizer.zero_grad(set_to_none=True)
+        for layer in self.layers:
+            layer.module._temperature.fill_(self._temperature_at(self._step))
+
+    def _reset_importance(self, layer: _Layer, old_offsets: torch.Tensor,
+                          offsets: torch.Tensor, grown: torch.Tensor) -> None:
+        importance = layer.module._importance
+        importance[offsets[grown]] = importance[old_offsets].median()
+        _zero_state(self._importance_optimizer, importance,
+                    torch.zeros_like(importance, dtype=torch.bool).index_fill_(
+                        0, offsets[grown], True))
+        inactive = torch.ones_like(importance, dtype=torch.bool).index_fill_(0, offsets, False)
+        importance[inactive] = importance[offsets].min() - 1.0
+
+    # ---------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """What ``load_state_dict`` needs to continue the same run; the structure itself is in
+        the model's state_dict, the values' optimizer state in the optimizer's."""
+        state = {
+            "step": self._step,
+            "config": self._config(),
+            "generator": self._generator.get_state(),
+            "skipped_updates": self._skipped_updates,
+            "row_active": {layer.name: layer.row_active.clone() for layer in self.layers
+                           if layer.row_active is not None},
+            "importance": {layer.name: layer.module._importance.detach().clone()
+                           for layer in self.layers if self.method == "dynadiag"},
+        }
+        if self._importance_optimizer is not None:
+            state["importance_optimizer"] = self._importance_optimizer.state_dict()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        config = self._config()
+        if state["config"] != config:
+            differ = {key: (state["config"].get(key), value) for key, value in config.items()
+                      if state["config"].get(key) != value}
+            raise ValueError(f"sparsefx.DST.load_state_dict: the checkpoint was made with other "
+                             f"settings (saved, current): {differ}")
+        names = {layer.name for layer in self.layers}
+        saved = set(state["row_active"]) | set(state["importance"])
+        if not saved <= names:
+            raise ValueError(f"sparsefx.DST.load_state_dict: layers {sorted(saved - names)} "
+                             f"are not in this model's sparse layers {sorted(names)}")
+        self._step = state["step"]
+        self._generator.set_state(state["generator"])
+        self._skipped_updates = state["skipped_updates"]
+        for layer in self.layers:
+            if layer.name in state["row_active"]:
+                layer.row_active.copy_(state["row_active"][layer.name])
+            if layer.name in state["importance"]:
+                layer.module._importance.copy_(state["importance"][layer.name])
+                layer.module._temperature.fill_(self._temperature_at(self._step))
+        if self._importance_optimizer is not None:
+            self._importance_optimizer.load_state_dict(state["importance_optimizer"])
+        self._arm()
+
+    def _config(self) -> dict:
+        return {"method": self.method, "total_steps": self.total_steps,
+                "delta_t": self.delta_t, "alpha": self.alpha, "t_end": self.t_end,
+                "gamma_sal": self.gamma_sal, "temperature": self.temperature,
+                "importance_lr": self.importance_lr, "seed": self.seed,
+                "layers": [layer.name for layer in self.layers]}
+
+    def __repr__(self) -> str:
+        upcoming = self.next_update
+        lines = [f"DST(method={self.method}, step={self._step}/{self.total_steps}, "
+                 f"next update={'none' if upcoming is None else upcoming}"
+                 + ("" if upcoming is None else f" (fraction {self.drop_fraction(upcoming):.3f})")
+                 + f", delta_t={self.delta_t}, alpha={self.alpha}, updates until step "
+                 f"{self.end_step})"]
+        for layer in self.layers:
+            lines.append(f"  {layer.name}: {_budget_text(layer)}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check_arguments(method, total_steps, delta_t, alpha, t_end, gamma_sal, temperature,
+                     importance_lr) -> None:
+    where = "sparsefx.DST"
+    if method not in METHODS:
+        raise ValueError(f"{where}: method={method!r}: expected one of {METHODS}")
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"{where}: total_steps={total_steps!r}: expected an int >= 1")
+    if not isinstance(delta_t, int) or delta_t <= 0:
+        raise ValueError(f"{where}: delta_t={delta_t!r}: expected an int > 0")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"{where}: alpha={alpha!r}: expected 0 < alpha <= 1")
+    if not 0 < t_end <= 1:
+        raise ValueError(f"{where}: t_end={t_end!r}: expected 0 < t_end <= 1")
+    if not 0 <= gamma_sal <= 1:
+        raise ValueError(f"{where}: gamma_sal={gamma_sal!r}: expected 0 <= gamma_sal <= 1")
+    if not temperature > 0:
+        raise ValueError(f"{where}: temperature={temperature!r}: expected > 0")
+    if not importance_lr > 0:
+        raise ValueError(f"{where}: importance_lr={importance_lr!r}: expected > 0")
+
+
+def _find_layers(model: nn.Module, method: str) -> list[_Layer]:
+    layers = [_Layer(name, module, _kind(module)) for name, module in model.named_modules()
+              if isinstance(module, SPARSE_LAYERS)]
+    if not layers:
+        raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
+                         "or MaskedLinear): make it sparse with sparsefx.transform first")
+    allowed = _KINDS_OF_METHOD[method]
+    wrong = [f"{layer.name} ({layer.kind})" for layer in layers if layer.kind not in allowed]
+    if wrong:
+        raise ValueError(f"sparsefx.DST: method={method!r} works on {', '.join(allowed)} "
+                         f"layers; these are not: {', '.join(wrong)}")
+    return layers
+
+
+def _check_optimizer(layers: list[_Layer], optimizer: torch.optim.Optimizer) -> None:
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [layer.name for layer in layers if id(layer.param) not in optimized]
+    if missing:
+        raise ValueError(f"sparsefx.DST: the optimizer does not train the weights of "
+                         f"{', '.join(missing)}: build it from model.parameters() after "
+                         "sparsefx.transform")
+
+
+def _output_layers(model: nn.Module, layers: list[_Layer],
+                   patterns_given: tuple[str, ...] | None) -> set[str]:
+    names = [layer.name for layer in layers]
+    if patterns_given is None:
+        order = [name for name in getattr(model, "_sparsefx_order", names) if name in names]
+        return {order[-1] if order else names[-1]}
+    if not patterns_given:
+        return set()
+    chosen = {name for name in names for pattern in patterns_given
+              if re.fullmatch(pattern, name)}
+    if not chosen:
+        raise ValueError(f"sparsefx.DST: output_layers={patterns_given!r} match none of the "
+                         f"sparse layers {names}")
+    return chosen
+
+
+def _probe_shape(layer: _Layer) -> tuple[int, ...]:
+    module = layer.module
+    if layer.kind == "diag":
+        return (layer.num_candidates(),)
+    return (module.out_features, module.in_features)
+
+
+def _finite_gradients(layer: _Layer) -> bool:
+    grads = [layer.param.grad, None if layer.probe is None else layer.probe.grad]
+    return all(grad is None or bool(torch.isfinite(grad).all()) for grad in grads)
+
+
+def _zero_units(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                where: torch.Tensor) -> None:
+    """Zero ``param`` and every optimizer state tensor shaped like it where ``where`` holds
+    (momentum, exp_avg, exp_avg_sq, ...); scalar state such as Adam's step is left alone."""
+    param.masked_fill_(where, 0)
+    _zero_state(optimizer, param, where)
+
+
+def _zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                where: torch.Tensor) -> None:
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(where, 0)
+
+
+def _budget_text(layer: _Layer) -> str:
+    module = layer.module
+    if layer.kind == "diag":
+        return (f"diag ({module.out_features}, {module.in_features}): {module.offsets.numel()} of "
+                f"{layer.num_candidates()} diagonals")
+    if layer.kind == "unstructured":
+        return (f"unstructured ({module.out_features}, {module.in_features}): "
+                f"{layer.budget()} elements")
+    text = (f"{module.pattern} ({module.out_features}, {module.in_features}): fan-in "
+            f"{module.indices.shape[1]}, {layer.budget()} entries")
+    if layer.row_active is not None:
+        text += f", {int((~layer.row_active).sum())} rows ablated"
+    return text

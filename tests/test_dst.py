@@ -1,0 +1,663 @@
+"""sparsefx.DST: the invariants after every step (stateful hypothesis), planted drop/grow
+decisions, the schedule, checkpoints, safety and errors. Compiled training is in
+test_dst_compile.py; the load_digits sanity run in test_dst_digits.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import sparsefx
+from sparsefx.kernels import patterns
+
+# (pattern, transform options, methods valid for it)
+CASES = [
+    ("diag", {}, ["static", "set", "rigl", "dynadiag"]),
+    ("fanin", {}, ["static", "set", "rigl", "srigl"]),
+    ("nm", {"nm": (2, 4)}, ["set", "rigl"]),
+    ("unstructured", {}, ["set", "rigl"]),
+]
+PATTERN_METHODS = [(pattern, options, method) for pattern, options, methods in CASES
+                   for method in methods]
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    # odd, tall and wide layers; 12 -> 20 -> 8 -> 6
+    return nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 8), nn.Tanh(),
+                         nn.Linear(8, 6))
+
+
+def _sparse_mlp(pattern, options, seed=0, sparsity=0.75):
+    return sparsefx.transform(_mlp(seed), pattern=pattern, sparsity=sparsity, init="random",
+                              seed=seed, **options)
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, sparsefx.layers.SPARSE_LAYERS)]
+
+
+def _structure(layer) -> torch.Tensor:
+    if isinstance(layer, sparsefx.DiagLinear):
+        return layer.offsets.clone()
+    if isinstance(layer, sparsefx.FanInLinear):
+        return layer.indices.clone()
+    return layer.mask.clone()
+
+
+def _param(layer) -> torch.Tensor:
+    return layer.weight if isinstance(layer, sparsefx.MaskedLinear) else layer.values
+
+
+def _storage(layer) -> list[int]:
+    return [_param(layer).data_ptr(), _structure_tensor(layer).data_ptr()]
+
+
+def _structure_tensor(layer) -> torch.Tensor:
+    for name in ("offsets", "indices", "mask"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise AssertionError(layer)
+
+
+def _new_units(layer, before: torch.Tensor) -> torch.Tensor:
+    """Bool, broadcastable to the layer's parameter: where a unit that was not active sits."""
+    after = _structure(layer)
+    if isinstance(layer, sparsefx.DiagLinear):
+        return ~torch.isin(after, before)[:, None]
+    if isinstance(layer, sparsefx.FanInLinear):
+        return ~(after.long()[:, :, None] == before.long()[:, None, :]).any(dim=2)
+    return after & ~before
+
+
+def _train_step(model, optimizer, seed: int, scale: float = 1.0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 12, generator=generator) * scale
+    target = torch.randint(0, 6, (16,), generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), target).backward()
+    optimizer.step()
+
+
+# --------------------------------------------------------------- stateful invariants
+
+
+class DSTMachine(RuleBasedStateMachine):
+    """Random training sequences; the spec's invariants are checked after every step."""
+
+    pattern, options, method = "diag", {}, "rigl"
+    optimizer_name = "adamw"
+
+    @initialize(seed=st.integers(0, 2**16), delta_t=st.integers(1, 4),
+                alpha=st.sampled_from([0.1, 0.3, 0.7, 1.0]),
+                optimizer_name=st.sampled_from(["adamw", "adam", "sgd"]))
+    def build(self, seed, delta_t, alpha, optimizer_name):
+        self.model = _sparse_mlp(self.pattern, self.options, seed)
+        params = self.model.parameters()
+        self.optimizer = {
+            "adamw": lambda: torch.optim.AdamW(params, lr=0.05),
+            "adam": lambda: torch.optim.Adam(params, lr=0.05),
+            "sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        }[optimizer_name]()
+        self.total_steps = 24
+        self.dst = sparsefx.DST(self.model, self.optimizer, method=self.method,
+                                total_steps=self.total_steps, delta_t=delta_t, alpha=alpha,
+                                gamma_sal=0.5, seed=seed)
+        self.layers = _layers(self.model)
+        self.storage = [_storage(layer) for layer in self.layers]
+        self.budgets = [self._budget(i) for i in range(len(self.layers))]
+        self.updates = 0
+
+    def _budget(self, i: int) -> int:
+        layer = self.layers[i]
+        if isinstance(layer, sparsefx.MaskedLinear):
+            return int(layer.mask.sum())
+        if isinstance(layer, sparsefx.DiagLinear):
+            return layer.offsets.numel()
+        return self._active_rows(i) * layer.indices.shape[1]
+
+    def _active_rows(self, i: int) -> int:
+        record = self.dst.layers[i]
+        return self.layers[i].out_features if record.row_active is None else int(
+            record.row_active.sum())
+
+    @rule(seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 10.0]))
+    def train(self, seed, scale):
+        _train_step(self.model, self.optimizer, seed, scale)
+        before = [_structure(layer) for layer in self.layers]
+        values = [_param(layer).detach().clone() for layer in self.layers]
+        states = [{key: value.clone() for key, value in self.optimizer.state[_param(layer)].items()
+                   if torch.is_tensor(value) and value.shape == _param(layer).shape}
+                  for layer in self.layers]
+        rows_before = [None if r.row_active is None else r.row_active.clone()
+                       for r in self.dst.layers]
+        changed = self.dst.step()
+        step = self.dst.step_count
+        is_update = step % self.dst.delta_t == 0 and step < self.dst.end_step
+        moved = [not torch.equal(b, _structure(layer)) for b, layer in zip(before, self.layers)]
+        ablation_changed = [r.row_active is not None and not torch.equal(b, r.row_active)
+                            for b, r in zip(rows_before, self.dst.layers)]
+        assert changed == (any(moved) or any(ablation_changed))
+        if not is_update or self.method == "static":
+            assert not changed, f"structure changed at step {step}, not an update step"
+        self.updates += changed
+        for i, layer in enumerate(self.layers):
+            param = _param(layer).detach()
+            new = _new_units(layer, before[i]).expand_as(param)
+            assert torch.all(param[new] == 0), "grown units must start at zero"
+            for key, value in self.optimizer.state[_param(layer)].items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    assert torch.all(value[new] == 0), f"optimizer {key} of grown units"
+            # units that stayed (and stay active) keep their value and optimizer state
+            stayed = ~new & self._active_mask(i, rows_before[i]).expand_as(param)
+            if isinstance(layer, sparsefx.MaskedLinear):  # dropped elements go to zero
+                stayed &= before[i] & layer.mask
+            assert torch.equal(param[stayed], values[i][stayed])
+            for key, value in states[i].items():
+                assert torch.equal(self.optimizer.state[_param(layer)][key][stayed],
+                                   value[stayed]), f"optimizer {key} of kept units changed"
+
+    def _active_mask(self, i, rows_before) -> torch.Tensor:
+        record = self.dst.layers[i]
+        if record.row_active is None:
+            return torch.ones(1, 1, dtype=torch.bool)
+        return (record.row_active & rows_before)[:, None]
+
+    @rule()
+    def forward_without_backward(self):
+        with torch.no_grad():
+            self.model(torch.randn(3, 12))
+
+    @invariant()
+    def structure_is_valid(self):
+        if not hasattr(self, "dst"):
+            return
+        for i, layer in enumerate(self.layers):
+            assert _storage(layer) == self.storage[i], "storage must not be reallocated"
+            if isinstance(layer, sparsefx.DiagLinear):
+                patterns.check_diag_offsets(layer.offsets, layer.out_features, layer.in_features)
+                assert layer.offsets.numel() == self.budgets[i]
+            elif isinstance(layer, sparsefx.FanInLinear):
+                if layer.nm is None:
+                    patterns.check_fanin_indices(layer.indices, layer.in_features)
+                else:
+                    patterns.check_nm_indices(layer.indices, layer.in_features, *layer.nm)
+                record = self.dst.layers[i]
+                assert self._budget(i) == self._active_rows(i) * layer.indices.shape[1]
+                if record.row_active is not None:
+                    assert torch.all(layer.values[~record.row_active] == 0), \
+                        "ablated rows hold zeros"
+                    if not record.ablate:
+                        assert bool(record.row_active.all()), "the output head is never ablated"
+            else:
+                assert int(layer.mask.sum()) == self.budgets[i]
+                assert torch.all(layer.weight[~layer.mask] == 0)
+
+
+def _machine(pattern, options, method):
+    name = f"DST_{pattern}_{method}"
+    return type(name, (DSTMachine,), {"pattern": pattern, "options": options, "method": method})
+
+
+@pytest.mark.parametrize("pattern,options,method", PATTERN_METHODS,
+                         ids=[f"{p}-{m}" for p, _, m in PATTERN_METHODS])
+def test_invariants_after_every_step(pattern, options, method):
+    machine = _machine(pattern, options, method)
+    machine.TestCase.settings = settings(settings.default, max_examples=12,
+                                         stateful_step_count=30)
+    machine.TestCase().runTest()
+
+
+# ------------------------------------------------------------------- planted scores
+
+
+def _one_layer(pattern, in_features, out_features, sparsity, options=None, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False))
+    return sparsefx.transform(model, pattern=pattern, sparsity=sparsity, init="random",
+                              seed=seed, **(options or {}))
+
+
+def _planted_backward(model, dense_grad: torch.Tensor) -> None:
+    """A backward whose dense weight gradient is exactly ``dense_grad [out, in]``:
+    with x = I, y = W, and loss = sum(y * dense_grad.T)."""
+    out_features, in_features = dense_grad.shape
+    model(torch.eye(in_features)).mul(dense_grad.T).sum().backward()
+
+
+def _planted_update(model, dense_grad, method, **dst_options):
+    """One DST update at step 1 with Adam at lr=0 (so the planted values stay put)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    dst = sparsefx.DST(model, optimizer, method=method, total_steps=100, delta_t=1, t_end=0.5,
+                       **dst_options)
+    return dst, optimizer
+
+
+def _moved(dst, layer_size):
+    return round(dst.drop_fraction(1) * layer_size)
+
+
+def test_planted_diag_rigl_drops_smallest_norm_grows_largest_gradient_norm():
+    model = _one_layer("diag", 20, 20, sparsity=0.6)  # K = 8 of P = 20
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "rigl")
+    num_kept = layer.offsets.numel()
+    n = _moved(dst, num_kept)
+    assert n == 2
+    with torch.no_grad():  # slot j's diagonal has norm j + 1: slots 0, 1 are the smallest
+        layer.values.copy_(torch.arange(1, num_kept + 1.0)[:, None].expand_as(layer.values))
+    old = layer.offsets.clone()
+    inactive = [d for d in range(20) if d not in old.tolist()]
+    planted = [inactive[3], inactive[7]]
+    dense_grad = torch.rand(20, 20) * 0.01
+    rows, cols = patterns.diag_coordinates(torch.tensor(planted), 20, 20)
+    dense_grad[rows, cols] = 5.0
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    assert set(layer.offsets.tolist()) == set(old[2:].tolist()) | set(planted)
+    assert layer.offsets[2:].tolist() == old[2:].tolist(), "kept diagonals keep their slots"
+    assert torch.all(layer.values[:2] == 0) and torch.all(layer.values[2:] > 0)
+
+
+def test_planted_diag_dynadiag_drops_lowest_importance():
+    model = _one_layer("diag", 16, 24, sparsity=0.75)  # tall: P = 24, K = 6
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "dynadiag")
+    old = layer.offsets.clone()
+    n = _moved(dst, old.numel())
+    assert n == 2
+    with torch.no_grad():  # importances far apart: one Adam step (lr 1e-2) cannot reorder them
+        layer._importance[old] = torch.tensor([5.0, 1.0, 6.0, 7.0, 2.0, 8.0])
+        layer.values.fill_(1.0)
+    inactive = [d for d in range(24) if d not in old.tolist()]
+    planted = [inactive[0], inactive[-1]]
+    dense_grad = torch.rand(24, 16) * 0.01
+    rows, cols = patterns.diag_coordinates(torch.tensor(planted), 24, 16)
+    dense_grad[rows, cols] = 5.0
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    kept = [old[i].item() for i in (0, 2, 3, 5)]
+    assert set(layer.offsets.tolist()) == set(kept) | set(planted)
+    grown = torch.isin(layer.offsets, torch.tensor(planted))
+    assert torch.all(layer.values[grown] == 0)
+    importance = layer._importance.detach()
+    assert torch.all(importance[layer.offsets[grown]] == 5.0), "median of the old active set"
+    inactive_now = torch.ones(24, dtype=torch.bool)
+    inactive_now[layer.offsets] = False
+    assert torch.all(importance[inactive_now] == importance[layer.offsets].min() - 1)
+
+
+@pytest.mark.parametrize("method", ["rigl", "srigl"])
+def test_planted_fanin_per_row(method):
+    model = _one_layer("fanin", 16, 6, sparsity=0.5)  # k = 8 per row
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, method, output_layers=None)
+    n = _moved(dst, 8)
+    assert n == 2
+    with torch.no_grad():
+        layer.values.copy_(torch.arange(1, 9.0).expand(6, 8))  # slots 0, 1 smallest
+    old = layer.indices.long().clone()
+    dense_grad = torch.rand(6, 16) * 0.01
+    planted = []
+    for row in range(6):
+        inactive = [c for c in range(16) if c not in old[row].tolist()]
+        planted.append({inactive[row % 8], inactive[(row + 3) % 8]})
+        dense_grad[row, sorted(planted[-1])] = 5.0
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    for row in range(6):
+        assert set(layer.indices[row].tolist()) == set(old[row, 2:].tolist()) | planted[row]
+        assert layer.indices[row, 2:].tolist() == old[row, 2:].tolist()
+    assert torch.all(layer.values[:, :2] == 0)
+
+
+def test_planted_srigl_ablates_the_row_without_salient_entries():
+    model = _one_layer("fanin", 16, 6, sparsity=0.5)  # k = 8, salient minimum floor(.5*8)=4
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "srigl", output_layers=(), gamma_sal=0.5)
+    assert round(dst.drop_fraction(1) * 48) == 14  # moved layer-wide
+    with torch.no_grad():
+        # row r, slot j: j + 1 + r / 100; row 2: the 8 smallest of the layer. The other 6
+        # drops take slot 0 of 5 rows and one slot 1: every other row keeps >= 6 >= 4.
+        layer.values.copy_(torch.arange(1, 9.0)[None, :] + torch.arange(6.0)[:, None] / 100)
+        layer.values[2] = 1e-3
+    dense_grad = 1 + torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    dense_grad[2] = 0.0  # and row 2 wins no growth
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    row_active = dst.layers[0].row_active
+    assert row_active.tolist() == [True, True, False, True, True, True]
+    assert torch.all(layer.values[2] == 0)
+    assert "1 rows ablated" in repr(dst)
+
+
+def test_planted_srigl_never_ablates_the_output_head():
+    model = _one_layer("fanin", 16, 6, sparsity=0.5)
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "srigl", gamma_sal=0.5)  # default: head
+    with torch.no_grad():
+        layer.values.fill_(1.0)
+        layer.values[2] = 1e-3
+    dense_grad = torch.ones(6, 16)
+    dense_grad[2] = 0.0
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    dst.step()
+    assert bool(dst.layers[0].row_active.all())
+
+
+def test_srigl_ablated_row_comes_back_at_zero():
+    model = _one_layer("fanin", 16, 6, sparsity=0.5)
+    layer = model[0]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    dst = sparsefx.DST(model, optimizer, method="srigl", total_steps=100, delta_t=1,
+                       t_end=0.5, output_layers=(), gamma_sal=0.5)
+    with torch.no_grad():
+        layer.values.fill_(1.0)
+        layer.values[2] = 1e-3
+    dense_grad = torch.ones(6, 16)
+    dense_grad[2] = 0.0
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    dst.step()
+    assert not dst.layers[0].row_active[2]
+    optimizer.zero_grad()
+    dense_grad = torch.zeros(6, 16)
+    dense_grad[2, :] = 10.0 + torch.arange(16.0)  # row 2 now wins all the growth
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    assert bool(dst.layers[0].row_active[2])
+    assert sorted(layer.indices[2].tolist()) == list(range(8, 16)), "its best 8 columns"
+    assert torch.all(layer.values[2] == 0)
+
+
+def test_planted_nm_regrows_within_the_groups_that_lost_entries():
+    model = _one_layer("nm", 16, 4, sparsity=0.5, options={"nm": (2, 4)})  # k = 8
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "rigl")
+    assert _moved(dst, 8) == 2
+    old = layer.indices.long().clone()
+    with torch.no_grad():
+        layer.values.fill_(1.0)
+        # per row, the two smallest entries sit in group 0 and group 2
+        for row in range(4):
+            for group in (0, 2):
+                slot = int(((old[row] // 4) == group).nonzero()[0])
+                layer.values[row, slot] = 1e-3
+    dense_grad = torch.rand(4, 16) * 0.01
+    dense_grad[:, 4:8] = 9.0  # group 1 is hot, but lost nothing: must not grow
+    expected = []
+    for row in range(4):
+        chosen = set()
+        for group in (0, 2):
+            columns = [c for c in range(4 * group, 4 * group + 4) if c not in old[row].tolist()]
+            dense_grad[row, columns[0]] = 5.0
+            chosen.add(columns[0])
+        expected.append(chosen)
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    patterns.check_nm_indices(layer.indices, 16, 2, 4)
+    for row in range(4):
+        dropped = {old[row, s].item() for s in range(8) if layer.values[row, s] == 0}
+        assert expected[row] <= set(layer.indices[row].tolist())
+        assert not (set(layer.indices[row].tolist()) & (set(range(4, 8)) - set(old[row].tolist())))
+        assert len(dropped) == 2
+
+
+def test_planted_unstructured_rigl_layerwise():
+    model = _one_layer("unstructured", 10, 10, sparsity=0.8)  # 20 of 100
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "rigl")
+    n = _moved(dst, 20)
+    assert n == 6
+    active = layer.mask.view(-1).nonzero()[:, 0]
+    with torch.no_grad():
+        layer.weight.view(-1)[active] = torch.arange(1, 21.0)  # first 6 smallest
+    inactive = (~layer.mask).view(-1).nonzero()[:, 0]
+    planted = inactive[torch.randperm(inactive.numel(), generator=torch.Generator()
+                                      .manual_seed(1))[:6]]
+    dense_grad = torch.rand(100) * 0.01
+    dense_grad[planted] = 5.0
+    _planted_backward(model, dense_grad.view(10, 10))
+    optimizer.step()
+    assert dst.step()
+    now = set(layer.mask.view(-1).nonzero()[:, 0].tolist())
+    assert now == set(active[6:].tolist()) | set(planted.tolist())
+    assert torch.all(layer.weight.view(-1)[planted] == 0)
+
+
+@pytest.mark.parametrize("pattern,options", [("diag", {}), ("fanin", {}), ("nm", {"nm": (2, 4)}),
+                                             ("unstructured", {})])
+def test_planted_set_drops_smallest_and_grows_random_seeded(pattern, options):
+    results = []
+    for _ in range(2):
+        model = _one_layer(pattern, 16, 16, sparsity=0.5, options=options)
+        layer = model[0]
+        dst, optimizer = _planted_update(model, None, "set", seed=7)
+        param = _param(layer)
+        with torch.no_grad():
+            param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(3)))
+        magnitude_before = _structure(layer), param.detach().clone()
+        model(torch.randn(2, 16)).sum().backward()
+        optimizer.step()
+        assert dst.step()
+        results.append(_structure(layer))
+        before, values = magnitude_before
+        new = _new_units(layer, before).expand_as(param)
+        assert torch.all(param[new] == 0)
+    assert torch.equal(results[0], results[1]), "SET with one seed is reproducible"
+
+
+def test_a_dropped_unit_grown_back_keeps_its_value():
+    model = _one_layer("diag", 8, 8, sparsity=0.5)  # K = 4
+    layer = model[0]
+    dst, optimizer = _planted_update(model, None, "rigl", alpha=0.5)
+    assert _moved(dst, 4) == 2
+    old = layer.offsets.clone()
+    with torch.no_grad():
+        layer.values.copy_(torch.arange(1, 5.0)[:, None].expand_as(layer.values))
+    dense_grad = torch.zeros(8, 8)
+    inactive = [d for d in range(8) if d not in old.tolist()]
+    for offset, size in [(old[0].item(), 9.0), (inactive[0], 5.0)]:  # slot 0 dropped, regrown
+        rows, cols = patterns.diag_coordinates(torch.tensor([offset]), 8, 8)
+        dense_grad[rows, cols] = size
+    _planted_backward(model, dense_grad)
+    optimizer.step()
+    assert dst.step()
+    assert layer.offsets[0] == old[0] and torch.all(layer.values[0] == 1.0)
+    assert layer.offsets[1] == inactive[0] and torch.all(layer.values[1] == 0)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_cosine_schedule_and_no_updates_after_t_end():
+    model = _sparse_mlp("diag", {})
+    dst = sparsefx.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), method="rigl",
+                       total_steps=1000, delta_t=100, alpha=0.3, t_end=0.75)
+    assert dst.end_step == 750
+    for step in (0, 100, 375, 700):
+        assert dst.drop_fraction(step) == pytest.approx(0.15 * (1 + math.cos(math.pi * step /
+                                                                              750)))
+    assert [s for s in range(1001) if dst.is_update_step(s)] == [100, 200, 300, 400, 500, 600,
+                                                                   700]
+    assert dst.drop_fraction(750) == 0 and dst.drop_fraction(900) == 0
+
+
+def test_only_the_step_before_an_update_is_armed():
+    model = _sparse_mlp("fanin", {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = sparsefx.DST(model, optimizer, method="rigl", total_steps=20, delta_t=4)
+    armed = []
+    for seed in range(12):
+        armed.append(any(layer._growth_probe is not None for layer in _layers(model)))
+        _train_step(model, optimizer, seed)
+        dst.step()
+    # the forward/backward of steps 4, 8, 12 (entered after 3, 7, 11 dst.step calls)
+    assert [i + 1 for i, a in enumerate(armed) if a] == [4, 8, 12]
+
+
+def test_repr_shows_budget_step_and_next_update():
+    model = _sparse_mlp("diag", {})
+    dst = sparsefx.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), method="dynadiag",
+                       total_steps=300, delta_t=50)
+    text = repr(dst)
+    assert "method=dynadiag" in text and "step=0/300" in text and "next update=50" in text
+    assert "0: diag (20, 12): 5 of 20 diagonals" in text, text
+
+
+# ------------------------------------------------------------------------ checkpoint
+
+
+@pytest.mark.parametrize("pattern,options,method", [("diag", {}, "dynadiag"),
+                                                    ("fanin", {}, "srigl"),
+                                                    ("diag", {}, "set"),
+                                                    ("unstructured", {}, "rigl")])
+def test_resume_gives_the_same_trajectory(pattern, options, method):
+    def build():
+        model = _sparse_mlp(pattern, options, seed=3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        dst = sparsefx.DST(model, optimizer, method=method, total_steps=30, delta_t=3,
+                           gamma_sal=0.6)
+        return model, optimizer, dst
+
+    model, optimizer, dst = build()
+    for seed in range(10):
+        _train_step(model, optimizer, seed)
+        dst.step()
+    checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                  "optimizer": optimizer.state_dict(), "dst": dst.state_dict()}
+    checkpoint = _roundtrip(checkpoint)
+    for seed in range(10, 20):
+        _train_step(model, optimizer, seed)
+        dst.step()
+
+    resumed, resumed_optimizer, resumed_dst = build()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed_dst.load_state_dict(checkpoint["dst"])
+    for seed in range(10, 20):
+        _train_step(resumed, resumed_optimizer, seed)
+        resumed_dst.step()
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert repr(dst) == repr(resumed_dst)
+
+
+def _roundtrip(obj):
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_load_state_dict_refuses_other_settings():
+    model = _sparse_mlp("diag", {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = sparsefx.DST(model, optimizer, method="rigl", total_steps=30).state_dict()
+    other = sparsefx.DST(model, optimizer, method="rigl", total_steps=60)
+    with pytest.raises(ValueError, match="total_steps"):
+        other.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------- safety
+
+
+def test_non_finite_gradients_skip_the_update_with_a_warning():
+    model = _sparse_mlp("diag", {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    dst = sparsefx.DST(model, optimizer, method="rigl", total_steps=40, delta_t=1)
+    before = [_structure(layer) for layer in _layers(model)]
+    x = torch.randn(4, 12)
+    x[0, 0] = float("nan")
+    model(x).sum().backward()  # a training loop (or GradScaler) skips optimizer.step here
+    with pytest.warns(UserWarning, match="non-finite gradients"):
+        assert dst.step() is False
+    assert all(torch.equal(b, _structure(layer)) for b, layer in zip(before, _layers(model)))
+    optimizer.zero_grad()
+    _train_step(model, optimizer, 0)
+    assert dst.step() is True, "the next update runs normally"
+
+
+def test_a_layer_without_gradient_is_left_alone_with_a_warning():
+    model = _sparse_mlp("fanin", {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = sparsefx.DST(model, optimizer, method="rigl", total_steps=40, delta_t=1)
+    with torch.no_grad():
+        model(torch.randn(2, 12))
+    with pytest.warns(UserWarning, match="got no gradient"):
+        assert dst.step() is False
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "magic"}, "method='magic'"),
+    ({"method": "srigl"}, "srigl.*0 \\(diag\\)"),
+    ({"delta_t": 0}, "delta_t=0"),
+    ({"delta_t": -5}, "delta_t=-5"),
+    ({"alpha": 0.0}, "alpha=0.0"),
+    ({"alpha": 1.5}, "alpha=1.5"),
+    ({"t_end": 0.0}, "t_end=0.0"),
+    ({"total_steps": 0}, "total_steps=0"),
+    ({"output_layers": ("nothing",), "method": "srigl", "pattern": "fanin"}, "match none"),
+])
+def test_bad_arguments_raise(kwargs, message):
+    pattern = kwargs.pop("pattern", "diag")
+    model = _sparse_mlp(pattern, {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    arguments = {"method": "rigl", "total_steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sparsefx.DST(model, optimizer, **arguments)
+
+
+def test_dynadiag_needs_diag_layers():
+    model = _sparse_mlp("fanin", {})
+    with pytest.raises(ValueError, match="dynadiag.*works on diag"):
+        sparsefx.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), method="dynadiag",
+                     total_steps=10)
+
+
+def test_no_sparse_layers_raise():
+    model = _mlp(0)
+    with pytest.raises(ValueError, match="no sparse layer"):
+        sparsefx.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10)
+
+
+def test_optimizer_without_the_sparse_weights_raises():
+    model = _sparse_mlp("diag", {})
+    with pytest.raises(ValueError, match="does not train the weights of 0, 2, 4"):
+        sparsefx.DST(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+                     total_steps=10)
+
+
+def test_dynadiag_gates_harden_to_exactly_one_at_t_end():
+    model = _sparse_mlp("diag", {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    dst = sparsefx.DST(model, optimizer, method="dynadiag", total_steps=12, delta_t=3,
+                       t_end=0.5)
+    x = torch.randn(5, 12)
+    for seed in range(6):
+        with torch.no_grad():
+            soft = [sparsefx.layers.soft_top_k_gates(m._importance, m.offsets, m._temperature)
+                    for m in _layers(model)]
+        assert all(bool((g < 1).all()) for g in soft), "soft before t_end"
+        _train_step(model, optimizer, seed)
+        dst.step()
+    for layer in _layers(model):
+        gates = sparsefx.layers.soft_top_k_gates(layer._importance, layer.offsets,
+                                                 layer._temperature)
+        assert torch.equal(gates, torch.ones_like(gates))
+    dense = sparsefx.densify(model)
+    torch.testing.assert_close(dense(x), model(x))

@@ -12,5 +12,6 @@ from sparsefx.report import Report, report
 from sparsefx.transform import densify, layer_graph, transform
 
 __version__ = "0.1.0"
-__all__ = ["transform", "DST", "densify", "report", "layer_graph", "Report", "DiagLinear", "FanInLinear",
+__all__ = ["transform", "DST", "densify", "report", "layer_graph", "Report", "DiagLinear",
+           "FanInLinear",
            "MaskedLinear", "diag_linear", "fanin_linear", "patterns", "__version__"]

@@ -140,9 +140,10 @@ class DSTMachine(RuleBasedStateMachine):
         changed = self.dst.step()
         step = self.dst.step_count
         is_update = step % self.dst.delta_t == 0 and step < self.dst.end_step
-        moved = [not torch.equal(b, _structure(layer)) for b, layer in zip(before, self.layers)]
+        moved = [not torch.equal(b, _structure(layer))
+                 for b, layer in zip(before, self.layers, strict=True)]
         ablation_changed = [r.row_active is not None and not torch.equal(b, r.row_active)
-                            for b, r in zip(rows_before, self.dst.layers)]
+                            for b, r in zip(rows_before, self.dst.layers, strict=True)]
         assert changed == (any(moved) or any(ablation_changed))
         if not is_update or self.method == "static":
             assert not changed, f"structure changed at step {step}, not an update step"
@@ -551,7 +552,8 @@ def test_resume_gives_the_same_trajectory(pattern, options, method):
     for seed in range(10, 20):
         _train_step(resumed, resumed_optimizer, seed)
         resumed_dst.step()
-    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items(),
+                                 strict=True):
         assert torch.equal(a, b), name
     assert repr(dst) == repr(resumed_dst)
 
@@ -586,7 +588,8 @@ def test_non_finite_gradients_skip_the_update_with_a_warning():
     model(x).sum().backward()  # a training loop (or GradScaler) skips optimizer.step here
     with pytest.warns(UserWarning, match="non-finite gradients"):
         assert dst.step() is False
-    assert all(torch.equal(b, _structure(layer)) for b, layer in zip(before, _layers(model)))
+    assert all(torch.equal(b, _structure(layer))
+               for b, layer in zip(before, _layers(model), strict=True))
     optimizer.zero_grad()
     _train_step(model, optimizer, 0)
     assert dst.step() is True, "the next update runs normally"

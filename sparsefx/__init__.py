@@ -13,5 +13,4 @@ from sparsefx.transform import densify, layer_graph, transform
 
 __version__ = "0.1.0"
 __all__ = ["transform", "DST", "densify", "report", "layer_graph", "Report", "DiagLinear",
-           "FanInLinear",
-           "MaskedLinear", "diag_linear", "fanin_linear", "patterns", "__version__"]
+           "FanInLinear", "MaskedLinear", "diag_linear", "fanin_linear", "patterns", "__version__"]

@@ -42,7 +42,8 @@ Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...
               ``a``, grow the ``n`` not-kept candidates of largest dense-gradient norm (how
               inactive diagonals, which have no gate, re-enter), give grown diagonals the
               median ``a`` of the diagonals active before the update, and reset every
-              inactive ``a`` to ``min(active a) - 1``. Only the ``K`` active diagonals are stored and computed.
+              inactive ``a`` to ``min(active a) - 1``. Only the ``K`` active diagonals are
+              stored and computed.
 
 Invariants: storage and shapes never change (``offsets``, ``indices``, ``mask``, ``values``
 are written in place, so optimizers and compiled graphs keep their references); newly grown

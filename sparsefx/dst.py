@@ -197,8 +197,9 @@ class DST:
             self._attach_importance()
         if method in _NEEDS_GRADIENT:
             for layer in self.layers:
-                layer.probe = torch.zeros(_probe_shape(layer), dtype=torch.float32,
-                                          device=layer.param.device, requires_grad=True)
+                # only the shape matters (scores arrive as its gradient): one element of storage
+                probe = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
+                layer.probe = probe.expand(_probe_shape(layer)).requires_grad_(True)
         self._arm()
 
     # ------------------------------------------------------------------------- schedule

@@ -1,10 +1,10 @@
 """Train a diagonal-sparse MLP on scikit-learn's handwritten digits, next to a dense one.
 
-    python examples/quickstart.py                       # diag, 90 % sparse, 15 epochs
-    python examples/quickstart.py --pattern fanin --sparsity 0.95 --compile
+    python examples/quickstart.py                 # diag, 90 % sparse, DynaDiag, 15 epochs
+    python examples/quickstart.py --pattern fanin --method srigl --sparsity 0.95 --compile
 
 The digits ship with scikit-learn: nothing is downloaded. ``sparsefx.transform`` turns a
-dense MLP into its sparse copy (static sparsity: the DST manager is not in this release);
+dense MLP into its sparse copy, and ``sparsefx.DST`` moves its structure while it trains;
 the script prints the per-layer report, test accuracy next to the dense model trained the
 same way, and the inference speed of both, measured in the same run.
 """
@@ -42,11 +42,17 @@ def digits(seed: int):
     return as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test)
 
 
-def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed: int):
+def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed: int,
+          method: str | None = None, delta_t: int = 25):
+    """AdamW with a one-cycle schedule; with ``method``, ``sparsefx.DST`` after each step."""
     x_train, y_train, _, _ = data
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * math.ceil(len(x_train) / batch_size))
+    total_steps = epochs * math.ceil(len(x_train) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
+                                                   total_steps=total_steps)
+    dst = None if method is None else sparsefx.DST(model, optimizer, method=method,
+                                                   total_steps=total_steps, delta_t=delta_t,
+                                                   seed=seed)
     generator = torch.Generator().manual_seed(seed)
     progress = tqdm(range(epochs), desc=f"{label:>6}", unit="epoch")
     for _ in progress:
@@ -58,7 +64,10 @@ def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed
             loss.backward()
             optimizer.step()
             schedule.step()
+            if dst is not None:
+                dst.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
+    return dst
 
 
 @torch.no_grad()
@@ -78,7 +87,10 @@ def inference_ms(model, batch: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", choices=["diag", "fanin"], default="diag")
+    parser.add_argument("--method", choices=sparsefx.dst.METHODS, default=None,
+                        help="DST method (default: dynadiag for diag, srigl for fanin)")
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--delta-t", type=int, default=25, help="steps between DST updates")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -86,6 +98,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args()
+    method = args.method or {"diag": "dynadiag", "fanin": "srigl"}[args.pattern]
 
     started = time.perf_counter()
     data = digits(args.seed)
@@ -101,8 +114,10 @@ def main():
     train_seconds = {}
     for name, model in runners.items():
         begin = time.perf_counter()
-        train(model, data, args.epochs, args.batch_size, args.lr, name, args.seed)
+        dst = train(model, data, args.epochs, args.batch_size, args.lr, name, args.seed,
+                    method=None if name == "dense" else method, delta_t=args.delta_t)
         train_seconds[name] = time.perf_counter() - begin
+    print(dst)
 
     print()
     print(sparsefx.report(sparse))

@@ -38,7 +38,8 @@ Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...
               ``theta`` halfway between the K-th and (K+1)-th largest ``a``). ``a`` is trained
               by Adam (``importance_lr``) on the loss gradient through the gates, every step;
               ``T`` falls linearly from ``temperature`` to 0 at ``t_end``, where the gates
-              harden to exactly 1. At update steps: drop the ``n`` active diagonals of lowest
+              harden to exactly 1 (at ``total_steps`` they are folded into the values and
+              removed, so the trained layer is a plain ``DiagLinear``). At update steps: drop the ``n`` active diagonals of lowest
               ``a``, grow the ``n`` not-kept candidates of largest dense-gradient norm (how
               inactive diagonals, which have no gate, re-enter), give grown diagonals the
               median ``a`` of the diagonals active before the update, and reset every
@@ -66,7 +67,7 @@ import torch.nn as nn
 
 from sparsefx import regrow
 from sparsefx.kernels import patterns
-from sparsefx.layers import SPARSE_LAYERS, DiagLinear, FanInLinear
+from sparsefx.layers import SPARSE_LAYERS, DiagLinear, FanInLinear, soft_top_k_gates
 
 __all__ = ["DST", "METHODS"]
 
@@ -245,6 +246,8 @@ class DST:
         for layer in self.layers:
             if layer.probe is not None:
                 layer.probe.grad = None
+        if self._step == self.total_steps and self._importance_optimizer is not None:
+            self._release_gates()
         self._arm()
         return changed
 
@@ -373,6 +376,17 @@ class DST:
             importances.append(importance)
         self._importance_optimizer = torch.optim.Adam(importances, lr=self.importance_lr)
 
+    def _release_gates(self) -> None:
+        """At the last step the gates are exactly 1 (``T = 0`` from ``t_end`` on): drop them so
+        the trained model computes its plain sparse op, as ``densify`` and a state_dict
+        loaded elsewhere do."""
+        for layer in self.layers:
+            gates = soft_top_k_gates(layer.module._importance, layer.module.offsets,
+                                     layer.module._temperature)
+            layer.module.values.mul_(gates[:, None].to(layer.module.values.dtype))
+            layer.module._importance = layer.module._temperature = None
+        self._importance_optimizer = None
+
     def _temperature_at(self, step: int) -> float:
         return self.temperature * max(0.0, 1.0 - step / self.end_step)
 
@@ -408,7 +422,8 @@ class DST:
             "row_active": {layer.name: layer.row_active.clone() for layer in self.layers
                            if layer.row_active is not None},
             "importance": {layer.name: layer.module._importance.detach().clone()
-                           for layer in self.layers if self.method == "dynadiag"},
+                           for layer in self.layers
+                           if getattr(layer.module, "_importance", None) is not None},
         }
         if self._importance_optimizer is not None:
             state["importance_optimizer"] = self._importance_optimizer.state_dict()
@@ -427,6 +442,11 @@ class DST:
         if not saved <= names:
             raise ValueError(f"sparsefx.DST.load_state_dict: layers {sorted(saved - names)} "
                              f"are not in this model's sparse layers {sorted(names)}")
+        gated = self._importance_optimizer is not None
+        if state["importance"] and not gated:
+            self._attach_importance()
+        elif self.method == "dynadiag" and gated and not state["importance"]:
+            self._release_gates()  # saved after the run finished
         self._step = state["step"]
         self._generator.set_state(state["generator"])
         self._skipped_updates = state["skipped_updates"]

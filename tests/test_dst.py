@@ -664,3 +664,22 @@ def test_dynadiag_gates_harden_to_exactly_one_at_t_end():
         assert torch.equal(gates, torch.ones_like(gates))
     dense = sparsefx.densify(model)
     torch.testing.assert_close(dense(x), model(x))
+
+
+def test_dynadiag_gates_are_folded_away_at_the_last_step():
+    model = _sparse_mlp("diag", {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    dst = sparsefx.DST(model, optimizer, method="dynadiag", total_steps=8, delta_t=2)
+    x = torch.randn(5, 12)
+    for seed in range(7):
+        _train_step(model, optimizer, seed)
+        dst.step()
+    assert all(layer._importance is not None for layer in _layers(model))
+    _train_step(model, optimizer, 7)
+    with torch.no_grad():
+        before = model(x)
+    dst.step()
+    assert all(layer._importance is None for layer in _layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert dst.state_dict()["importance"] == {}

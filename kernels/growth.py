@@ -4,19 +4,29 @@ RigL-style growth ranks the *inactive* weights of a layer by the magnitude of th
 gradient ``G = grad_out.T @ x`` -- a matrix the sparse backward never forms. At update steps
 a sparse layer passes its output through this op::
 
-    y = torch.ops.sparsefx.growth_tap(y, x, probe, granularity)
+    y = torch.ops.sparsefx.growth_tap(y, x, probe, structure, granularity, plan)
 
-Forward returns a copy of ``y``. Backward passes ``grad_out`` through to ``y`` unchanged and
-returns, as the gradient of ``probe`` (a float32 leaf tensor owned by the DST manager), the
-layer's scores reduced to what growth needs:
+Forward returns a copy of ``y``. Backward passes ``grad_out`` through unchanged and returns,
+as the gradient of ``probe`` (a float32 leaf owned by the DST manager), the scores growth
+needs. ``G`` exists only inside this one layer's backward and is reduced before it returns,
+so the dense gradients of a model never exist at once and what is kept is about the size of
+the sparse layer:
 
-* ``granularity="diag"``:    ``probe [P]``, the L2 norm of ``G`` along each candidate diagonal;
-* ``granularity="element"``: ``probe [out, in]``, ``|G|``.
+* ``"diag"`` (``structure`` = offsets): ``probe [P]``, the L2 norm of ``G`` along each
+  candidate diagonal.
+* ``"rows"`` (``structure`` = fan-in ``indices [out, k]``), ``plan = [per_row, per_group,
+  group_size, layer_wide]``: ``|G|`` at the ``out * k`` active entries, then candidate lists
+  of inactive entries as ``(score, row, column)`` triples: the best ``per_row`` of each row,
+  the best ``per_group`` of each group of ``group_size`` columns, the best ``layer_wide`` of
+  the layer (a list of length 0 is left out).
+* ``"elements"`` (``structure`` = bool ``mask [out, in]``), ``plan = [0, 0, 0, layer_wide]``:
+  ``|G|`` at the active elements (in ``mask.nonzero()`` order), then the layer-wide list.
 
-``G`` is formed inside the backward of this one layer and freed once reduced, so the dense
-gradient of the whole model never exists at once. Scores reach the manager through
-``probe.grad``: the only route out of a ``torch.compile``d backward that needs neither hooks
-nor a graph break.
+A manager that knows the most units it will move per row / group / layer sizes the lists so
+that every candidate it could grow is in them: the selection is then exact.
+``candidate_scores`` turns a probe gradient back into a ``[out, in]`` score matrix, ``-inf``
+where nothing was listed. Scores reach the manager through ``probe.grad``: the only route out
+of a ``torch.compile``d backward that needs neither hooks nor a graph break.
 """
 from __future__ import annotations
 
@@ -25,64 +35,144 @@ from torch import Tensor
 
 from . import patterns
 
-__all__ = ["growth_tap", "GRANULARITIES"]
+__all__ = ["growth_tap", "probe_size", "candidate_scores", "GRANULARITIES"]
 
-GRANULARITIES = ("diag", "element")
+GRANULARITIES = ("diag", "rows", "elements")
 
 
-def _check(y: Tensor, x: Tensor, probe: Tensor, granularity: str) -> None:
+def _active_count(structure: Tensor, granularity: str) -> int:
+    return structure.numel() if granularity == "rows" else int(structure.sum())
+
+
+def _list_lengths(out_features: int, in_features: int, plan: list[int]) -> list[int]:
+    per_row, per_group, group_size, layer_wide = plan
+    groups = in_features // group_size if group_size else 0
+    return [out_features * per_row, out_features * groups * per_group, layer_wide]
+
+
+def probe_size(out_features: int, in_features: int, granularity: str, plan: list[int],
+               active: int) -> int:
+    """Length of the probe for a layer with ``active`` active weights (diag: ``P``)."""
+    if granularity == "diag":
+        return patterns.diag_geometry(out_features, in_features)[0]
+    return active + 3 * sum(_list_lengths(out_features, in_features, plan))
+
+
+def _check(y: Tensor, x: Tensor, probe: Tensor, structure: Tensor, granularity: str,
+           plan: list[int]) -> None:
     op = "sparsefx.growth_tap"
     if granularity not in GRANULARITIES:
         raise ValueError(f"{op}: granularity={granularity!r}: expected one of {GRANULARITIES}")
     if y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"{op}: y has shape {tuple(y.shape)} and x {tuple(x.shape)}: expected "
                          "the same leading dims")
-    if probe.dtype != torch.float32:
-        raise TypeError(f"{op}: probe has dtype {probe.dtype}: expected torch.float32")
+    if probe.dtype != torch.float32 or probe.dim() != 1:
+        raise ValueError(f"{op}: probe is {probe.dtype} of shape {tuple(probe.shape)}: expected "
+                         "a 1-d float32 tensor")
+    if len(plan) != 4 or min(plan) < 0:
+        raise ValueError(f"{op}: plan={plan}: expected 4 counts >= 0")
     out_features, in_features = y.shape[-1], x.shape[-1]
     if granularity == "diag":
-        expected = (patterns.diag_geometry(out_features, in_features)[0],)
+        expected = probe_size(out_features, in_features, granularity, plan, 0)
     else:
-        expected = (out_features, in_features)
-    if tuple(probe.shape) != expected:
-        raise ValueError(f"{op}: probe has shape {tuple(probe.shape)}: expected {expected} for "
+        active = (structure.numel() if granularity == "rows"
+                  else None if structure.device.type == "meta" else int(structure.sum()))
+        if active is None:  # a fake mask has no count; the eager call has checked it
+            return
+        expected = probe_size(out_features, in_features, granularity, plan, active)
+    if probe.numel() != expected:
+        raise ValueError(f"{op}: probe has {probe.numel()} elements: expected {expected} for "
                          f"granularity {granularity!r} of a ({out_features}, {in_features}) "
-                         "layer")
+                         f"layer with plan {plan}")
 
 
 @torch.library.custom_op("sparsefx::growth_tap", mutates_args=())
-def growth_tap(y: Tensor, x: Tensor, probe: Tensor, granularity: str) -> Tensor:
+def growth_tap(y: Tensor, x: Tensor, probe: Tensor, structure: Tensor, granularity: str,
+               plan: list[int]) -> Tensor:
     """``y`` (copied); its backward leaves the growth scores in ``probe``'s gradient."""
-    _check(y, x, probe, granularity)
+    _check(y, x, probe, structure, granularity, plan)
     return y.clone()
 
 
 @growth_tap.register_fake
-def _(y, x, probe, granularity):
-    _check(y, x, probe, granularity)
+def _(y, x, probe, structure, granularity, plan):
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"sparsefx.growth_tap: granularity={granularity!r}: expected one of "
+                         f"{GRANULARITIES}")
     return torch.empty_like(y)
 
 
-def growth_scores(grad_out: Tensor, x: Tensor, granularity: str) -> Tensor:
-    """The float32 scores ``growth_tap`` hands back: see the module docstring."""
+def _best(scores: Tensor, count: int) -> Tensor:
+    """Ids of the ``count`` largest along the last dim; ties towards the lower id."""
+    return scores.argsort(dim=-1, descending=True, stable=True)[..., :count]
+
+
+def _triples(scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return torch.stack([scores.reshape(-1), rows.reshape(-1).float(), cols.reshape(-1).float()],
+                       dim=1).reshape(-1)
+
+
+def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: str,
+                  plan: list[int]) -> Tensor:
+    """The float32 probe gradient ``growth_tap`` hands back: see the module docstring."""
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).float()
     x_rows = x.reshape(-1, x.shape[-1]).float()
-    dense_grad = grad_rows.T @ x_rows
+    scores = (grad_rows.T @ x_rows).abs_()  # |G|: this layer's only dense matrix
     if granularity == "diag":
-        return patterns.diag_norms(dense_grad)
-    return dense_grad.abs_()
+        return patterns.diag_norms(scores)
+    out_features, in_features = scores.shape
+    row_ids = torch.arange(out_features, device=scores.device)
+    if granularity == "rows":
+        columns = structure.long()
+        parts = [scores.gather(1, columns).reshape(-1)]
+        inactive = scores.scatter(1, columns, float("-inf"))
+    else:
+        parts = [scores[structure]]
+        inactive = scores.masked_fill(structure, float("-inf"))
+    per_row, per_group, group_size, layer_wide = plan
+    if per_row:
+        best = _best(inactive, per_row)
+        parts.append(_triples(inactive.gather(1, best), row_ids[:, None].expand_as(best), best))
+    if per_group:
+        grouped = inactive.view(out_features, in_features // group_size, group_size)
+        best = _best(grouped, per_group)
+        first = torch.arange(0, in_features, group_size, device=scores.device)[None, :, None]
+        parts.append(_triples(grouped.gather(2, best), row_ids[:, None, None].expand_as(best),
+                              best + first))
+    if layer_wide:
+        best = _best(inactive.view(-1), layer_wide)
+        parts.append(_triples(inactive.view(-1)[best], best // in_features, best % in_features))
+    return torch.cat(parts)
+
+
+def candidate_scores(probe_grad: Tensor, structure: Tensor, granularity: str,
+                     out_features: int, in_features: int) -> Tensor:
+    """``[out, in]`` float32 scores from a ``"rows"`` / ``"elements"`` probe gradient: the
+    listed candidates and the active weights carry their ``|G|``, the rest ``-inf``."""
+    scores = torch.full((out_features, in_features), float("-inf"), device=probe_grad.device)
+    active = structure.numel() if granularity == "rows" else int(structure.sum())
+    triples = probe_grad[active:].view(-1, 3)
+    listed = triples[:, 0] > float("-inf")
+    rows, cols = triples[listed, 1].long(), triples[listed, 2].long()
+    scores[rows, cols] = triples[listed, 0]
+    if granularity == "rows":
+        scores.scatter_(1, structure.long(), probe_grad[:active].view(out_features, -1))
+    else:
+        scores[structure] = probe_grad[:active]
+    return scores
 
 
 def _setup_context(ctx, inputs, output):
-    _, x, _, granularity = inputs
-    ctx.save_for_backward(x)
-    ctx.granularity = granularity
+    _, x, _, structure, granularity, plan = inputs
+    ctx.save_for_backward(x, structure)
+    ctx.granularity, ctx.plan = granularity, plan
 
 
 def _backward(ctx, grad_out):
-    (x,) = ctx.saved_tensors
-    scores = growth_scores(grad_out, x, ctx.granularity) if ctx.needs_input_grad[2] else None
-    return grad_out, None, scores, None
+    x, structure = ctx.saved_tensors
+    scores = (growth_scores(grad_out, x, structure, ctx.granularity, ctx.plan)
+              if ctx.needs_input_grad[2] else None)
+    return grad_out, None, scores, None, None, None
 
 
 growth_tap.register_autograd(_backward, setup_context=_setup_context)

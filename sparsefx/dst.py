@@ -39,19 +39,20 @@ Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...
               by Adam (``importance_lr``) on the loss gradient through the gates, every step;
               ``T`` falls linearly from ``temperature`` to 0 at ``t_end``, where the gates
               harden to exactly 1 (at ``total_steps`` they are folded into the values and
-              removed, so the trained layer is a plain ``DiagLinear``). At update steps: drop the ``n`` active diagonals of lowest
-              ``a``, grow the ``n`` not-kept candidates of largest dense-gradient norm (how
-              inactive diagonals, which have no gate, re-enter), give grown diagonals the
-              median ``a`` of the diagonals active before the update, and reset every
-              inactive ``a`` to ``min(active a) - 1``. Only the ``K`` active diagonals are
-              stored and computed.
+              removed, so the trained layer is a plain ``DiagLinear``). At update steps:
+              drop the ``n`` active diagonals of lowest ``a``, grow the ``n`` not-kept
+              candidates of largest dense-gradient norm (how inactive diagonals, which have
+              no gate, re-enter), give grown diagonals the median ``a`` of the diagonals
+              active before the update, and reset every inactive ``a`` to
+              ``min(active a) - 1``. Only the ``K`` active diagonals are stored and computed.
 
 Invariants: storage and shapes never change (``offsets``, ``indices``, ``mask``, ``values``
 are written in place, so optimizers and compiled graphs keep their references); newly grown
 units start at zero with zeroed optimizer state, everything else in the optimizer is left
 alone; a unit dropped and grown back in the same update keeps its slot, value and state.
 The dense gradient is read only at update steps, through ``torch.ops.sparsefx.growth_tap``
-on the step before, one layer at a time inside the backward. Non-finite gradients skip the
+on the step before: formed one layer at a time inside the backward and reduced there to the
+candidates an update could grow (``sparsefx.kernels.growth``). Non-finite gradients skip the
 update with a warning.
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 import torch.nn as nn
 
 from sparsefx import regrow
-from sparsefx.kernels import patterns
+from sparsefx.kernels import growth, patterns
 from sparsefx.layers import SPARSE_LAYERS, DiagLinear, FanInLinear, soft_top_k_gates
 
 __all__ = ["DST", "METHODS"]
@@ -198,9 +199,7 @@ class DST:
             self._attach_importance()
         if method in _NEEDS_GRADIENT:
             for layer in self.layers:
-                # only the shape matters (scores arrive as its gradient): one element of storage
-                probe = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
-                layer.probe = probe.expand(_probe_shape(layer)).requires_grad_(True)
+                self._attach_probe(layer)
         self._arm()
 
     # ------------------------------------------------------------------------- schedule
@@ -276,13 +275,49 @@ class DST:
                     fraction)
         return changed
 
+    def _attach_probe(self, layer: _Layer) -> None:
+        """Size the growth lists so that every unit an update could grow is in them (the
+        most an update moves is ``ceil(alpha * units)``), and make the probe they come in."""
+        module = layer.module
+        out_features, in_features = module.out_features, module.in_features
+        if max(out_features, in_features) >= 2**24:  # ids travel as float32
+            raise ValueError(f"sparsefx.DST: layer {layer.name} is ({out_features}, "
+                             f"{in_features}): expected both dimensions < 2**24")
+        plan, active = [0, 0, 0, 0], 0
+        if layer.kind == "unstructured":
+            active = layer.budget()
+            plan[3] = min(math.ceil(self.alpha * active), out_features * in_features)
+        elif layer.kind in ("fanin", "nm"):
+            fan_in = module.indices.shape[1]
+            active, most_per_row = module.indices.numel(), math.ceil(self.alpha * fan_in)
+            if layer.kind == "nm":
+                plan[1:3] = [min(module.nm[0], most_per_row), module.nm[1]]
+            elif self.method == "srigl":  # a revived row takes its best k columns
+                plan[0] = fan_in
+                plan[3] = min(math.ceil(self.alpha * active), out_features * in_features)
+            else:
+                plan[0] = most_per_row
+        size = growth.probe_size(out_features, in_features, module.growth_granularity, plan,
+                                 active)
+        # only the shape matters (scores arrive as its gradient): one element of storage
+        storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
+        layer.probe = storage.expand(size).requires_grad_(True)
+        module._growth_plan = plan
+
     def _growth_scores(self, layer: _Layer) -> torch.Tensor:
-        """``[R, C]`` scores for growth: dense-gradient magnitudes, or uniform noise (SET)."""
+        """``[R, C]`` scores for growth: dense-gradient magnitudes (``-inf`` for what cannot
+        be grown), or uniform noise (SET). One layer's worth at a time."""
+        module = layer.module
         if self.method == "set":
-            scores = torch.rand(_probe_shape(layer), generator=self._generator)
-            scores = scores.to(layer.param.device)
-        else:
+            shape = ((layer.num_candidates(),) if layer.kind == "diag"
+                     else (module.out_features, module.in_features))
+            scores = torch.rand(shape, generator=self._generator).to(layer.param.device)
+        elif layer.kind == "diag":
             scores = layer.probe.grad
+        else:
+            scores = growth.candidate_scores(layer.probe.grad, module.structure,
+                                             module.growth_granularity, module.out_features,
+                                             module.in_features)
         return scores.reshape(1, -1) if layer.kind in ("diag", "unstructured") else scores
 
     def _update_layer(self, layer: _Layer, fraction: float) -> bool:
@@ -540,13 +575,6 @@ def _output_layers(model: nn.Module, layers: list[_Layer],
         raise ValueError(f"sparsefx.DST: output_layers={patterns_given!r} match none of the "
                          f"sparse layers {names}")
     return chosen
-
-
-def _probe_shape(layer: _Layer) -> tuple[int, ...]:
-    module = layer.module
-    if layer.kind == "diag":
-        return (layer.num_candidates(),)
-    return (module.out_features, module.in_features)
 
 
 def _finite_gradients(layer: _Layer) -> bool:

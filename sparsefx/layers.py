@@ -52,18 +52,20 @@ class _SparseLinear(nn.Module):
     """
 
     pattern: str
-    growth_granularity = "element"  # what one growth score covers: an entry or a diagonal
+    growth_granularity: str  # how sparsefx.kernels.growth reduces this layer's scores
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._growth_probe: torch.Tensor | None = None
+        self._growth_plan: list[int] = [0, 0, 0, 0]
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._growth_probe is None:
             return y
-        return torch.ops.sparsefx.growth_tap(y, x, self._growth_probe, self.growth_granularity)
+        return torch.ops.sparsefx.growth_tap(y, x, self._growth_probe, self.structure,
+                                             self.growth_granularity, self._growth_plan)
 
     @classmethod
     def random(cls, in_features: int, out_features: int, bias: bool = True, *,
@@ -160,6 +162,10 @@ class DiagLinear(_SparseLinear):
                                            self.out_features, self.bias)
         return self._tap(y, x)
 
+    @property
+    def structure(self) -> torch.Tensor:
+        return self.offsets
+
     def effective_values(self) -> torch.Tensor:
         """``values``, scaled by DynaDiag's gates while ``DST(method="dynadiag")`` trains."""
         if self._importance is None:
@@ -176,6 +182,8 @@ class FanInLinear(_SparseLinear):
     """``y = x @ W.T + b`` with every output row keeping ``k`` inputs: ``values [out, k]``
     (a parameter) at ``indices [out, k]`` (a buffer, rewritten in place by DST). With
     ``nm=(n, m)`` each row holds ``n`` entries in every group of ``m`` inputs."""
+
+    growth_granularity = "rows"
 
     def __init__(self, values: torch.Tensor, indices: torch.Tensor, in_features: int,
                  bias: torch.Tensor | None = None, nm: tuple[int, int] | None = None):
@@ -226,6 +234,10 @@ class FanInLinear(_SparseLinear):
         return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices, self.bias),
                          x)
 
+    @property
+    def structure(self) -> torch.Tensor:
+        return self.indices
+
     def dense_weight(self) -> torch.Tensor:
         return patterns.fanin_to_dense(self.values.detach(), self.indices, self.in_features)
 
@@ -235,6 +247,7 @@ class MaskedLinear(_SparseLinear):
     (the accuracy baseline for RigL/SET; no faster than dense)."""
 
     pattern = "unstructured"
+    growth_granularity = "elements"
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor,
                  bias: torch.Tensor | None = None):
@@ -268,6 +281,10 @@ class MaskedLinear(_SparseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._tap(F.linear(x, self.weight * self.mask, self.bias), x)
+
+    @property
+    def structure(self) -> torch.Tensor:
+        return self.mask
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.mask

@@ -1,0 +1,154 @@
+"""``sparsefx::growth_tap``: the growth scores a sparse layer hands the DST manager through a
+probe's gradient. The compact candidate lists must select exactly what the full dense
+gradient ``|G|`` selects, for every move the manager can make."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparsefx import regrow
+from sparsefx.kernels import growth, patterns
+
+
+def _tap_gradient(out_features, in_features, structure, granularity, plan, seed):
+    """Run the op forward and backward; return (probe.grad, |G| in float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, in_features, generator=generator)
+    grad_out = torch.randn(5, out_features, generator=generator)
+    active = structure.numel() if granularity == "rows" else int(structure.sum())
+    size = growth.probe_size(out_features, in_features, granularity, plan, active)
+    probe = torch.zeros(1).expand(size).requires_grad_(True)
+    y0 = torch.randn(5, out_features, requires_grad=True)
+    y = torch.ops.sparsefx.growth_tap(y0, x, probe, structure, granularity, plan)
+    assert torch.equal(y, y0)
+    y.backward(grad_out)
+    assert torch.equal(y0.grad, grad_out), "the tap passes the gradient through unchanged"
+    exact = (grad_out.double().T @ x.double()).abs()
+    # the selections below compare against |G| as the op computes it (float32), so that a
+    # near-tie rounded differently cannot flip a choice; it agrees with float64 to rounding
+    dense = (grad_out.T @ x).abs()
+    torch.testing.assert_close(dense.double(), exact, rtol=1e-5, atol=1e-5)
+    return probe.grad, dense
+
+
+@given(out_features=st.integers(1, 24), in_features=st.integers(1, 24),
+       seed=st.integers(0, 2**16))
+def test_diag_scores_are_gradient_norms_along_every_candidate(out_features, in_features, seed):
+    offsets = torch.tensor([0])
+    scores, dense = _tap_gradient(out_features, in_features, offsets, "diag", [0, 0, 0, 0], seed)
+    torch.testing.assert_close(scores, patterns.diag_norms(dense), rtol=1e-5, atol=1e-6)
+
+
+@given(out_features=st.integers(1, 12), in_features=st.integers(2, 24),
+       density=st.floats(0.05, 0.95), alpha=st.sampled_from([0.1, 0.3, 0.6, 1.0]),
+       srigl=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_fanin_lists_select_exactly_what_the_dense_gradient_selects(
+        out_features, in_features, density, alpha, srigl, seed, data):
+    generator = torch.Generator().manual_seed(seed)
+    fan_in = max(1, round(density * in_features))
+    indices = patterns.random_fanin_indices(out_features, in_features, fan_in, generator)
+    most = math.ceil(alpha * fan_in)
+    plan = ([fan_in, 0, 0, min(math.ceil(alpha * indices.numel()), out_features * in_features)]
+            if srigl else [most, 0, 0, 0])
+    probe_grad, dense = _tap_gradient(out_features, in_features, indices, "rows", plan, seed)
+    scores = growth.candidate_scores(probe_grad, indices, "rows", out_features, in_features)
+    assert torch.equal(scores.gather(1, indices.long()), dense.gather(1, indices.long()))
+    magnitude = torch.rand(out_features, fan_in, generator=generator)
+    moved = data.draw(st.integers(0, min(most, fan_in)))
+    exact = regrow.drop_and_grow(indices.long(), magnitude, dense, moved)
+    compact = regrow.drop_and_grow(indices.long(), magnitude, scores, moved)
+    _assert_same_selection(exact, compact)
+    if srigl:
+        row_active = torch.rand(out_features, generator=generator) > 0.3
+        total = round(alpha * int(row_active.sum()) * fan_in)
+        assert torch.equal(
+            regrow.layerwise_salience(magnitude, indices.long(), dense, row_active, total),
+            regrow.layerwise_salience(magnitude, indices.long(), scores, row_active, total))
+        # a revived row takes its best k columns
+        best = lambda s: s.argsort(dim=1, descending=True, stable=True)[:, :fan_in].sort(1)[0]
+        assert torch.equal(best(scores), best(dense))
+
+
+@given(out_features=st.integers(1, 10), groups=st.integers(1, 5),
+       nm=st.sampled_from([(1, 4), (2, 4), (3, 4), (4, 8), (1, 2)]),
+       alpha=st.sampled_from([0.1, 0.3, 1.0]), seed=st.integers(0, 2**16), data=st.data())
+def test_nm_lists_select_exactly_what_the_dense_gradient_selects(out_features, groups, nm,
+                                                                 alpha, seed, data):
+    n, m = nm
+    in_features = groups * m
+    generator = torch.Generator().manual_seed(seed)
+    indices = patterns.random_nm_indices(out_features, in_features, n, m, generator)
+    fan_in = indices.shape[1]
+    most = math.ceil(alpha * fan_in)
+    plan = [0, min(n, most), m, 0]
+    probe_grad, dense = _tap_gradient(out_features, in_features, indices, "rows", plan, seed)
+    scores = growth.candidate_scores(probe_grad, indices, "rows", out_features, in_features)
+    magnitude = torch.rand(out_features, fan_in, generator=generator)
+    moved = data.draw(st.integers(0, min(most, fan_in)))
+    exact = regrow.drop_and_grow(indices.long(), magnitude, dense, moved, m)
+    compact = regrow.drop_and_grow(indices.long(), magnitude, scores, moved, m)
+    _assert_same_selection(exact, compact)
+    patterns.check_nm_indices(compact[0], in_features, n, m)
+
+
+@given(out_features=st.integers(1, 12), in_features=st.integers(1, 12),
+       density=st.floats(0.05, 0.95), alpha=st.sampled_from([0.1, 0.3, 1.0]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_element_lists_select_exactly_what_the_dense_gradient_selects(
+        out_features, in_features, density, alpha, seed, data):
+    generator = torch.Generator().manual_seed(seed)
+    total = out_features * in_features
+    kept = max(1, round(density * total))
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[torch.randperm(total, generator=generator)[:kept]] = True
+    mask = mask.view(out_features, in_features)
+    plan = [0, 0, 0, min(math.ceil(alpha * kept), total)]
+    probe_grad, dense = _tap_gradient(out_features, in_features, mask, "elements", plan, seed)
+    scores = growth.candidate_scores(probe_grad, mask, "elements", out_features, in_features)
+    active = mask.view(1, -1).nonzero()[:, 1][None, :]
+    magnitude = torch.rand(1, kept, generator=generator)
+    moved = data.draw(st.integers(0, min(plan[3], kept)))
+    exact = regrow.drop_and_grow(active, magnitude, dense.view(1, -1), moved)
+    compact = regrow.drop_and_grow(active, magnitude, scores.view(1, -1), moved)
+    _assert_same_selection(exact, compact)
+
+
+def _assert_same_selection(exact, compact):
+    assert torch.equal(exact[0], compact[0]) and torch.equal(exact[1], compact[1])
+
+
+def test_the_lists_are_about_the_size_of_the_sparse_layer():
+    # fan-in at 90 %, alpha 0.3: active scores plus 3 numbers per listed candidate
+    out_features, in_features = 512, 512
+    fan_in = patterns.fanin_num_kept(in_features, 0.9)
+    plan = [math.ceil(0.3 * fan_in), 0, 0, 0]
+    size = growth.probe_size(out_features, in_features, "rows", plan, out_features * fan_in)
+    assert size < 2 * out_features * fan_in < 0.25 * out_features * in_features
+
+
+@pytest.mark.parametrize("granularity,structure,plan", [
+    ("diag", torch.tensor([0, 3]), [0, 0, 0, 0]),
+    ("rows", torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16), [1, 0, 0, 2]),
+    ("elements", torch.tensor([[True, False, False, True]] * 3), [0, 0, 0, 2]),
+])
+def test_opcheck(granularity, structure, plan):
+    active = structure.numel() if granularity == "rows" else int(structure.sum())
+    size = growth.probe_size(3, 4, granularity, plan, active)
+    probe = torch.zeros(size, requires_grad=True)
+    y = torch.randn(2, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.sparsefx.growth_tap.default,
+                          (y, torch.randn(2, 4), probe, structure, granularity, plan))
+
+
+def test_bad_probe_raises():
+    probe = torch.zeros(5, requires_grad=True)
+    with pytest.raises(ValueError, match="probe has 5 elements: expected 4"):
+        torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
+                                      torch.tensor([0]), "diag", [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="granularity='rowz'"):
+        torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
+                                      torch.tensor([0]), "rowz", [0, 0, 0, 0])

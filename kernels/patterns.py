@@ -93,10 +93,19 @@ def diag_to_dense(
 def diag_norms(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of every candidate diagonal of ``weight``: a ``[P]`` tensor indexed by offset."""
     out_features, in_features = weight.shape
-    num_candidates, _ = diag_geometry(out_features, in_features)
-    all_offsets = torch.arange(num_candidates, device=weight.device)
-    rows, cols = diag_coordinates(all_offsets, out_features, in_features)
-    return weight[rows, cols].float().norm(dim=1)
+    num_candidates, length = diag_geometry(out_features, in_features)
+    weight = weight.float()
+    # wrap-around diagonals are straight lines through two copies of W: a strided view, no
+    # index tensors (a few times faster than gathering diag_coordinates at 2048 wide)
+    if out_features >= in_features:
+        # diagonal d, element t: doubled[d + t, t], at (d + t) * in + t = d * in + t * (in + 1)
+        doubled = torch.cat([weight, weight], dim=0)
+        strides = (in_features, in_features + 1)
+    else:
+        # diagonal d, element t: doubled[t, t + d], at t * 2 in + t + d
+        doubled = torch.cat([weight, weight], dim=1)
+        strides = (1, 2 * in_features + 1)
+    return doubled.view(-1).as_strided((num_candidates, length), strides).norm(dim=1)
 
 
 def dense_to_diag(weight: torch.Tensor, num_kept: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -356,8 +356,7 @@ class DST:
         grown = grown & stay[:, None]
         revived = new_row_active & ~row_active
         if bool(revived.any()):
-            top = scores[revived].float().argsort(dim=1, descending=True, stable=True)
-            new_active[revived] = top[:, :fan_in]
+            new_active[revived] = growth.top_ids(scores[revived], fan_in)
             grown[revived] = True
         ablated = row_active & ~new_row_active
         changed = bool(grown.any()) or bool(ablated.any())
@@ -409,7 +408,8 @@ class DST:
             module._temperature = torch.tensor(self.temperature, dtype=torch.float32,
                                                device=module.values.device)
             importances.append(importance)
-        self._importance_optimizer = torch.optim.Adam(importances, lr=self.importance_lr)
+        self._importance_optimizer = torch.optim.Adam(importances, lr=self.importance_lr,
+                                                      foreach=True)
 
     def _release_gates(self) -> None:
         """At the last step the gates are exactly 1 (``T = 0`` from ``t_end`` on): drop them so

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsefx.kernels.growth import top_ids
+
 __all__ = ["drop_and_grow", "kept_mask", "layerwise_salience"]
 
 
@@ -49,21 +51,18 @@ def drop_and_grow(active: torch.Tensor, magnitude: torch.Tensor, scores: torch.T
         raise ValueError(f"num_moved={num_moved}: expected 0 <= n <= k = {slots}")
     if num_moved == 0:
         return active.clone(), torch.zeros_like(active, dtype=torch.bool)
-    dropped_slots = magnitude.argsort(dim=1, stable=True)[:, :num_moved]
+    dropped_slots = top_ids(magnitude, num_moved, largest=False)
     keep = torch.ones_like(active, dtype=torch.bool).scatter_(1, dropped_slots, False)
     candidate_scores = scores.float().masked_fill(kept_mask(active, keep, scores.shape[1]),
                                                   float("-inf"))
     if group_size is None:
-        grown_ids = _top_ids(candidate_scores, num_moved)
+        grown_ids = top_ids(candidate_scores, num_moved)
     else:
         grown_ids = _top_ids_per_group(candidate_scores, active.gather(1, dropped_slots),
                                        group_size, slots)
-    return _assign(active, dropped_slots, grown_ids, group_size)
+    return _assign(active, dropped_slots, grown_ids, group_size, scores.shape[1])
 
 
-def _top_ids(scores: torch.Tensor, count: int) -> torch.Tensor:
-    # a stable descending sort breaks ties towards the lower id (topk does not promise to)
-    return scores.argsort(dim=1, descending=True, stable=True)[:, :count]
 
 
 def _top_ids_per_group(scores: torch.Tensor, dropped_ids: torch.Tensor, group_size: int,
@@ -74,7 +73,7 @@ def _top_ids_per_group(scores: torch.Tensor, dropped_ids: torch.Tensor, group_si
     per_group = slots // groups  # N of N:M
     lost = torch.zeros(rows, groups, dtype=torch.int64, device=scores.device)
     lost.scatter_add_(1, dropped_ids // group_size, torch.ones_like(dropped_ids))
-    order = _top_ids(scores.view(rows * groups, group_size), per_group).view(rows, groups,
+    order = top_ids(scores.view(rows * groups, group_size), per_group).view(rows, groups,
                                                                             per_group)
     ids = order + (torch.arange(groups, device=scores.device) * group_size)[None, :, None]
     chosen = torch.arange(per_group, device=scores.device)[None, None, :] < lost[..., None]
@@ -83,15 +82,21 @@ def _top_ids_per_group(scores: torch.Tensor, dropped_ids: torch.Tensor, group_si
     return rank.sort(dim=1).values[:, :dropped_ids.shape[1]]
 
 
+def _member(ids: torch.Tensor, of: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """``[R, a]`` bool: is ``ids[r, i]`` among ``of[r, :]``? One ``[R, C]`` bitmap, so a
+    layer-wide move of many units costs O(C), not O(n^2)."""
+    marks = torch.zeros(ids.shape[0], num_candidates, dtype=torch.bool, device=ids.device)
+    return marks.scatter_(1, of, True).gather(1, ids)
+
+
 def _assign(active: torch.Tensor, dropped_slots: torch.Tensor, grown_ids: torch.Tensor,
-            group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            group_size: int | None, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``grown_ids`` into the dropped slots; a grown id that was just dropped keeps its
     own slot. Freed slots and new ids are matched in group order, so a new id lands in a
     slot its group freed."""
     dropped_ids = active.gather(1, dropped_slots)
-    regrown = (grown_ids[:, :, None] == dropped_ids[:, None, :])  # [R, grown, dropped]
-    is_new = ~regrown.any(dim=2)
-    is_freed = ~regrown.any(dim=1)
+    is_new = ~_member(grown_ids, dropped_ids, num_candidates)
+    is_freed = ~_member(dropped_ids, grown_ids, num_candidates)
     group_of = (lambda ids: ids // group_size) if group_size else torch.zeros_like
     # sort keys: (group, id) for new ids and (group, slot) for freed slots; the rest last
     stride, last = 1 << 31, torch.iinfo(torch.int64).max
@@ -122,10 +127,10 @@ def layerwise_salience(magnitude: torch.Tensor, active: torch.Tensor, scores: to
     total = int(row_active.sum()) * slots
     flat_magnitude = magnitude.float().masked_fill(~row_active[:, None], float("-inf"))
     keep_flat = torch.zeros(rows * slots, dtype=torch.bool, device=active.device)
-    keep_flat[_top_ids(flat_magnitude.view(1, -1), total - num_moved)[0]] = True
+    keep_flat[top_ids(flat_magnitude.view(1, -1), total - num_moved)[0]] = True
     keep = keep_flat.view(rows, slots)
     candidate_scores = scores.float().masked_fill(kept_mask(active, keep, scores.shape[1]),
                                                   float("-inf"))
     grow_flat = torch.zeros(candidate_scores.numel(), dtype=torch.bool, device=active.device)
-    grow_flat[_top_ids(candidate_scores.view(1, -1), num_moved)[0]] = True
+    grow_flat[top_ids(candidate_scores.view(1, -1), num_moved)[0]] = True
     return keep.sum(dim=1) + grow_flat.view_as(scores).sum(dim=1)

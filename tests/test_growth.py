@@ -121,6 +121,23 @@ def _assert_same_selection(exact, compact):
     assert torch.equal(exact[0], compact[0]) and torch.equal(exact[1], compact[1])
 
 
+@given(rows=st.integers(1, 4), columns=st.integers(1, 40), seed=st.integers(0, 2**16),
+       largest=st.booleans(), data=st.data())
+def test_top_ids_is_a_stable_sort(rows, columns, seed, largest, data):
+    generator = torch.Generator().manual_seed(seed)
+    # few distinct values (many ties), signed zeros, infinities
+    choices = torch.tensor([0.0, -0.0, 1.5, -2.0, 3.0, float("inf"), float("-inf"), 1e-30])
+    scores = choices[torch.randint(0, len(choices), (rows, columns), generator=generator)]
+    count = data.draw(st.integers(0, columns))
+    expected = scores.argsort(dim=1, descending=largest, stable=True)[:, :count]
+    got = growth.top_ids(scores, count, largest=largest)
+    # -0.0 and 0.0 compare equal for the sort; the keys order -0.0 below 0.0
+    same = torch.gather(scores, 1, got) == torch.gather(scores, 1, expected)
+    assert bool(same.all())
+    exact = (scores != 0).all(dim=1)
+    assert torch.equal(got[exact], expected[exact])
+
+
 def test_the_lists_are_about_the_size_of_the_sparse_layer():
     # fan-in at 90 %, alpha 0.3: active scores plus 3 numbers per listed candidate
     out_features, in_features = 512, 512

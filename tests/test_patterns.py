@@ -59,6 +59,15 @@ def test_sparsity_outside_unit_interval_is_rejected(sparsity):
         patterns.fanin_num_kept(8, sparsity)
 
 
+@given(out_features=dims, in_features=dims, seed=st.integers(0, 99))
+def test_diag_norms_are_the_norms_of_the_diagonals_elements(out_features, in_features, seed):
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    num_candidates, _ = patterns.diag_geometry(out_features, in_features)
+    rows, cols = patterns.diag_coordinates(torch.arange(num_candidates), out_features,
+                                           in_features)
+    torch.testing.assert_close(patterns.diag_norms(weight), weight[rows, cols].norm(dim=1))
+
+
 @given(out_features=dims, in_features=dims, data=st.data())
 def test_dense_to_diag_keeps_the_largest_diagonals(out_features, in_features, data):
     num_candidates, _ = patterns.diag_geometry(out_features, in_features)

@@ -1,0 +1,115 @@
+"""What dynamic sparse training costs on top of training with a fixed structure (CPU).
+
+A 90 %-sparse MLP (1024 -> 2048 -> 2048 -> 1024, then a dense 10-way head) trains on random
+batches of 256 with AdamW for ``--steps`` steps, once per method, with ``delta_t=100``. Every
+step is timed; the overhead of a method is
+
+    (time in dst.step() + extra time of the armed forward/backward steps)
+    / (training time without them)
+
+where an armed step (the one before an update, which forms each layer's dense gradient in
+``growth_tap``) costs its time minus the median plain step of the same run. Methods run
+interleaved over ``--rounds`` rounds and the median round is reported.
+
+    python benchmarks/bench_dst_overhead.py   # writes benchmarks/results/dst_overhead_cpu.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsefx
+
+RESULTS = Path(__file__).parent / "results"
+CASES = [("diag", "static"), ("diag", "set"), ("diag", "rigl"), ("diag", "dynadiag"),
+         ("fanin", "static"), ("fanin", "rigl"), ("fanin", "srigl")]
+
+
+def mlp(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 2 * width),
+                         nn.ReLU(), nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def run(pattern: str, method: str, steps: int, width: int, batch: int, delta_t: int) -> dict:
+    model = sparsefx.transform(mlp(width), pattern=pattern, sparsity=0.9, init="random",
+                               keep_last_dense=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # t_end=1: updates every delta_t steps for the whole run, the regime the overhead is for
+    dst = sparsefx.DST(model, optimizer, method=method, total_steps=steps, delta_t=delta_t,
+                       t_end=1.0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, generator=generator)
+    target = torch.randint(0, 10, (batch,), generator=generator)
+    step_seconds, dst_seconds, armed = [], 0.0, []
+    for _ in range(steps):
+        armed.append(any(layer.module._growth_probe is not None for layer in dst.layers))
+        begin = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+        middle = time.perf_counter()
+        dst.step()
+        end = time.perf_counter()
+        step_seconds.append(middle - begin)
+        dst_seconds += end - middle
+    plain = statistics.median(s for s, a in zip(step_seconds, armed, strict=True) if not a)
+    armed_extra = sum(s - plain for s, a in zip(step_seconds, armed, strict=True) if a)
+    total = sum(step_seconds) + dst_seconds
+    return {"pattern": pattern, "method": method, "total_s": total, "dst_step_s": dst_seconds,
+            "armed_extra_s": armed_extra, "armed_steps": sum(armed), "plain_step_s": plain,
+            "overhead": (dst_seconds + armed_extra) / (total - dst_seconds - armed_extra)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--delta-t", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    rounds = {case: [] for case in CASES}
+    for _ in range(args.rounds):
+        for case in CASES:
+            rounds[case].append(run(*case, args.steps, args.width, args.batch, args.delta_t))
+    rows = []
+    for case, results in rounds.items():
+        results.sort(key=lambda r: r["overhead"])
+        median = results[len(results) // 2]
+        static = sorted(rounds[(case[0], "static")], key=lambda r: r["total_s"])
+        median["time_vs_static"] = median["total_s"] / static[len(static) // 2]["total_s"]
+        rows.append(median)
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+               f"threads, torch {torch.__version__}")
+    header = (f"`python benchmarks/bench_dst_overhead.py --steps {args.steps} --width "
+              f"{args.width} --batch {args.batch} --delta-t {args.delta_t} --rounds "
+              f"{args.rounds}` on {machine}; MLP {args.width}-{2 * args.width}-"
+              f"{2 * args.width}-{args.width}-10 at 90 %, AdamW; median of {args.rounds} rounds.")
+    lines = [header, "", "| pattern | method | training s | in dst.step() s | armed steps | "
+             "armed extra s | overhead | total vs static |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pattern']} | {r['method']} | {r['total_s']:.2f} | "
+                     f"{r['dst_step_s']:.3f} | {r['armed_steps']} | {r['armed_extra_s']:.3f} | "
+                     f"{r['overhead']:.2%} | {r['time_vs_static']:.3f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "dst_overhead_cpu.md").write_text(table + "\n")
+        (RESULTS / "dst_overhead_cpu.json").write_text(json.dumps(
+            {"command_args": vars(args), "machine": machine, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,9 @@ the sparse layer:
   ``|G|`` at the active elements (in ``mask.nonzero()`` order), then the layer-wide list.
 
 A manager that knows the most units it will move per row / group / layer sizes the lists so
-that every candidate it could grow is in them: the selection is then exact.
+that every candidate it could grow is in them: the selection is then exact. Under
+``torch.distributed`` (e.g. DistributedDataParallel) ``G`` is all-reduced to the mean signed
+gradient of all ranks before it is scored, so every rank makes the same choice.
 ``candidate_scores`` turns a probe gradient back into a ``[out, in]`` score matrix, ``-inf``
 where nothing was listed. Scores reach the manager through ``probe.grad``: the only route out
 of a ``torch.compile``d backward that needs neither hooks nor a graph break.
@@ -102,6 +104,12 @@ def _(y, x, probe, structure, granularity, plan):
     return torch.empty_like(y)
 
 
+def _world_size() -> int:
+    distributed = torch.distributed
+    return (distributed.get_world_size()
+            if distributed.is_available() and distributed.is_initialized() else 1)
+
+
 def top_ids(scores: Tensor, count: int, largest: bool = True) -> Tensor:
     """Ids of the ``count`` largest (or smallest) float32 ``scores`` along the last dim, best
     first, ties towards the lower id: what a stable sort gives, at the cost of ``topk``.
@@ -128,7 +136,12 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     """The float32 probe gradient ``growth_tap`` hands back: see the module docstring."""
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).float()
     x_rows = x.reshape(-1, x.shape[-1]).float()
-    scores = (grad_rows.T @ x_rows).abs_()  # |G|: this layer's only dense matrix
+    dense_grad = grad_rows.T @ x_rows  # this layer's only dense matrix
+    world = _world_size()
+    if world > 1:  # data parallel: score the mean signed gradient, as every rank will
+        torch.distributed.all_reduce(dense_grad)
+        dense_grad /= world
+    scores = dense_grad.abs_()
     if granularity == "diag":
         return patterns.diag_norms(scores)
     out_features, in_features = scores.shape

@@ -46,6 +46,11 @@ Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...
               active before the update, and reset every inactive ``a`` to
               ``min(active a) - 1``. Only the ``K`` active diagonals are stored and computed.
 
+Under DistributedDataParallel (wrap the model, pass the wrapper or the module): the growth
+scores come from the all-reduced signed dense gradient, DynaDiag's importance gradients are
+averaged over the ranks, and SET draws from the shared ``seed``, so every rank makes the same
+decision. All ranks must call ``step()`` on the same steps.
+
 Invariants: storage and shapes never change (``offsets``, ``indices``, ``mask``, ``values``
 are written in place, so optimizers and compiled graphs keep their references); newly grown
 units start at zero with zeroed optimizer state, everything else in the optimizer is left
@@ -96,10 +101,12 @@ def _kind(module: nn.Module) -> str:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The user's module under torch.compile's and (Distributed)DataParallel's wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
             return model
-        model = inner
 
 
 @dataclass
@@ -185,6 +192,7 @@ class DST:
         self.optimizer = optimizer
         self.layers = _find_layers(_unwrap(model), method)
         _check_optimizer(self.layers, optimizer)
+        _check_same_structure_on_every_rank(self.layers)
         self._step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._skipped_updates = 0
@@ -427,6 +435,7 @@ class DST:
 
     def _train_importance(self) -> None:
         importances = [layer.module._importance for layer in self.layers]
+        _average_across_ranks([p.grad for p in importances if p.grad is not None])
         grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in importances)
         if grads_ok and self._step <= self.end_step:
             self._importance_optimizer.step()
@@ -575,6 +584,40 @@ def _output_layers(model: nn.Module, layers: list[_Layer],
         raise ValueError(f"sparsefx.DST: output_layers={patterns_given!r} match none of the "
                          f"sparse layers {names}")
     return chosen
+
+
+def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
+    """Under torch.distributed every rank must start from the same structure (transform with
+    the same seed everywhere): compare a checksum per layer."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()
+            and distributed.get_world_size() > 1):
+        return
+    sums = torch.stack([layer.module.structure.double().sum() for layer in layers])
+    weighted = torch.stack([(layer.module.structure.double().flatten()
+                             * torch.arange(1, layer.module.structure.numel() + 1,
+                                            device=sums.device)).sum() for layer in layers])
+    local = torch.cat([sums, weighted])
+    smallest, largest = local.clone(), local.clone()
+    distributed.all_reduce(smallest, op=distributed.ReduceOp.MIN)
+    distributed.all_reduce(largest, op=distributed.ReduceOp.MAX)
+    differ = [layer.name for i, layer in enumerate(layers)
+              if smallest[i] != largest[i] or smallest[len(layers) + i] != largest[len(layers) + i]]
+    if differ:
+        raise ValueError(f"sparsefx.DST: the ranks hold different structures in {differ}: "
+                         "transform the model with the same seed on every rank")
+
+
+def _average_across_ranks(tensors: list[torch.Tensor]) -> None:
+    """Under torch.distributed, replace each tensor by its mean over the ranks (in place)."""
+    distributed = torch.distributed
+    if not tensors or not (distributed.is_available() and distributed.is_initialized()):
+        return
+    world = distributed.get_world_size()
+    if world > 1:
+        for tensor in tensors:
+            distributed.all_reduce(tensor)
+            tensor /= world
 
 
 def _finite_gradients(layer: _Layer) -> bool:

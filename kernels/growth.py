@@ -110,20 +110,22 @@ def _world_size() -> int:
             if distributed.is_available() and distributed.is_initialized() else 1)
 
 
-def top_ids(scores: Tensor, count: int, largest: bool = True) -> Tensor:
-    """Ids of the ``count`` largest (or smallest) float32 ``scores`` along the last dim, best
-    first, ties towards the lower id: what a stable sort gives, at the cost of ``topk``.
+def top_ids(scores: Tensor, count: int, largest: bool = True, ordered: bool = True) -> Tensor:
+    """Ids of the ``count`` largest (or smallest) float32 ``scores`` along the last dim, ties
+    towards the lower id: what a stable sort gives, at the cost of ``topk``. Best first if
+    ``ordered``; otherwise the same set in no particular order (about 2x faster).
 
     Each score becomes one int64 key: its bits made monotone (the usual float-to-int order
     trick) in the high half, the reversed id in the low half.
     """
     bits = scores.float().contiguous().view(torch.int32)
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     if not largest:
-        ordered = -ordered - 1
-    ids = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
-    keys = ordered * (1 << 32) + (scores.shape[-1] - 1 - ids)
-    return keys.topk(count, dim=-1, sorted=True).indices
+        monotone = ~monotone
+    width = scores.shape[-1]
+    reversed_ids = torch.arange(width - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    keys = (monotone.to(torch.int64) << 32) | reversed_ids
+    return keys.topk(count, dim=-1, sorted=ordered).indices
 
 
 def _triples(scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -155,16 +157,16 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
         inactive = scores.masked_fill(structure, float("-inf"))
     per_row, per_group, group_size, layer_wide = plan
     if per_row:
-        best = top_ids(inactive, per_row)
+        best = top_ids(inactive, per_row, ordered=False)
         parts.append(_triples(inactive.gather(1, best), row_ids[:, None].expand_as(best), best))
     if per_group:
         grouped = inactive.view(out_features, in_features // group_size, group_size)
-        best = top_ids(grouped, per_group)
+        best = top_ids(grouped, per_group, ordered=False)
         first = torch.arange(0, in_features, group_size, device=scores.device)[None, :, None]
         parts.append(_triples(grouped.gather(2, best), row_ids[:, None, None].expand_as(best),
                               best + first))
     if layer_wide:
-        best = top_ids(inactive.view(-1), layer_wide)
+        best = top_ids(inactive.view(-1), layer_wide, ordered=False)
         parts.append(_triples(inactive.view(-1)[best], best // in_features, best % in_features))
     return torch.cat(parts)
 

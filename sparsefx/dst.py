@@ -364,7 +364,7 @@ class DST:
         grown = grown & stay[:, None]
         revived = new_row_active & ~row_active
         if bool(revived.any()):
-            new_active[revived] = growth.top_ids(scores[revived], fan_in)
+            new_active[revived] = growth.top_ids(scores[revived], fan_in, ordered=False)
             grown[revived] = True
         ablated = row_active & ~new_row_active
         changed = bool(grown.any()) or bool(ablated.any())

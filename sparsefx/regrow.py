@@ -51,12 +51,12 @@ def drop_and_grow(active: torch.Tensor, magnitude: torch.Tensor, scores: torch.T
         raise ValueError(f"num_moved={num_moved}: expected 0 <= n <= k = {slots}")
     if num_moved == 0:
         return active.clone(), torch.zeros_like(active, dtype=torch.bool)
-    dropped_slots = top_ids(magnitude, num_moved, largest=False)
+    dropped_slots = top_ids(magnitude, num_moved, largest=False, ordered=False)
     keep = torch.ones_like(active, dtype=torch.bool).scatter_(1, dropped_slots, False)
     candidate_scores = scores.float().masked_fill(kept_mask(active, keep, scores.shape[1]),
                                                   float("-inf"))
     if group_size is None:
-        grown_ids = top_ids(candidate_scores, num_moved)
+        grown_ids = top_ids(candidate_scores, num_moved, ordered=False)
     else:
         grown_ids = _top_ids_per_group(candidate_scores, active.gather(1, dropped_slots),
                                        group_size, slots)
@@ -126,11 +126,13 @@ def layerwise_salience(magnitude: torch.Tensor, active: torch.Tensor, scores: to
     rows, slots = active.shape
     total = int(row_active.sum()) * slots
     flat_magnitude = magnitude.float().masked_fill(~row_active[:, None], float("-inf"))
-    keep_flat = torch.zeros(rows * slots, dtype=torch.bool, device=active.device)
-    keep_flat[top_ids(flat_magnitude.view(1, -1), total - num_moved)[0]] = True
-    keep = keep_flat.view(rows, slots)
+    # not kept: the ablated rows and the num_moved smallest of the active ones
+    not_kept = top_ids(flat_magnitude.view(1, -1), rows * slots - total + num_moved,
+                       largest=False, ordered=False)[0]
+    keep = torch.ones(rows * slots, dtype=torch.bool, device=active.device)
+    keep = keep.index_fill_(0, not_kept, False).view(rows, slots)
     candidate_scores = scores.float().masked_fill(kept_mask(active, keep, scores.shape[1]),
                                                   float("-inf"))
     grow_flat = torch.zeros(candidate_scores.numel(), dtype=torch.bool, device=active.device)
-    grow_flat[top_ids(candidate_scores.view(1, -1), num_moved)[0]] = True
+    grow_flat[top_ids(candidate_scores.view(1, -1), num_moved, ordered=False)[0]] = True
     return keep.sum(dim=1) + grow_flat.view_as(scores).sum(dim=1)

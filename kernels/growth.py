@@ -26,18 +26,23 @@ A manager that knows the most units it will move per row / group / layer sizes t
 that every candidate it could grow is in them: the selection is then exact. Under
 ``torch.distributed`` (e.g. DistributedDataParallel) ``G`` is all-reduced to the mean signed
 gradient of all ranks before it is scored, so every rank makes the same choice.
-``candidate_scores`` turns a probe gradient back into a ``[out, in]`` score matrix, ``-inf``
-where nothing was listed. Scores reach the manager through ``probe.grad``: the only route out
-of a ``torch.compile``d backward that needs neither hooks nor a graph break.
+
+``listed_candidates`` parses a probe gradient; ``candidate_scores`` turns it into an
+``[out, in]`` score matrix, ``-inf`` where nothing was listed. Scores reach the manager
+through ``probe.grad``: the only route out of a ``torch.compile``d backward that needs
+neither hooks nor a graph break.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import patterns
 
-__all__ = ["growth_tap", "probe_size", "candidate_scores", "top_ids", "GRANULARITIES"]
+__all__ = ["growth_tap", "probe_size", "listed_candidates", "candidate_scores", "top_ids",
+           "Listed", "GRANULARITIES"]
 
 GRANULARITIES = ("diag", "rows", "elements")
 
@@ -77,11 +82,8 @@ def _check(y: Tensor, x: Tensor, probe: Tensor, structure: Tensor, granularity: 
     if granularity == "diag":
         expected = probe_size(out_features, in_features, granularity, plan, 0)
     else:
-        active = (structure.numel() if granularity == "rows"
-                  else None if structure.device.type == "meta" else int(structure.sum()))
-        if active is None:  # a fake mask has no count; the eager call has checked it
-            return
-        expected = probe_size(out_features, in_features, granularity, plan, active)
+        expected = probe_size(out_features, in_features, granularity, plan,
+                              _active_count(structure, granularity))
     if probe.numel() != expected:
         raise ValueError(f"{op}: probe has {probe.numel()} elements: expected {expected} for "
                          f"granularity {granularity!r} of a ({out_features}, {in_features}) "
@@ -171,12 +173,55 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     return torch.cat(parts)
 
 
+@dataclass
+class Listed:
+    """A ``"rows"`` / ``"elements"`` probe gradient, parsed: ``active`` holds ``|G|`` at the
+    active weights (``[out, k]`` in slot order, or ``[K]`` in ``mask.nonzero()`` order);
+    ``per_row``, ``per_group`` and ``layer_wide`` the ``(scores, rows, columns)`` of the
+    listed inactive candidates, flat (``None`` for a list the plan left out)."""
+
+    active: Tensor
+    per_row: tuple[Tensor, Tensor, Tensor] | None
+    per_group: tuple[Tensor, Tensor, Tensor] | None
+    layer_wide: tuple[Tensor, Tensor, Tensor] | None
+
+    def row_candidates(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ids, scores) [out, k + per_row]``: each row's active columns ``indices``, then
+        its listed ones."""
+        scores, _, cols = self.per_row
+        rows = indices.shape[0]
+        return (torch.cat([indices.long(), cols.view(rows, -1)], dim=1),
+                torch.cat([self.active, scores.view(rows, -1)], dim=1))
+
+    def layer_candidates(self, flat_active: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
+        """``(ids, scores) [1, K + layer_wide]`` as flat ids ``row * in + column``: the active
+        elements ``flat_active [1, K]``, then the listed ones."""
+        scores, rows, cols = self.layer_wide
+        return (torch.cat([flat_active, (rows * in_features + cols)[None, :]], dim=1),
+                torch.cat([self.active.view(1, -1), scores[None, :]], dim=1))
+
+
+def listed_candidates(probe_grad: Tensor, structure: Tensor, granularity: str,
+                      plan: list[int], out_features: int, in_features: int) -> Listed:
+    active = _active_count(structure, granularity)
+    parts, start = [], active
+    for length in _list_lengths(out_features, in_features, plan):
+        triples = probe_grad[start:start + 3 * length].view(-1, 3)
+        start += 3 * length
+        parts.append((triples[:, 0], triples[:, 1].long(), triples[:, 2].long())
+                     if length else None)
+    scores = probe_grad[:active]
+    if granularity == "rows":
+        scores = scores.view(structure.shape)
+    return Listed(scores, *parts)
+
+
 def candidate_scores(probe_grad: Tensor, structure: Tensor, granularity: str,
                      out_features: int, in_features: int) -> Tensor:
     """``[out, in]`` float32 scores from a ``"rows"`` / ``"elements"`` probe gradient: the
     listed candidates and the active weights carry their ``|G|``, the rest ``-inf``."""
     scores = torch.full((out_features, in_features), float("-inf"), device=probe_grad.device)
-    active = structure.numel() if granularity == "rows" else int(structure.sum())
+    active = _active_count(structure, granularity)
     triples = probe_grad[active:].view(-1, 3)
     listed = triples[:, 0] > float("-inf")
     rows, cols = triples[listed, 1].long(), triples[listed, 2].long()

@@ -313,8 +313,9 @@ class DST:
         module._growth_plan = plan
 
     def _growth_scores(self, layer: _Layer) -> torch.Tensor:
-        """``[R, C]`` scores for growth: dense-gradient magnitudes (``-inf`` for what cannot
-        be grown), or uniform noise (SET). One layer's worth at a time."""
+        """``[R, C]`` growth scores over every candidate: uniform noise (SET), the gradient
+        norm of every diagonal, or (N:M) the listed ``|G|`` with ``-inf`` elsewhere. One
+        layer's worth at a time."""
         module = layer.module
         if self.method == "set":
             shape = ((layer.num_candidates(),) if layer.kind == "diag"
@@ -328,43 +329,64 @@ class DST:
                                              module.in_features)
         return scores.reshape(1, -1) if layer.kind in ("diag", "unstructured") else scores
 
+    def _listed(self, layer: _Layer, active: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
+        """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots,
+        then the inactive candidates the growth tap listed (fan-in: per row; unstructured:
+        layer-wide, as flat ids); and the parsed lists."""
+        module = layer.module
+        listed = growth.listed_candidates(layer.probe.grad, module.structure,
+                                          module.growth_granularity, module._growth_plan,
+                                          module.out_features, module.in_features)
+        if layer.kind == "unstructured":
+            return (*listed.layer_candidates(active, module.in_features), listed)
+        return (*listed.row_candidates(active), listed)
+
     def _update_layer(self, layer: _Layer, fraction: float) -> bool:
         active = layer.slots()
-        scores = self._growth_scores(layer)
         if self.method == "srigl":
-            return self._update_srigl(layer, active, scores, fraction)
+            return self._update_srigl(layer, active, fraction)
         magnitude = (layer.module._importance[active] if self.method == "dynadiag"
                      else layer.magnitude(active))
         num_moved = min(round(fraction * active.shape[1]),
                         layer.num_candidates() - active.shape[1])
-        group_size = layer.module.nm[1] if layer.kind == "nm" else None
-        new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
-                                                 group_size)
+        if self.method == "rigl" and layer.kind in ("fanin", "unstructured"):
+            candidate_ids, scores, _ = self._listed(layer, active)
+            new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
+                                                     candidate_ids=candidate_ids)
+        else:
+            group_size = layer.module.nm[1] if layer.kind == "nm" else None
+            new_active, grown = regrow.drop_and_grow(active, magnitude,
+                                                     self._growth_scores(layer), num_moved,
+                                                     group_size)
         if not bool(grown.any()):
             return False
         self._write(layer, active, new_active, grown)
         return True
 
-    def _update_srigl(self, layer: _Layer, active: torch.Tensor, scores: torch.Tensor,
-                      fraction: float) -> bool:
+    def _update_srigl(self, layer: _Layer, active: torch.Tensor, fraction: float) -> bool:
         row_active, fan_in = layer.row_active, active.shape[1]
         magnitude = layer.magnitude(active)
+        candidate_ids, scores, listed = self._listed(layer, active)
         num_moved_row = min(round(fraction * fan_in), layer.num_candidates() - fan_in)
         new_row_active = row_active.clone()
         if layer.ablate:
             total_moved = round(fraction * int(row_active.sum()) * fan_in)
-            salient = regrow.layerwise_salience(magnitude, active, scores, row_active,
-                                                total_moved)
+            listed_scores, listed_rows, _ = listed.layer_wide
+            salient = regrow.layerwise_salience(magnitude, row_active, listed.active,
+                                                listed_rows, listed_scores, total_moved)
             new_row_active = salient >= max(1, math.floor(self.gamma_sal * fan_in))
             if not bool(new_row_active.any()):  # never ablate a whole layer
                 new_row_active = row_active.clone()
-        new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved_row)
+        new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved_row,
+                                                 candidate_ids=candidate_ids)
         stay = row_active & new_row_active
         new_active = torch.where(stay[:, None], new_active, active)
         grown = grown & stay[:, None]
         revived = new_row_active & ~row_active
-        if bool(revived.any()):
-            new_active[revived] = growth.top_ids(scores[revived], fan_in, ordered=False)
+        if bool(revived.any()):  # its best k columns, from its slots and its listed ones
+            best = growth.top_ids(scores[revived], fan_in, ordered=False)
+            new_active[revived] = candidate_ids[revived].gather(1, best)
             grown[revived] = True
         ablated = row_active & ~new_row_active
         changed = bool(grown.any()) or bool(ablated.any())

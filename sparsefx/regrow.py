@@ -16,6 +16,11 @@ best-scoring candidates among the rest (for N:M, within the groups that lost ent
 each group still holds N), and writes them in place of the dropped ones. A dropped unit
 that is grown again keeps its slot -- and so its value and optimizer state. The manager
 (``sparsefx.dst``) decides what "magnitude" and "score" are for each method.
+
+Scores come either for every candidate (``[R, C]``) or, for the dense-gradient methods, as
+*listed* candidates: ``candidate_ids [R, M]`` whose first ``k`` columns are the active slots
+themselves, followed by the best inactive ids the growth tap kept
+(``sparsefx.kernels.growth``). The listed form never touches an ``[R, C]`` tensor.
 """
 from __future__ import annotations
 
@@ -33,18 +38,21 @@ def kept_mask(active: torch.Tensor, keep: torch.Tensor, num_candidates: int) -> 
 
 
 def drop_and_grow(active: torch.Tensor, magnitude: torch.Tensor, scores: torch.Tensor,
-                  num_moved: int, group_size: int | None = None
+                  num_moved: int, group_size: int | None = None,
+                  candidate_ids: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move ``num_moved`` units in every row.
 
     ``active [R, k]``: distinct int64 unit ids per row; ``magnitude [R, k]``: what drop
-    ranks (smallest dropped); ``scores [R, C]``: what growth ranks among the candidates not
-    kept (largest grown). With ``group_size=M`` the ids form groups of ``M`` consecutive
-    candidates and a group regrows exactly as many units as it lost (N:M stays N:M).
+    ranks (smallest dropped); ``scores``: what growth ranks among the candidates not kept
+    (largest grown), either ``[R, C]`` over all ids or ``[R, M]`` over ``candidate_ids``
+    (see the module docstring). With ``group_size=M`` (all-id scores only) the ids form
+    groups of ``M`` consecutive candidates and a group regrows exactly as many units as it
+    lost (N:M stays N:M).
 
     Returns ``(new_active [R, k], grown [R, k])``: the new ids (unchanged slots keep their
     id) and which slots now hold a unit that was not active before. Ties break towards the
-    lower slot (drop) and the lower id (grow), so results are deterministic.
+    lower slot (drop) and the lower id or column (grow), so results are deterministic.
     """
     rows, slots = active.shape
     if not 0 <= num_moved <= slots:
@@ -53,16 +61,28 @@ def drop_and_grow(active: torch.Tensor, magnitude: torch.Tensor, scores: torch.T
         return active.clone(), torch.zeros_like(active, dtype=torch.bool)
     dropped_slots = top_ids(magnitude, num_moved, largest=False, ordered=False)
     keep = torch.ones_like(active, dtype=torch.bool).scatter_(1, dropped_slots, False)
-    candidate_scores = scores.float().masked_fill(kept_mask(active, keep, scores.shape[1]),
+    if candidate_ids is not None:
+        if group_size is not None:
+            raise ValueError("drop_and_grow: group_size needs scores over all ids")
+        blocked = torch.cat([keep, keep.new_zeros(rows, candidate_ids.shape[1] - slots)], 1)
+        best = top_ids(scores.float().masked_fill(blocked, float("-inf")), num_moved,
+                       ordered=False)
+        # a column < k is an active slot, so a dropped one: it is grown back in place
+        slot_regrown = keep.new_zeros(rows, slots + 1).scatter_(1, best.clamp(max=slots), True)
+        return _assign(active, dropped_slots, candidate_ids.gather(1, best), best >= slots,
+                       ~slot_regrown.gather(1, dropped_slots), group_size)
+    num_candidates = scores.shape[1]
+    candidate_scores = scores.float().masked_fill(kept_mask(active, keep, num_candidates),
                                                   float("-inf"))
     if group_size is None:
         grown_ids = top_ids(candidate_scores, num_moved, ordered=False)
     else:
         grown_ids = _top_ids_per_group(candidate_scores, active.gather(1, dropped_slots),
                                        group_size, slots)
-    return _assign(active, dropped_slots, grown_ids, group_size, scores.shape[1])
-
-
+    dropped_ids = active.gather(1, dropped_slots)
+    return _assign(active, dropped_slots, grown_ids,
+                   ~_member(grown_ids, dropped_ids, num_candidates),
+                   ~_member(dropped_ids, grown_ids, num_candidates), group_size)
 
 
 def _top_ids_per_group(scores: torch.Tensor, dropped_ids: torch.Tensor, group_size: int,
@@ -90,13 +110,12 @@ def _member(ids: torch.Tensor, of: torch.Tensor, num_candidates: int) -> torch.T
 
 
 def _assign(active: torch.Tensor, dropped_slots: torch.Tensor, grown_ids: torch.Tensor,
-            group_size: int | None, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``grown_ids`` into the dropped slots; a grown id that was just dropped keeps its
-    own slot. Freed slots and new ids are matched in group order, so a new id lands in a
-    slot its group freed."""
+            is_new: torch.Tensor, is_freed: torch.Tensor, group_size: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the new ``grown_ids`` into the freed slots (a grown id that was just dropped
+    keeps its own slot). Freed slots and new ids are matched in group order, so a new id
+    lands in a slot its group freed."""
     dropped_ids = active.gather(1, dropped_slots)
-    is_new = ~_member(grown_ids, dropped_ids, num_candidates)
-    is_freed = ~_member(dropped_ids, grown_ids, num_candidates)
     group_of = (lambda ids: ids // group_size) if group_size else torch.zeros_like
     # sort keys: (group, id) for new ids and (group, slot) for freed slots; the rest last
     stride, last = 1 << 31, torch.iinfo(torch.int64).max
@@ -118,21 +137,29 @@ def _assign(active: torch.Tensor, dropped_slots: torch.Tensor, grown_ids: torch.
     return new_active, grown
 
 
-def layerwise_salience(magnitude: torch.Tensor, active: torch.Tensor, scores: torch.Tensor,
-                       row_active: torch.Tensor, num_moved: int) -> torch.Tensor:
+def layerwise_salience(magnitude: torch.Tensor, row_active: torch.Tensor,
+                       active_scores: torch.Tensor, listed_rows: torch.Tensor,
+                       listed_scores: torch.Tensor, num_moved: int) -> torch.Tensor:
     """SRigL's salient count per row: entries in the layer-wide RigL keep set (the largest
     ``total - num_moved`` magnitudes over the active rows) plus entries in the layer-wide
-    grow set (the ``num_moved`` best scores among all positions not kept)."""
-    rows, slots = active.shape
+    grow set (the ``num_moved`` best scores among all positions not kept).
+
+    ``active_scores [R, k]`` are the growth scores of the slots (an ablated row's slots and
+    the dropped ones are candidates too); ``listed_rows`` / ``listed_scores`` the best
+    inactive positions of the layer, at least ``num_moved`` of them.
+    """
+    rows, slots = magnitude.shape
     total = int(row_active.sum()) * slots
     flat_magnitude = magnitude.float().masked_fill(~row_active[:, None], float("-inf"))
     # not kept: the ablated rows and the num_moved smallest of the active ones
     not_kept = top_ids(flat_magnitude.view(1, -1), rows * slots - total + num_moved,
                        largest=False, ordered=False)[0]
-    keep = torch.ones(rows * slots, dtype=torch.bool, device=active.device)
+    keep = torch.ones(rows * slots, dtype=torch.bool, device=magnitude.device)
     keep = keep.index_fill_(0, not_kept, False).view(rows, slots)
-    candidate_scores = scores.float().masked_fill(kept_mask(active, keep, scores.shape[1]),
-                                                  float("-inf"))
-    grow_flat = torch.zeros(candidate_scores.numel(), dtype=torch.bool, device=active.device)
-    grow_flat[top_ids(candidate_scores.view(1, -1), num_moved, ordered=False)[0]] = True
-    return keep.sum(dim=1) + grow_flat.view_as(scores).sum(dim=1)
+    slot_rows = torch.arange(rows, device=magnitude.device).repeat_interleave(slots)
+    candidate_rows = torch.cat([slot_rows, listed_rows])
+    candidate_scores = torch.cat([active_scores.float().masked_fill(keep, float("-inf"))
+                                  .view(-1), listed_scores.float()])
+    grown = top_ids(candidate_scores.view(1, -1), num_moved, ordered=False)[0]
+    grown_per_row = torch.bincount(candidate_rows[grown], minlength=rows)
+    return keep.sum(dim=1) + grown_per_row

@@ -232,7 +232,7 @@ def _planted_backward(model, dense_grad: torch.Tensor) -> None:
     model(torch.eye(in_features)).mul(dense_grad.T).sum().backward()
 
 
-def _planted_update(model, dense_grad, method, **dst_options):
+def _planted_update(model, method, **dst_options):
     """One DST update at step 1 with Adam at lr=0 (so the planted values stay put)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
     dst = sparsefx.DST(model, optimizer, method=method, total_steps=100, delta_t=1, t_end=0.5,
@@ -247,7 +247,7 @@ def _moved(dst, layer_size):
 def test_planted_diag_rigl_drops_smallest_norm_grows_largest_gradient_norm():
     model = _one_layer("diag", 20, 20, sparsity=0.6)  # K = 8 of P = 20
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, "rigl")
+    dst, optimizer = _planted_update(model, "rigl")
     num_kept = layer.offsets.numel()
     n = _moved(dst, num_kept)
     assert n == 2
@@ -270,7 +270,7 @@ def test_planted_diag_rigl_drops_smallest_norm_grows_largest_gradient_norm():
 def test_planted_diag_dynadiag_drops_lowest_importance():
     model = _one_layer("diag", 16, 24, sparsity=0.75)  # tall: P = 24, K = 6
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, "dynadiag")
+    dst, optimizer = _planted_update(model, "dynadiag")
     old = layer.offsets.clone()
     n = _moved(dst, old.numel())
     assert n == 2
@@ -300,7 +300,7 @@ def test_planted_diag_dynadiag_drops_lowest_importance():
 def test_planted_fanin_per_row(method):
     model = _one_layer("fanin", 16, 6, sparsity=0.5)  # k = 8 per row
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, method, output_layers=None)
+    dst, optimizer = _planted_update(model, method, output_layers=None)
     n = _moved(dst, 8)
     assert n == 2
     with torch.no_grad():
@@ -321,19 +321,26 @@ def test_planted_fanin_per_row(method):
     assert torch.all(layer.values[:, :2] == 0)
 
 
+def _plant_row_2_without_salient_entries(model):
+    """For a (6, 16) fan-in layer with k = 8 at alpha 0.3 (14 entries moved layer-wide):
+    row r, slot j holds j + 1 + r / 100, and row 2 the 8 smallest values of the layer; the
+    other 6 drops take slot 0 of 5 rows and one slot 1, so every other row keeps >= 6 salient
+    entries. Row 2 also gets no gradient, so it wins no growth either."""
+    layer = model[0]
+    with torch.no_grad():
+        layer.values.copy_(torch.arange(1, 9.0)[None, :] + torch.arange(6.0)[:, None] / 100)
+        layer.values[2] = 1e-3
+    dense_grad = 1 + torch.rand(6, 16, generator=torch.Generator().manual_seed(1))
+    dense_grad[2] = 0.0
+    _planted_backward(model, dense_grad)
+
+
 def test_planted_srigl_ablates_the_row_without_salient_entries():
     model = _one_layer("fanin", 16, 6, sparsity=0.5)  # k = 8, salient minimum floor(.5*8)=4
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, "srigl", output_layers=(), gamma_sal=0.5)
+    dst, optimizer = _planted_update(model, "srigl", output_layers=(), gamma_sal=0.5)
     assert round(dst.drop_fraction(1) * 48) == 14  # moved layer-wide
-    with torch.no_grad():
-        # row r, slot j: j + 1 + r / 100; row 2: the 8 smallest of the layer. The other 6
-        # drops take slot 0 of 5 rows and one slot 1: every other row keeps >= 6 >= 4.
-        layer.values.copy_(torch.arange(1, 9.0)[None, :] + torch.arange(6.0)[:, None] / 100)
-        layer.values[2] = 1e-3
-    dense_grad = 1 + torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
-    dense_grad[2] = 0.0  # and row 2 wins no growth
-    _planted_backward(model, dense_grad)
+    _plant_row_2_without_salient_entries(model)
     optimizer.step()
     assert dst.step()
     row_active = dst.layers[0].row_active
@@ -344,16 +351,10 @@ def test_planted_srigl_ablates_the_row_without_salient_entries():
 
 def test_planted_srigl_never_ablates_the_output_head():
     model = _one_layer("fanin", 16, 6, sparsity=0.5)
-    layer = model[0]
-    dst, optimizer = _planted_update(model, None, "srigl", gamma_sal=0.5)  # default: head
-    with torch.no_grad():
-        layer.values.fill_(1.0)
-        layer.values[2] = 1e-3
-    dense_grad = torch.ones(6, 16)
-    dense_grad[2] = 0.0
-    _planted_backward(model, dense_grad)
+    dst, optimizer = _planted_update(model, "srigl", gamma_sal=0.5)  # default: head
+    _plant_row_2_without_salient_entries(model)
     optimizer.step()
-    dst.step()
+    assert dst.step()
     assert bool(dst.layers[0].row_active.all())
 
 
@@ -363,15 +364,10 @@ def test_srigl_ablated_row_comes_back_at_zero():
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
     dst = sparsefx.DST(model, optimizer, method="srigl", total_steps=100, delta_t=1,
                        t_end=0.5, output_layers=(), gamma_sal=0.5)
-    with torch.no_grad():
-        layer.values.fill_(1.0)
-        layer.values[2] = 1e-3
-    dense_grad = torch.ones(6, 16)
-    dense_grad[2] = 0.0
-    _planted_backward(model, dense_grad)
+    _plant_row_2_without_salient_entries(model)
     optimizer.step()
     dst.step()
-    assert not dst.layers[0].row_active[2]
+    assert dst.layers[0].row_active.tolist() == [True, True, False, True, True, True]
     optimizer.zero_grad()
     dense_grad = torch.zeros(6, 16)
     dense_grad[2, :] = 10.0 + torch.arange(16.0)  # row 2 now wins all the growth
@@ -386,7 +382,7 @@ def test_srigl_ablated_row_comes_back_at_zero():
 def test_planted_nm_regrows_within_the_groups_that_lost_entries():
     model = _one_layer("nm", 16, 4, sparsity=0.5, options={"nm": (2, 4)})  # k = 8
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, "rigl")
+    dst, optimizer = _planted_update(model, "rigl")
     assert _moved(dst, 8) == 2
     old = layer.indices.long().clone()
     with torch.no_grad():
@@ -420,7 +416,7 @@ def test_planted_nm_regrows_within_the_groups_that_lost_entries():
 def test_planted_unstructured_rigl_layerwise():
     model = _one_layer("unstructured", 10, 10, sparsity=0.8)  # 20 of 100
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, "rigl")
+    dst, optimizer = _planted_update(model, "rigl")
     n = _moved(dst, 20)
     assert n == 6
     active = layer.mask.view(-1).nonzero()[:, 0]
@@ -446,7 +442,7 @@ def test_planted_set_drops_smallest_and_grows_random_seeded(pattern, options):
     for _ in range(2):
         model = _one_layer(pattern, 16, 16, sparsity=0.5, options=options)
         layer = model[0]
-        dst, optimizer = _planted_update(model, None, "set", seed=7)
+        dst, optimizer = _planted_update(model, "set", seed=7)
         param = _param(layer)
         with torch.no_grad():
             param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(3)))
@@ -464,7 +460,7 @@ def test_planted_set_drops_smallest_and_grows_random_seeded(pattern, options):
 def test_a_dropped_unit_grown_back_keeps_its_value():
     model = _one_layer("diag", 8, 8, sparsity=0.5)  # K = 4
     layer = model[0]
-    dst, optimizer = _planted_update(model, None, "rigl", alpha=0.5)
+    dst, optimizer = _planted_update(model, "rigl", alpha=0.5)
     assert _moved(dst, 4) == 2
     old = layer.offsets.clone()
     with torch.no_grad():

@@ -55,22 +55,45 @@ def test_fanin_lists_select_exactly_what_the_dense_gradient_selects(
     plan = ([fan_in, 0, 0, min(math.ceil(alpha * indices.numel()), out_features * in_features)]
             if srigl else [most, 0, 0, 0])
     probe_grad, dense = _tap_gradient(out_features, in_features, indices, "rows", plan, seed)
-    scores = growth.candidate_scores(probe_grad, indices, "rows", out_features, in_features)
-    assert torch.equal(scores.gather(1, indices.long()), dense.gather(1, indices.long()))
+    listed = growth.listed_candidates(probe_grad, indices, "rows", plan, out_features,
+                                      in_features)
+    assert torch.equal(listed.active, dense.gather(1, indices.long()))
+    candidate_ids, scores = listed.row_candidates(indices)
     magnitude = torch.rand(out_features, fan_in, generator=generator)
     moved = data.draw(st.integers(0, min(most, fan_in)))
     exact = regrow.drop_and_grow(indices.long(), magnitude, dense, moved)
-    compact = regrow.drop_and_grow(indices.long(), magnitude, scores, moved)
+    compact = regrow.drop_and_grow(indices.long(), magnitude, scores, moved,
+                                   candidate_ids=candidate_ids)
     _assert_same_selection(exact, compact)
     if srigl:
         row_active = torch.rand(out_features, generator=generator) > 0.3
         total = round(alpha * int(row_active.sum()) * fan_in)
+        listed_scores, listed_rows, _ = listed.layer_wide
         assert torch.equal(
-            regrow.layerwise_salience(magnitude, indices.long(), dense, row_active, total),
-            regrow.layerwise_salience(magnitude, indices.long(), scores, row_active, total))
-        # a revived row takes its best k columns
-        best = lambda s: s.argsort(dim=1, descending=True, stable=True)[:, :fan_in].sort(1)[0]
-        assert torch.equal(best(scores), best(dense))
+            _dense_salience(magnitude, indices.long(), dense, row_active, total),
+            regrow.layerwise_salience(magnitude, row_active, listed.active, listed_rows,
+                                      listed_scores, total))
+        # a revived row takes its best k columns: of its slots and its listed ones
+        best = growth.top_ids(scores, fan_in)
+        assert torch.equal(candidate_ids.gather(1, best).sort(1)[0],
+                           dense.argsort(dim=1, descending=True, stable=True)[:, :fan_in]
+                           .sort(1)[0])
+
+
+def _dense_salience(magnitude, indices, dense, row_active, moved):
+    """SRigL's salient counts straight from the definition, on the full |G|."""
+    rows, slots = indices.shape
+    total = int(row_active.sum()) * slots
+    flat = magnitude.masked_fill(~row_active[:, None], float("-inf")).view(-1)
+    keep = torch.zeros(rows * slots, dtype=torch.bool)
+    keep[flat.argsort(descending=True, stable=True)[:total - moved]] = True
+    keep = keep.view(rows, slots)
+    not_kept = dense.clone()
+    for row in range(rows):
+        not_kept[row, indices[row][keep[row]]] = float("-inf")
+    grow = torch.zeros(dense.numel(), dtype=torch.bool)
+    grow[not_kept.view(-1).argsort(descending=True, stable=True)[:moved]] = True
+    return keep.sum(dim=1) + grow.view_as(dense).sum(dim=1)
 
 
 @given(out_features=st.integers(1, 10), groups=st.integers(1, 5),
@@ -108,12 +131,14 @@ def test_element_lists_select_exactly_what_the_dense_gradient_selects(
     mask = mask.view(out_features, in_features)
     plan = [0, 0, 0, min(math.ceil(alpha * kept), total)]
     probe_grad, dense = _tap_gradient(out_features, in_features, mask, "elements", plan, seed)
-    scores = growth.candidate_scores(probe_grad, mask, "elements", out_features, in_features)
+    listed = growth.listed_candidates(probe_grad, mask, "elements", plan, out_features,
+                                      in_features)
     active = mask.view(1, -1).nonzero()[:, 1][None, :]
+    candidate_ids, scores = listed.layer_candidates(active, in_features)
     magnitude = torch.rand(1, kept, generator=generator)
     moved = data.draw(st.integers(0, min(plan[3], kept)))
     exact = regrow.drop_and_grow(active, magnitude, dense.view(1, -1), moved)
-    compact = regrow.drop_and_grow(active, magnitude, scores.view(1, -1), moved)
+    compact = regrow.drop_and_grow(active, magnitude, scores, moved, candidate_ids=candidate_ids)
     _assert_same_selection(exact, compact)
 
 

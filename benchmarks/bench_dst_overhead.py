@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsefx
+from bench_ops_cpu import machine  # this folder is on sys.path when run as a script
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [("diag", "static"), ("diag", "set"), ("diag", "rigl"), ("diag", "dynadiag"),
@@ -89,11 +89,11 @@ def main():
         row["time_vs_static"] = (middle(results, "total_s")["total_s"]
                                  / middle(rounds[(case[0], "static")], "total_s")["total_s"])
         rows.append(row)
-    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-               f"threads, torch {torch.__version__}")
+    info = machine()
+    host = f"{info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}"
     header = (f"`python benchmarks/bench_dst_overhead.py --steps {args.steps} --width "
               f"{args.width} --batch {args.batch} --delta-t {args.delta_t} --rounds "
-              f"{args.rounds}` on {machine}; MLP {args.width}-{2 * args.width}-"
+              f"{args.rounds}` on {host}; MLP {args.width}-{2 * args.width}-"
               f"{2 * args.width}-{args.width}-10 at 90 %, AdamW; median of {args.rounds} rounds.")
     lines = [header, "", "| pattern | method | training s | in dst.step() s | armed steps | "
              "armed extra s | overhead | plain step ms | total vs static |",
@@ -109,7 +109,7 @@ def main():
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "dst_overhead_cpu.md").write_text(table + "\n")
         (RESULTS / "dst_overhead_cpu.json").write_text(json.dumps(
-            {"command_args": vars(args), "machine": machine, "rows": rows}, indent=2) + "\n")
+            {"command_args": vars(args), "machine": info, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 sparsity every DST method trains at least as well as keeping the initial random structure
 (``static``), and the dense model is the ceiling. Means over 3 seeds; "at least as well"
 allows 0.5 points (2 of 450 test images), the spread between seeds being about 1 point.
-This is a sanity check; the accuracy study is examples/accuracy_study.py."""
+This is a sanity check, not an accuracy study."""
 from __future__ import annotations
 
 import pytest

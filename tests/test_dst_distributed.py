@@ -63,6 +63,8 @@ def _worker(rank: int, init_file: str, out_dir: str, pattern: str, method: str) 
         share = BATCH // WORLD
         state = _train(model, wrapped, slice(rank * share, (rank + 1) * share), method)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        del wrapped
     finally:
         dist.destroy_process_group()
 
@@ -97,6 +99,8 @@ def _mismatch_worker(rank: int, init_file: str, out_dir: str) -> None:
         except ValueError as error:
             with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as file:
                 file.write(str(error))
+        dist.barrier()  # both ranks are done with collectives before the group goes away
+        del wrapped
     finally:
         dist.destroy_process_group()
 

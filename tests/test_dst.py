@@ -240,6 +240,14 @@ def _planted_update(model, method, **dst_options):
     return dst, optimizer
 
 
+def _hot_diagonals(out_features, in_features, offsets) -> torch.Tensor:
+    """A dense gradient that is small everywhere but large along the diagonals ``offsets``."""
+    dense_grad = torch.rand(out_features, in_features) * 0.01
+    rows, cols = patterns.diag_coordinates(torch.tensor(offsets), out_features, in_features)
+    dense_grad[rows, cols] = 5.0
+    return dense_grad
+
+
 def _moved(dst, layer_size):
     return round(dst.drop_fraction(1) * layer_size)
 
@@ -256,10 +264,7 @@ def test_planted_diag_rigl_drops_smallest_norm_grows_largest_gradient_norm():
     old = layer.offsets.clone()
     inactive = [d for d in range(20) if d not in old.tolist()]
     planted = [inactive[3], inactive[7]]
-    dense_grad = torch.rand(20, 20) * 0.01
-    rows, cols = patterns.diag_coordinates(torch.tensor(planted), 20, 20)
-    dense_grad[rows, cols] = 5.0
-    _planted_backward(model, dense_grad)
+    _planted_backward(model, _hot_diagonals(20, 20, planted))
     optimizer.step()
     assert dst.step()
     assert set(layer.offsets.tolist()) == set(old[2:].tolist()) | set(planted)
@@ -279,10 +284,7 @@ def test_planted_diag_dynadiag_drops_lowest_importance():
         layer.values.fill_(1.0)
     inactive = [d for d in range(24) if d not in old.tolist()]
     planted = [inactive[0], inactive[-1]]
-    dense_grad = torch.rand(24, 16) * 0.01
-    rows, cols = patterns.diag_coordinates(torch.tensor(planted), 24, 16)
-    dense_grad[rows, cols] = 5.0
-    _planted_backward(model, dense_grad)
+    _planted_backward(model, _hot_diagonals(24, 16, planted))
     optimizer.step()
     assert dst.step()
     kept = [old[i].item() for i in (0, 2, 3, 5)]

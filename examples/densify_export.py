@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import sparsefx
-from quickstart import accuracy, digits, mlp, train  # this folder is on sys.path
+from common import accuracy, digits, mlp, train  # this folder is on sys.path
 
 
 def main():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsefx
-from quickstart import accuracy, digits, mlp  # this folder is on sys.path
+from common import accuracy, digits, mlp  # this folder is on sys.path
 
 
 def build(args):

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import sparsefx
-from quickstart import accuracy, digits, mlp, train  # this folder is on sys.path
+from common import accuracy, digits, mlp, train  # this folder is on sys.path
 
 PATTERNS = [("diag", {}), ("fanin", {}), ("nm", {"nm": (2, 4)}), ("unstructured", {})]
 

@@ -1,0 +1,83 @@
+"""What the examples share: the digits data, an MLP, the training loop, accuracy and timing.
+
+The data is scikit-learn's ``load_digits`` (1,797 8x8 handwritten digits, shipped with the
+package: nothing is downloaded), split 75/25 stratified, standardised on the training set.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import benchmark
+from tqdm import tqdm
+
+import sparsefx
+
+
+def digits(seed: int, device: str = "cpu"):
+    """``(x_train, y_train, x_test, y_test)``: 64 standardised pixels per image."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    data = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.data, data.target, test_size=0.25, random_state=seed, stratify=data.target)
+    mean, std = x_train.mean(0), x_train.std(0)
+    std[std == 0] = 1.0  # pixels blank in every training image: leave them unscaled
+    as_x = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32, device=device)
+    as_y = lambda a: torch.tensor(a, dtype=torch.int64, device=device)
+    return as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test)
+
+
+def mlp(hidden: int, seed: int) -> nn.Sequential:
+    """64 -> hidden -> hidden -> 10, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed: int,
+          method: str | None = None, delta_t: int = 25, runner=None,
+          progress: bool = True, weight_decay: float = 1e-4):
+    """AdamW with a one-cycle schedule; with ``method``, ``sparsefx.DST`` after each step.
+    ``runner`` is what the batches go through (e.g. the compiled model); ``model`` is what
+    the optimizer and DST see. Returns the DST manager (or None)."""
+    x_train, y_train, _, _ = data
+    runner = model if runner is None else runner
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * math.ceil(len(x_train) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
+                                                   total_steps=total_steps)
+    dst = None if method is None else sparsefx.DST(model, optimizer, method=method,
+                                                   total_steps=total_steps, delta_t=delta_t,
+                                                   seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(epochs), desc=f"{label:>6}", unit="epoch", disable=not progress)
+    for _ in bar:
+        order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+        for batch in order.split(batch_size):
+            loss = F.cross_entropy(runner(x_train[batch]), y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if dst is not None:
+                dst.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return dst
+
+
+@torch.no_grad()
+def accuracy(model, data) -> float:
+    _, _, x_test, y_test = data
+    return (model(x_test).argmax(1) == y_test).float().mean().item()
+
+
+@torch.no_grad()
+def inference_ms(model, batch: int, device: str = "cpu") -> float:
+    """Median milliseconds of ``model`` on a random ``[batch, 64]`` input."""
+    x = torch.randn(batch, 64, device=device)
+    timer = benchmark.Timer("model(x)", globals=dict(model=model, x=x),
+                            num_threads=torch.get_num_threads())
+    return 1e3 * timer.blocked_autorange(min_run_time=0.5).median

@@ -118,6 +118,7 @@ class _Layer:
     kind: str
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
     row_active: torch.Tensor | None = None  # srigl: [out] bool, False for ablated rows
+    any_ablated: bool = False  # srigl: row_active has a False (kept on the host: no sync)
     ablate: bool = False  # srigl: may rows of this layer be ablated?
 
     @property
@@ -393,6 +394,7 @@ class DST:
         if changed:
             self._write(layer, active, new_active, grown)
             layer.row_active.copy_(new_row_active)
+            layer.any_ablated = not bool(new_row_active.all())
             self._hold_ablated_rows(layer)
         return changed
 
@@ -420,7 +422,7 @@ class DST:
 
     def _hold_ablated_rows(self, layer: _Layer) -> None:
         """Ablated rows stay exactly zero, whatever the optimizer did to them."""
-        if layer.row_active is not None and not bool(layer.row_active.all()):
+        if layer.any_ablated:
             _zero_units(self.optimizer, layer.module.values, ~layer.row_active[:, None])
 
     # ----------------------------------------------------------------------- dynadiag
@@ -456,9 +458,11 @@ class DST:
         return self.temperature * max(0.0, 1.0 - step / self.end_step)
 
     def _train_importance(self) -> None:
-        importances = [layer.module._importance for layer in self.layers]
-        _average_across_ranks([p.grad for p in importances if p.grad is not None])
-        grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in importances)
+        grads = [layer.module._importance.grad for layer in self.layers
+                 if layer.module._importance.grad is not None]
+        _average_across_ranks(grads)
+        # one host sync for all layers: this runs every step
+        grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if grads_ok and self._step <= self.end_step:
             self._importance_optimizer.step()
         self._importance_optimizer.zero_grad(set_to_none=True)
@@ -519,6 +523,7 @@ class DST:
         for layer in self.layers:
             if layer.name in state["row_active"]:
                 layer.row_active.copy_(state["row_active"][layer.name])
+                layer.any_ablated = not bool(layer.row_active.all())
             if layer.name in state["importance"]:
                 layer.module._importance.copy_(state["importance"][layer.name])
                 layer.module._temperature.fill_(self._temperature_at(self._step))
@@ -612,8 +617,7 @@ def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
     """Under torch.distributed every rank must start from the same structure (transform with
     the same seed everywhere): compare a checksum per layer."""
     distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()
-            and distributed.get_world_size() > 1):
+    if _world_size() == 1:
         return
     sums = torch.stack([layer.module.structure.double().sum() for layer in layers])
     weighted = torch.stack([(layer.module.structure.double().flatten()
@@ -632,14 +636,16 @@ def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
 
 def _average_across_ranks(tensors: list[torch.Tensor]) -> None:
     """Under torch.distributed, replace each tensor by its mean over the ranks (in place)."""
+    world = _world_size()
+    for tensor in tensors if world > 1 else ():
+        torch.distributed.all_reduce(tensor)
+        tensor /= world
+
+
+def _world_size() -> int:
     distributed = torch.distributed
-    if not tensors or not (distributed.is_available() and distributed.is_initialized()):
-        return
-    world = distributed.get_world_size()
-    if world > 1:
-        for tensor in tensors:
-            distributed.all_reduce(tensor)
-            tensor /= world
+    return (distributed.get_world_size()
+            if distributed.is_available() and distributed.is_initialized() else 1)
 
 
 def _finite_gradients(layer: _Layer) -> bool:

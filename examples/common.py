@@ -40,31 +40,49 @@ def mlp(hidden: int, seed: int) -> nn.Sequential:
 def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed: int,
           method: str | None = None, delta_t: int = 25, runner=None,
           progress: bool = True, weight_decay: float = 1e-4):
-    """AdamW with a one-cycle schedule; with ``method``, ``sparsefx.DST`` after each step.
-    ``runner`` is what the batches go through (e.g. the compiled model); ``model`` is what
-    the optimizer and DST see. Returns the DST manager (or None)."""
+    """``epochs`` shuffled passes over the digits' training set through ``fit``. Returns the
+    DST manager (or None)."""
     x_train, y_train, _, _ = data
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(epochs):
+            order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
+            for batch in order.split(batch_size):
+                yield x_train[batch], y_train[batch]
+
+    return fit(model, batches(), epochs * steps_per_epoch, lr, label, seed, method=method,
+               delta_t=delta_t, runner=runner, progress=progress, weight_decay=weight_decay)
+
+
+def fit(model, batches, total_steps: int, lr: float, label: str, seed: int,
+        method: str | None = None, delta_t: int = 25, runner=None, progress: bool = True,
+        weight_decay: float = 1e-4, loss_fn=F.cross_entropy):
+    """AdamW with a one-cycle schedule over ``total_steps`` ``(input, target)`` pairs from
+    ``batches``; with ``method``, ``sparsefx.DST`` after each step. ``runner`` is what the
+    batches go through (e.g. the compiled model); ``model`` is what the optimizer and DST
+    see. Returns the DST manager (or None)."""
     runner = model if runner is None else runner
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * math.ceil(len(x_train) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
                                                    total_steps=total_steps)
     dst = None if method is None else sparsefx.DST(model, optimizer, method=method,
                                                    total_steps=total_steps, delta_t=delta_t,
                                                    seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(epochs), desc=f"{label:>6}", unit="epoch", disable=not progress)
-    for _ in bar:
-        order = torch.randperm(len(x_train), generator=generator).to(x_train.device)
-        for batch in order.split(batch_size):
-            loss = F.cross_entropy(runner(x_train[batch]), y_train[batch])
+    model.train()
+    with tqdm(total=total_steps, desc=f"{label:>6}", unit="step", disable=not progress) as bar:
+        for step, (inputs, targets) in enumerate(batches):
+            loss = loss_fn(runner(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             if dst is not None:
                 dst.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+            if progress and (step % 50 == 0 or step == total_steps - 1):
+                bar.set_postfix(loss=f"{loss.item():.3f}")  # a host sync: only now and then
     return dst
 
 

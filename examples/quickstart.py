@@ -1,16 +1,16 @@
-"""Train a 90 %-diagonal-sparse model with DynaDiag on handwritten digits, next to the same
-model trained dense.
+"""Train a 90 %-diagonal-sparse vision transformer with DynaDiag on handwritten digits, next
+to the same model trained dense.
 
-    python examples/quickstart.py                          # MLP, diag 90 %, dynadiag
-    python examples/quickstart.py --pattern fanin --method srigl --compile
-    python examples/quickstart.py --model vit --pattern unstructured --method rigl
+    python examples/quickstart.py                          # ViT, diag 90 %, dynadiag, compiled
+    python examples/quickstart.py --pattern fanin          # SRigL on constant fan-in
+    python examples/quickstart.py --model mlp --no-compile --pattern unstructured
 
 The digits ship with scikit-learn: nothing is downloaded. ``sparsefx.transform`` makes the
 model's Linears sparse (the 10-way head, and the ViT's 4-pixel patch embedding, stay
-dense), ``torch.compile`` compiles it with ``--compile``, and ``sparsefx.DST`` moves its
-structure while it trains. The script prints the per-layer report, test accuracy next to
-the dense model trained the same way, and the inference speed of both, measured in the same
-run.
+dense), ``torch.compile`` compiles it (``--no-compile`` to run eagerly), and
+``sparsefx.DST`` moves its structure while it trains. The script prints the per-layer
+report, test accuracy next to the dense model trained the same way, and the inference speed
+of both, measured in the same run.
 """
 from __future__ import annotations
 
@@ -34,20 +34,20 @@ def main():
                              "rigl otherwise)")
     parser.add_argument("--sparsity", type=float, default=0.9, help="ignored by nm (2:4)")
     parser.add_argument("--delta-t", type=int, default=25, help="steps between DST updates")
-    parser.add_argument("--model", choices=["mlp", "vit"], default="mlp")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 15 (mlp), 40 (vit)")
+    parser.add_argument("--model", choices=["mlp", "vit"], default="vit")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 15 (mlp), 30 (vit)")
     parser.add_argument("--hidden", type=int, default=1024, help="mlp: 64-hidden-hidden-10")
     parser.add_argument("--dim", type=int, default=128, help="vit: embedding width")
-    parser.add_argument("--depth", type=int, default=4, help="vit: blocks")
+    parser.add_argument("--depth", type=int, default=2, help="vit: blocks")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="default: 3e-3 (mlp), 2e-3 (vit)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="train and time both models through torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     method = args.method or DEFAULT_METHOD[args.pattern]
-    epochs = args.epochs or {"mlp": 15, "vit": 40}[args.model]
+    epochs = args.epochs or {"mlp": 15, "vit": 30}[args.model]
     lr = args.lr or {"mlp": 3e-3, "vit": 2e-3}[args.model]
 
     started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 The 8x8 image is cut into 2x2 patches (16 tokens of 4 pixels), embedded to ``dim``, a
 class token and learned positions are added, then ``depth`` pre-norm blocks (multi-head
-self-attention through one ``qkv`` Linear and ``F.scaled_dot_product_attention``, then an
+self-attention with q, k, v Linears and ``F.scaled_dot_product_attention``, then an
 MLP of ratio 4), and a LayerNorm + Linear head on the class token. Every matmul with a
 weight is an ``nn.Linear``, so ``sparsefx.transform`` finds all of them.
 """
@@ -28,11 +28,18 @@ class ViTConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ViTConfig):
+    """A pre-norm transformer block; ``causal`` masks attention to earlier tokens (the
+    character language model of ``charlm.py`` uses it so)."""
+
+    def __init__(self, config, causal: bool = False):
         super().__init__()
-        self.heads, self.dropout = config.heads, config.dropout
+        self.heads, self.dropout, self.causal = config.heads, config.dropout, causal
         self.norm1 = nn.LayerNorm(config.dim)
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        # separate q, k, v projections rather than one fused qkv Linear: each is then its own
+        # sparse layer with its own budget. Fused, RigL's layer-wide growth moves entries
+        # from q and k to v (whose gradients are larger while attention is near uniform)
+        # until attention starves: measured 807 / 1,417 / 2,691 of 4,915 entries at 90 %.
+        self.q, self.k, self.v = (nn.Linear(config.dim, config.dim) for _ in range(3))
         self.proj = nn.Linear(config.dim, config.dim)
         self.norm2 = nn.LayerNorm(config.dim)
         self.fc1 = nn.Linear(config.dim, config.mlp_ratio * config.dim)
@@ -40,9 +47,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, tokens, 3, self.heads, -1).unbind(2)
-        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2))
+        normed = self.norm1(x)
+        q, k, v = (projection(normed).view(batch, tokens, self.heads, -1).transpose(1, 2)
+                   for projection in (self.q, self.k, self.v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + F.dropout(self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim)),
                           self.dropout, self.training)
         hidden = F.gelu(self.fc1(self.norm2(x)))

@@ -66,7 +66,7 @@ FULL = {
     "mlp": Task(model=dict(hidden=256), lr=3e-3, batch_size=64, epochs=30),
     "vit": Task(model=dict(dim=128, depth=2), lr=2e-3, batch_size=64, epochs=30,
                 keep_first_dense=True),  # the patch embedding sees 4 pixels
-    "lm": Task(model=dict(dim=128, depth=2, context=64), lr=3e-3, batch_size=32, steps=600,
+    "lm": Task(model=dict(dim=128, depth=2, context=64), lr=6e-3, batch_size=32, steps=600,
                text_bytes=1_000_000),
 }
 QUICK = {  # tiny: every code path, in seconds
@@ -295,13 +295,17 @@ def main():
                                if any(r["task"] == t for r in results["runs"])},
                             **results["tasks"]}
     done = {key(r) for r in results["runs"]}
-    # 90 % first: the targets are there, and a partial study is most useful with them
+    # the sparsity nearest 90 % first (the targets are there), then the other sparsities task
+    # by task, cheapest task first: a partial study is then the most useful one
     order = sorted(args.sparsities, key=lambda s: abs(s - 0.9))
     todo = [(task, pattern, method, sparsity, seed)
-            for sparsity in order for task in tasks for seed in args.seeds
-            for pattern, method in methods
-            if not (pattern == "dense" and sparsity != order[0])
-            and (task, pattern, method, 0.0 if pattern == "dense" else sparsity, seed)
+            for sparsity in order[:1] for task in tasks for seed in args.seeds
+            for pattern, method in methods]
+    todo += [(task, pattern, method, sparsity, seed)
+             for task in tasks for sparsity in order[1:] for seed in args.seeds
+             for pattern, method in methods if pattern != "dense"]
+    todo = [(task, pattern, method, sparsity, seed) for task, pattern, method, sparsity, seed
+            in todo if (task, pattern, method, 0.0 if pattern == "dense" else sparsity, seed)
             not in done]
     print(f"{len(done)} runs saved in {path}, {len(todo)} to run, {args.jobs} at a time")
 

@@ -225,7 +225,7 @@ def plot(tables: dict, sparsities: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.6), squeeze=False)
     for axis, (task, table) in zip(axes[0], tables.items(), strict=True):
-        for (pattern, method), row in table.items():
+        for index, ((pattern, method), row) in enumerate(table.items()):
             if not row:
                 continue
             if pattern == "dense":
@@ -233,7 +233,8 @@ def plot(tables: dict, sparsities: list[float], path: Path) -> None:
                 axis.axhline(mean, color="black", linestyle="--", label="dense")
                 axis.axhspan(mean - std, mean + std, color="black", alpha=0.08)
                 continue
-            xs = [100 * s for s in sparsities if s in row]
+            shift = 0.15 * (index - len(table) / 2)  # side by side, so error bars stay legible
+            xs = [100 * s + shift for s in sparsities if s in row]
             axis.errorbar(xs, [row[s][0] for s in sparsities if s in row],
                           yerr=[row[s][1] for s in sparsities if s in row], marker="o",
                           capsize=3, label=f"{pattern} {method}")

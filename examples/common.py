@@ -38,7 +38,7 @@ def mlp(hidden: int, seed: int) -> nn.Sequential:
 
 
 def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed: int,
-          method: str | None = None, delta_t: int = 25, runner=None,
+          method: str | None = None, delta_t: int = 100, runner=None,
           progress: bool = True, weight_decay: float = 1e-4):
     """``epochs`` shuffled passes over the digits' training set through ``fit``. Returns the
     DST manager (or None)."""
@@ -57,7 +57,7 @@ def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed
 
 
 def fit(model, batches, total_steps: int, lr: float, label: str, seed: int,
-        method: str | None = None, delta_t: int = 25, runner=None, progress: bool = True,
+        method: str | None = None, delta_t: int = 100, runner=None, progress: bool = True,
         weight_decay: float = 1e-4, loss_fn=F.cross_entropy):
     """AdamW with a one-cycle schedule over ``total_steps`` ``(input, target)`` pairs from
     ``batches``; with ``method``, ``sparsefx.DST`` after each step. ``runner`` is what the

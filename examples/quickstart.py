@@ -33,7 +33,8 @@ def main():
                         help="DST method (default: dynadiag for diag, srigl for fanin, "
                              "rigl otherwise)")
     parser.add_argument("--sparsity", type=float, default=0.9, help="ignored by nm (2:4)")
-    parser.add_argument("--delta-t", type=int, default=25, help="steps between DST updates")
+    parser.add_argument("--delta-t", type=int, default=100,
+                        help="steps between DST updates (default: the library's)")
     parser.add_argument("--model", choices=["mlp", "vit"], default="vit")
     parser.add_argument("--epochs", type=int, default=None, help="default: 15 (mlp), 30 (vit)")
     parser.add_argument("--hidden", type=int, default=1024, help="mlp: 64-hidden-hidden-10")

@@ -58,7 +58,7 @@ class Task:
     epochs: int = 0  # digits: passes over the 1,347 training images
     steps: int = 0  # lm: optimizer steps on random windows
     text_bytes: int = 0  # lm: bytes of standard-library source (90 % train, 10 % validation)
-    delta_t: int = 25  # steps between DST updates
+    delta_t: int = 100  # steps between DST updates (the RigL default)
     keep_first_dense: bool = False
 
 

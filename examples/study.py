@@ -1,6 +1,6 @@
 """The accuracy study: every DST method, at 80, 90 and 95 % sparsity, 3 seeds, against dense.
 
-    python examples/study.py                    # all of it: ~75 min on 2 CPU cores
+    python examples/study.py                    # all of it: ~90 min on 2 CPU cores
     python examples/study.py --tasks mlp --seeds 0 --sparsities 0.9
     python examples/study.py --quick --out /tmp/study    # a smoke run (CI)
 

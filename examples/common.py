@@ -38,8 +38,8 @@ def mlp(hidden: int, seed: int) -> nn.Sequential:
 
 
 def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed: int,
-          method: str | None = None, delta_t: int = 100, runner=None,
-          progress: bool = True, weight_decay: float = 1e-4):
+          method: str | None = None, runner=None, progress: bool = True,
+          weight_decay: float = 1e-4, **dst_options):
     """``epochs`` shuffled passes over the digits' training set through ``fit``. Returns the
     DST manager (or None)."""
     x_train, y_train, _, _ = data
@@ -53,23 +53,24 @@ def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed
                 yield x_train[batch], y_train[batch]
 
     return fit(model, batches(), epochs * steps_per_epoch, lr, label, seed, method=method,
-               delta_t=delta_t, runner=runner, progress=progress, weight_decay=weight_decay)
+               runner=runner, progress=progress, weight_decay=weight_decay, **dst_options)
 
 
 def fit(model, batches, total_steps: int, lr: float, label: str, seed: int,
-        method: str | None = None, delta_t: int = 100, runner=None, progress: bool = True,
-        weight_decay: float = 1e-4, loss_fn=F.cross_entropy):
+        method: str | None = None, runner=None, progress: bool = True,
+        weight_decay: float = 1e-4, loss_fn=F.cross_entropy, **dst_options):
     """AdamW with a one-cycle schedule over ``total_steps`` ``(input, target)`` pairs from
     ``batches``; with ``method``, ``sparsefx.DST`` after each step. ``runner`` is what the
     batches go through (e.g. the compiled model); ``model`` is what the optimizer and DST
-    see. Returns the DST manager (or None)."""
+    see. ``dst_options`` (e.g. ``delta_t``) go to ``sparsefx.DST``; the rest keep its
+    defaults. Returns the DST manager (or None)."""
     runner = model if runner is None else runner
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
                                                    total_steps=total_steps)
     dst = None if method is None else sparsefx.DST(model, optimizer, method=method,
-                                                   total_steps=total_steps, delta_t=delta_t,
-                                                   seed=seed)
+                                                   total_steps=total_steps, seed=seed,
+                                                   **dst_options)
     model.train()
     with tqdm(total=total_steps, desc=f"{label:>6}", unit="step", disable=not progress) as bar:
         for step, (inputs, targets) in enumerate(batches):

@@ -33,8 +33,8 @@ def main():
                         help="DST method (default: dynadiag for diag, srigl for fanin, "
                              "rigl otherwise)")
     parser.add_argument("--sparsity", type=float, default=0.9, help="ignored by nm (2:4)")
-    parser.add_argument("--delta-t", type=int, default=100,
-                        help="steps between DST updates (default: the library's)")
+    parser.add_argument("--delta-t", type=int, default=None,
+                        help="steps between DST updates (default: sparsefx.DST's)")
     parser.add_argument("--model", choices=["mlp", "vit"], default="vit")
     parser.add_argument("--epochs", type=int, default=None, help="default: 15 (mlp), 30 (vit)")
     parser.add_argument("--hidden", type=int, default=1024, help="mlp: 64-hidden-hidden-10")
@@ -62,12 +62,13 @@ def main():
                                 keep_last_dense=True)
     models = {"dense": dense, args.pattern: sparse}
     runners = {name: torch.compile(m) if args.compile else m for name, m in models.items()}
+    dst_options = {} if args.delta_t is None else {"delta_t": args.delta_t}
     seconds, dst = {}, None
     for name, model in models.items():
         begin = time.perf_counter()
         manager = train(model, data, epochs, args.batch_size, lr, name, args.seed,
-                        method=None if name == "dense" else method, delta_t=args.delta_t,
-                        runner=runners[name])
+                        method=None if name == "dense" else method, runner=runners[name],
+                        **dst_options)
         seconds[name] = time.perf_counter() - begin
         dst = manager or dst
     print(dst)

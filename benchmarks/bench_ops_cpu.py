@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import sparsefx  # noqa: F401  (registers torch.ops.sparsefx)
-from sparsefx.kernels import cpu, patterns
+from sparsefx.kernels import cpu_kernels, patterns, use_cpu_kernels
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -121,15 +121,8 @@ def fallback_cases(cases):
     """The same sparsefx ops on the PyTorch fallback kernels, to show why native is kept."""
     def on_fallback(fn):
         def wrapped():
-            previous = os.environ.get("SPARSEFX_CPU_KERNELS")
-            os.environ["SPARSEFX_CPU_KERNELS"] = "torch"
-            try:
+            with use_cpu_kernels("torch"):
                 return fn()
-            finally:
-                if previous is None:
-                    del os.environ["SPARSEFX_CPU_KERNELS"]
-                else:
-                    os.environ["SPARSEFX_CPU_KERNELS"] = previous
         return wrapped
     return {f"{name} (torch fallback)": tuple(on_fallback(f) for f in fns)
             for name, fns in cases.items() if name.endswith("sparsefx")}
@@ -146,7 +139,7 @@ def machine() -> dict:
         pass
     return dict(cpu=model, logical_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version(),
-                cpu_kernels=cpu.backend_name())
+                cpu_kernels=cpu_kernels())
 
 
 def write(rows, info, args):

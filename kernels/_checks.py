@@ -74,6 +74,22 @@ def _check_activations(op: str, name: str, x: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------ diag
 
 
+def _blame_input_width(op: str, x: torch.Tensor, values: torch.Tensor, out_features: int):
+    """The values ``[K, L]`` fit a layer of ``out_features`` outputs, but not one as wide as
+    ``x``: the input has the wrong width (it sets ``in_features``), not the layer."""
+    stored = values.shape[1]
+    if stored < out_features:
+        raise ValueError(
+            f"{op}: x has shape {tuple(x.shape)}: expected last dimension {stored} (in_features: "
+            f"values {tuple(values.shape)} hold diagonals of length L = min(out_features, "
+            f"in_features) = {stored} < out_features = {out_features})")
+    raise ValueError(
+        f"{op}: x has shape {tuple(x.shape)}: expected last dimension >= {out_features} "
+        f"(in_features: values {tuple(values.shape)} hold diagonals of length L = "
+        f"min(out_features, in_features) = out_features = {out_features})")
+
+
+
 def check_diag(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor,
                offsets: torch.Tensor, out_features: int, in_features: int,
                bias: torch.Tensor | None = None, structure: bool = True) -> None:
@@ -88,6 +104,9 @@ def check_diag(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor,
     if in_features < 1:
         raise ValueError(f"{op}: in_features = {in_features}: expected >= 1")
     num_candidates, length = patterns.diag_geometry(out_features, in_features)
+    if (x_name == "x" and values.dim() == 2 and values.shape[1] != length
+            and 1 <= values.shape[1] <= out_features):
+        _blame_input_width(op, x, values, out_features)
     if values.dim() != 2 or values.shape[1] != length:
         raise ValueError(
             f"{op}: values has shape {tuple(values.shape)}: expected [K, L] with L = "
@@ -132,5 +151,12 @@ def check_fanin(op: str, x: torch.Tensor, x_name: str, values: torch.Tensor | No
         raise ValueError(f"{op}: each row holds k = {fan_in} entries: expected "
                          f"1 <= k <= in_features = {in_features}")
     _check_bias(op, bias, num_out)
-    if structure:
+    if not structure:
+        return
+    try:
         _verify_once(op, indices, patterns.check_fanin_indices, in_features)
+    except ValueError as error:
+        if x_name == "x" and f"{op}: indices[" in str(error):  # an id beyond x's width
+            raise ValueError(f"{error}, in_features being the last dimension of x "
+                             f"{tuple(x.shape)}") from None
+        raise

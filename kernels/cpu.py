@@ -1,34 +1,35 @@
-"""CPU kernels for the diagonal and fan-in ops.
+"""CPU kernels for the diagonal and fan-in ops, and the loader of the native ones.
 
-Two implementations of the same four functions:
+* native -- ``csrc/``: the ops' CPU kernels, argument checks and autograd in C++, registered
+  with the dispatcher when the library loads (``load_native``). Built with the system
+  compiler on first import (about a minute, logged), then cached by
+  ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``. The fastest by measurement
+  (``benchmarks/bench.py``): they read only the stored values and structure, and a call
+  runs no Python.
+* torch -- the functions below: the same arithmetic in chunked PyTorch gathers, which
+  ``ops.py`` registers where no compiler is available or when
+  ``SPARSEFX_CPU_KERNELS=torch`` asks for it.
 
-* ``native`` -- the C++ kernels of ``csrc/sparse_linear_cpu.cpp``, built with the system
-  compiler the first time a CPU op runs (about a minute, then cached by
-  ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``). The fastest by measurement
-  (``benchmarks/bench_ops_cpu.py``): they read only the stored values and structure.
-* ``torch`` -- the same arithmetic in chunked PyTorch gathers, used where no compiler is
-  available or when ``SPARSEFX_CPU_KERNELS=torch`` asks for it.
-
-Both compute in float32 (float64 stays float64); fp16/bf16 inputs are upcast and the result
-cast back by the caller. Activations come in as 2-D ``[rows, features]``.
+The functions below compute in float32 (float64 stays float64); the caller upcasts
+fp16/bf16 and casts the result back. Activations come in as 2-D ``[rows, features]``.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
-import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["backend_name", "load_native", "diag_apply", "diag_values_grad",
-           "fanin_forward", "fanin_input_grad", "fanin_values_grad"]
+__all__ = ["load_native", "diag_apply", "diag_values_grad", "fanin_forward",
+           "fanin_input_grad", "fanin_values_grad"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "sparse_linear_cpu.cpp"
+_SOURCES = Path(__file__).parent / "csrc"
 _NATIVE_FLAGS = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in
                                        ("x86_64", "AMD64") else [])
 # Gathers in the torch implementation are chunked to at most this many elements.
@@ -46,38 +47,37 @@ def _cpu_signature() -> str:
 
 
 @functools.cache
-def load_native():
-    """Build (once, cached on disk) and import the C++ kernels; ``None`` if that fails."""
+def load_native() -> str | None:
+    """Build (once per machine, cached on disk) and load the C++ ops library; its path, or
+    ``None`` if that fails (then ``ops.py`` registers the PyTorch kernels instead)."""
     from torch.utils import cpp_extension
 
-    # The name carries the source, the flags and the CPU, so a changed kernel or a cache
+    # The name carries the sources, the flags and the CPU, so a changed kernel or a cache
     # shared with another machine never loads a stale or foreign build.
-    digest = hashlib.sha1(_SOURCE.read_bytes())
+    digest = hashlib.sha1()
+    for source in sorted(_SOURCES.iterdir()):
+        digest.update(source.name.encode() + source.read_bytes())
     digest.update(" ".join(_NATIVE_FLAGS + [_cpu_signature(), platform.machine(),
                                             torch.__version__]).encode())
-    name = f"sparsefx_cpu_{digest.hexdigest()[:12]}"
+    name = f"sparsefx_ops_{digest.hexdigest()[:12]}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    built = (build_dir / f"{name}.so").exists()
+    if not built:
+        logger.warning("sparsefx: building the native CPU kernels in %s (first use with this "
+                       "source and CPU; about a minute)", build_dir)
+    started = time.perf_counter()
     try:
-        return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_NATIVE_FLAGS,
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        path = cpp_extension.load(name=name, sources=[str(_SOURCES / "ops.cpp")],
+                                  extra_cflags=_NATIVE_FLAGS, extra_ldflags=["-fopenmp"],
+                                  is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, ...: fall back, loudly
         logger.warning("sparsefx: building the native CPU kernels failed (%s); using the slower "
                        "PyTorch fallback. Set SPARSEFX_CPU_KERNELS=torch to silence this.", error)
         return None
-
-
-def backend_name() -> str:
-    """Which kernels the ops use for CPU tensors now: ``"native"``, ``"torch"``, or
-    ``"triton"`` (the Triton kernels under the interpreter, for tests only)."""
-    choice = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
-    if choice not in ("native", "torch", "triton"):
-        raise ValueError(f"SPARSEFX_CPU_KERNELS={choice!r}: expected 'native', 'torch' or "
-                         "'triton'")
-    if choice == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("SPARSEFX_CPU_KERNELS=triton runs Triton on CPU tensors, which needs "
-                         "TRITON_INTERPRET=1 set before triton is imported")
-    if choice == "native" and load_native() is None:
-        return "torch"
-    return choice
+    if not built:
+        logger.warning("sparsefx: native CPU kernels built in %.0f s",
+                       time.perf_counter() - started)
+    return path
 
 
 # ------------------------------------------------------------------------- diag kernels
@@ -93,10 +93,6 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
     """
     length = values.shape[1]
     y = x.new_zeros(x.shape[0], length if gather else mod)
-    if backend_name() == "native":
-        load_native().diag_apply_(x.contiguous(), values.contiguous(),
-                                  offsets.to(torch.int64).contiguous(), y, mod, gather)
-        return y
     positions = torch.arange(y.shape[1], device=x.device)
     offsets = offsets.to(torch.int64)
     step = max(1, _GATHER_CHUNK // max(1, x.shape[0] * y.shape[1]))
@@ -117,9 +113,6 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
 def diag_values_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
                      mod: int) -> torch.Tensor:
     """``grad[k, t] = sum_rows a[:, t] * b[:, (t + offsets[k]) % mod]``; ``a`` is ``[rows, L]``."""
-    if backend_name() == "native":
-        return load_native().diag_values_grad(a.contiguous(), b.contiguous(),
-                                              offsets.to(torch.int64).contiguous(), mod)
     length = a.shape[1]
     positions = torch.arange(length, device=a.device)
     offsets = offsets.to(torch.int64)
@@ -134,9 +127,6 @@ def diag_values_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
 
 def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``y[:, o] = sum_j values[o, j] * x[:, indices[o, j]]``."""
-    if backend_name() == "native":
-        return load_native().fanin_forward(x.t().contiguous(), values.contiguous(),
-                                           _native_indices(indices)).t().contiguous()
     out, fan_in = values.shape
     step = max(1, _GATHER_CHUNK // max(1, x.shape[0] * fan_in))
     chunks = [torch.einsum("bok,ok->bo", x[:, indices[o0:o0 + step].to(torch.int64)],
@@ -147,10 +137,6 @@ def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) 
 def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                      in_features: int) -> torch.Tensor:
     """``dx[:, c] = sum over (o, j) with indices[o, j] == c of values[o, j] * grad_out[:, o]``."""
-    if backend_name() == "native":
-        grad_xt = load_native().fanin_input_grad(grad_out.t().contiguous(), values.contiguous(),
-                                                 _native_indices(indices), in_features)
-        return grad_xt.t().contiguous()
     out, fan_in = values.shape
     rows = grad_out.shape[0]
     grad_x = grad_out.new_zeros(rows, in_features)
@@ -165,9 +151,6 @@ def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torc
 def fanin_values_grad(grad_out: torch.Tensor, x: torch.Tensor,
                       indices: torch.Tensor) -> torch.Tensor:
     """``grad[o, j] = sum_rows grad_out[:, o] * x[:, indices[o, j]]``."""
-    if backend_name() == "native":
-        return load_native().fanin_values_grad(grad_out.t().contiguous(), x.t().contiguous(),
-                                               _native_indices(indices))
     out, fan_in = indices.shape
     step = max(1, _GATHER_CHUNK // max(1, x.shape[0] * fan_in))
     chunks = [torch.einsum("bo,bok->ok", grad_out[:, o0:o0 + step],
@@ -175,9 +158,3 @@ def fanin_values_grad(grad_out: torch.Tensor, x: torch.Tensor,
               for o0 in range(0, out, step)]
     return torch.cat(chunks) if chunks else x.new_zeros(0, fan_in)
 
-
-def _native_indices(indices: torch.Tensor) -> torch.Tensor:
-    # the C++ kernels read int16, int32 and int64 directly; other ids are converted per call
-    if indices.dtype not in (torch.int16, torch.int32, torch.int64):
-        indices = indices.to(torch.int32)
-    return indices.contiguous()

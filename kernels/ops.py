@@ -5,16 +5,32 @@ Public call forms::
     torch.ops.sparsefx.diag_linear(x, values, offsets, out_features, bias=None)
     torch.ops.sparsefx.fanin_linear(x, values, indices, bias=None)
 
-plus their gradient ops (``*_grad_input``, ``*_grad_values``), which the autograd formulas
-call and which are ops themselves so that ``torch.compile`` traces the backward too.
-Each op routes by device: Triton kernels for CUDA tensors, the CPU kernels of ``cpu.py``
-for CPU tensors. They are ``custom_op``s (opaque to Inductor) because the CPU path is native
-code Inductor cannot look into anyway, and one opaque op keeps a single code path on both
-devices. fp16/bf16 are computed with fp32 accumulation on both devices.
+plus their gradient ops (``*_grad_input``, ``*_grad_values``), which the backward calls and
+which are ops themselves so that ``torch.compile`` traces the backward too. fp16/bf16 are
+computed with fp32 accumulation on both devices.
+
+Where each part lives, so that a CPU call runs no Python:
+
+* the schemas: here (``_SCHEMAS``), one definition for every backend;
+* CPU kernels, their argument checks and the autograd of ``diag_linear`` / ``fanin_linear``
+  (one C++ autograd function serving every device): C++, ``csrc/ops.cpp``, loaded by
+  ``cpu.load_native()`` at import;
+* CUDA kernels: the Triton kernels of ``diag_triton.py`` / ``fanin_triton.py``, registered
+  here with the Python checks of ``_checks.py``;
+* fake (meta) implementations and FLOP formulas: here.
+
+Where the native library cannot be built, the PyTorch kernels of ``cpu.py`` and the autograd
+formulas below take the CPU's place. ``use_cpu_kernels("torch" | "triton" | "native")``
+switches the CPU kernels at run time (``"triton"`` runs the Triton kernels on CPU tensors
+under ``TRITON_INTERPRET=1``, for tests); ``SPARSEFX_CPU_KERNELS`` sets the initial choice.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import warnings
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -24,7 +40,31 @@ from torch.utils.flop_counter import register_flop_formula
 from . import cpu
 from ._checks import check_diag, check_fanin, check_float_operands
 
-__all__ = ["diag_linear", "fanin_linear"]
+__all__ = ["diag_linear", "fanin_linear", "use_cpu_kernels", "cpu_kernels", "CPU_KERNELS"]
+
+CPU_KERNELS = ("native", "torch", "triton")
+
+_SCHEMAS = {
+    "diag_linear": "diag_linear(Tensor x, Tensor values, Tensor offsets, SymInt out_features, "
+                   "Tensor? bias=None) -> Tensor",
+    "diag_linear_grad_input": "diag_linear_grad_input(Tensor grad_out, Tensor values, "
+                              "Tensor offsets, SymInt in_features) -> Tensor",
+    "diag_linear_grad_values": "diag_linear_grad_values(Tensor grad_out, Tensor x, "
+                               "Tensor values, Tensor offsets) -> Tensor",
+    "fanin_linear": "fanin_linear(Tensor x, Tensor values, Tensor indices, "
+                    "Tensor? bias=None) -> Tensor",
+    "fanin_linear_grad_input": "fanin_linear_grad_input(Tensor grad_out, Tensor values, "
+                               "Tensor indices, SymInt in_features) -> Tensor",
+    "fanin_linear_grad_values": "fanin_linear_grad_values(Tensor grad_out, Tensor x, "
+                                "Tensor indices) -> Tensor",
+}
+
+_LIB = torch.library.Library("sparsefx", "FRAGMENT")
+for _schema in _SCHEMAS.values():
+    _LIB.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
+
+diag_linear = torch.ops.sparsefx.diag_linear
+fanin_linear = torch.ops.sparsefx.fanin_linear
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,17 +94,19 @@ def _bias_grad(grad_out: Tensor) -> Tensor:
     return rows.sum(0, dtype=_compute_dtype(grad_out.dtype)).to(grad_out.dtype)
 
 
-# ------------------------------------------------------------------------------ dispatch
+# ------------------------------------------------------------------- Python kernels
+# The kernels CUDA tensors run (Triton), and CPU tensors where the native library is not
+# used: the same checks as the C++ ones, then the Triton or PyTorch kernel of ``kernel``.
+
+_python_cpu_kernels = "torch"  # what the Python CPU kernels run: "torch" or "triton"
 
 
 def _run_kernel(kernel: str, *operands, **params) -> Tensor:
     """Run ``kernel`` (a function of the same name in the Triton module of its pattern and in
     ``cpu``) on ``operands``; the first operand's dtype is the result's. Triton gets
-    contiguous tensors; the CPU kernels get float operands upcast to fp32 (fp64 stays).
-    ``SPARSEFX_CPU_KERNELS=triton`` sends CPU tensors to Triton too, for testing the whole op
-    under ``TRITON_INTERPRET=1``."""
+    contiguous tensors; the PyTorch kernels get float operands upcast to fp32 (fp64 stays)."""
     lead = operands[0]
-    if lead.is_cuda or cpu.backend_name() == "triton":
+    if lead.is_cuda or _python_cpu_kernels == "triton":
         if kernel.startswith("diag"):
             from . import diag_triton as triton_kernels
         else:
@@ -89,12 +131,8 @@ def _check_last_dim(op: str, name: str, tensor: Tensor, expected: int, what: str
                          f"dimension {expected} ({what})")
 
 
-# ---------------------------------------------------------------------------------- diag
-
-
-@torch.library.custom_op("sparsefx::diag_linear", mutates_args=())
-def diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
-                bias: Optional[Tensor] = None) -> Tensor:
+def _diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
+                 bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W.T + bias`` for the diagonal-sparse ``W[out_features, in_features]`` that keeps
     diagonals ``offsets[K]`` with entries ``values[K, L]`` (convention: ``kernels.patterns``)."""
     op = "sparsefx.diag_linear"
@@ -106,16 +144,8 @@ def diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
     return _add_bias(y, bias).reshape(*_leading(x), out_features)
 
 
-@diag_linear.register_fake
-def _(x, values, offsets, out_features, bias=None):
-    check_diag("sparsefx.diag_linear", x, "x", values, offsets, out_features, _features(x), bias,
-               structure=False)
-    return x.new_empty(*_leading(x), out_features)
-
-
-@torch.library.custom_op("sparsefx::diag_linear_grad_input", mutates_args=())
-def diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
-                           in_features: int) -> Tensor:
+def _diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
+                            in_features: int) -> Tensor:
     """``grad_out @ W``: the transpose of a diagonal matrix is diagonal, so this is the
     forward kernel with the gather and scatter forms swapped."""
     op = "sparsefx.diag_linear_grad_input"
@@ -127,13 +157,6 @@ def diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
     return grad_x.reshape(*_leading(grad_out), in_features)
 
 
-@diag_linear_grad_input.register_fake
-def _(grad_out, values, offsets, in_features):
-    check_diag("sparsefx.diag_linear_grad_input", grad_out, "grad_out", values, offsets,
-               _features(grad_out), in_features, structure=False)
-    return grad_out.new_empty(*_leading(grad_out), in_features)
-
-
 def _check_diag_values_grad(op, grad_out, x, values, offsets, structure):
     check_diag(op, x, "x", values, offsets, _features(grad_out), _features(x), structure=structure)
     check_diag(op, grad_out, "grad_out", values, offsets, _features(grad_out), _features(x),
@@ -141,9 +164,8 @@ def _check_diag_values_grad(op, grad_out, x, values, offsets, structure):
     _check_rows_match(op, grad_out, x)
 
 
-@torch.library.custom_op("sparsefx::diag_linear_grad_values", mutates_args=())
-def diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
-                            offsets: Tensor) -> Tensor:
+def _diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
+                             offsets: Tensor) -> Tensor:
     """Gradient of ``values[K, L]``: the kept diagonals of ``grad_out.T @ x`` only."""
     op = "sparsefx.diag_linear_grad_values"
     _require_supported_device(op, "x", x)
@@ -155,11 +177,112 @@ def diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
     return _run_kernel("diag_values_grad", a, b, offsets, mod=max(out_features, in_features))
 
 
-@diag_linear_grad_values.register_fake
+def _fanin_linear(x: Tensor, values: Tensor, indices: Tensor,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W.T + bias`` for the constant fan-in ``W[out, in]`` whose row ``o`` holds
+    ``values[o, j]`` at column ``indices[o, j]``. N:M layers use this op too."""
+    op = "sparsefx.fanin_linear"
+    _require_supported_device(op, "x", x)
+    check_fanin(op, x, "x", values, indices, _features(x), bias)
+    y = _run_kernel("fanin_forward", x.reshape(-1, x.shape[-1]), values, indices)
+    return _add_bias(y, bias).reshape(*_leading(x), values.shape[0])
+
+
+def _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure):
+    check_fanin(op, grad_out, "grad_out", values, indices, in_features, structure=structure)
+    _check_last_dim(op, "grad_out", grad_out, values.shape[0], "out features, rows of values")
+
+
+def _fanin_linear_grad_input(grad_out: Tensor, values: Tensor, indices: Tensor,
+                             in_features: int) -> Tensor:
+    """``grad_out @ W`` for the fan-in ``W``."""
+    op = "sparsefx.fanin_linear_grad_input"
+    _require_supported_device(op, "grad_out", grad_out)
+    _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure=True)
+    grad_x = _run_kernel("fanin_input_grad", grad_out.reshape(-1, grad_out.shape[-1]), values,
+                         indices, in_features=in_features)
+    return grad_x.reshape(*_leading(grad_out), in_features)
+
+
+def _check_fanin_values_grad(op, grad_out, x, indices, structure):
+    check_fanin(op, x, "x", None, indices, _features(x), structure=structure)
+    check_fanin(op, grad_out, "grad_out", None, indices, _features(x), structure=False)
+    check_float_operands(op, {"x": x, "grad_out": grad_out})
+    _check_last_dim(op, "grad_out", grad_out, indices.shape[0], "out features, rows of indices")
+    _check_rows_match(op, grad_out, x)
+
+
+def _fanin_linear_grad_values(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+    """Gradient of ``values[out, k]``: ``grad_out.T @ x`` read at the stored entries only."""
+    op = "sparsefx.fanin_linear_grad_values"
+    _require_supported_device(op, "x", x)
+    _check_fanin_values_grad(op, grad_out, x, indices, structure=True)
+    return _run_kernel("fanin_values_grad", grad_out.reshape(-1, grad_out.shape[-1]),
+                       x.reshape(-1, x.shape[-1]), indices)
+
+
+_PYTHON_KERNELS = {
+    "diag_linear": _diag_linear,
+    "diag_linear_grad_input": _diag_linear_grad_input,
+    "diag_linear_grad_values": _diag_linear_grad_values,
+    "fanin_linear": _fanin_linear,
+    "fanin_linear_grad_input": _fanin_linear_grad_input,
+    "fanin_linear_grad_values": _fanin_linear_grad_values,
+}
+
+for _name, _kernel in _PYTHON_KERNELS.items():
+    _LIB.impl(_name, _kernel, "CUDA")
+
+
+# ---------------------------------------------------------------------------------- fakes
+# Shapes, dtypes and the checks that need no data: a compiled model fails while tracing with
+# the same message as an eager call.
+
+
+@torch.library.register_fake("sparsefx::diag_linear", lib=_LIB)
+def _(x, values, offsets, out_features, bias=None):
+    check_diag("sparsefx.diag_linear", x, "x", values, offsets, out_features, _features(x), bias,
+               structure=False)
+    return x.new_empty(*_leading(x), out_features)
+
+
+@torch.library.register_fake("sparsefx::diag_linear_grad_input", lib=_LIB)
+def _(grad_out, values, offsets, in_features):
+    check_diag("sparsefx.diag_linear_grad_input", grad_out, "grad_out", values, offsets,
+               _features(grad_out), in_features, structure=False)
+    return grad_out.new_empty(*_leading(grad_out), in_features)
+
+
+@torch.library.register_fake("sparsefx::diag_linear_grad_values", lib=_LIB)
 def _(grad_out, x, values, offsets):
     _check_diag_values_grad("sparsefx.diag_linear_grad_values", grad_out, x, values, offsets,
                             structure=False)
     return values.new_empty(values.shape)
+
+
+@torch.library.register_fake("sparsefx::fanin_linear", lib=_LIB)
+def _(x, values, indices, bias=None):
+    check_fanin("sparsefx.fanin_linear", x, "x", values, indices, _features(x), bias,
+                structure=False)
+    return x.new_empty(*_leading(x), values.shape[0])
+
+
+@torch.library.register_fake("sparsefx::fanin_linear_grad_input", lib=_LIB)
+def _(grad_out, values, indices, in_features):
+    _check_fanin_grad_input("sparsefx.fanin_linear_grad_input", grad_out, values, indices,
+                            in_features, structure=False)
+    return grad_out.new_empty(*_leading(grad_out), in_features)
+
+
+@torch.library.register_fake("sparsefx::fanin_linear_grad_values", lib=_LIB)
+def _(grad_out, x, indices):
+    _check_fanin_values_grad("sparsefx.fanin_linear_grad_values", grad_out, x, indices,
+                             structure=False)
+    return x.new_empty(indices.shape)
+
+
+# ------------------------------------------------------------ autograd without native code
+# Only where the native library failed to build: its C++ autograd functions do the same.
 
 
 def _diag_setup_context(ctx, inputs, output):
@@ -171,84 +294,13 @@ def _diag_backward(ctx, grad_out):
     x, values, offsets = ctx.saved_tensors
     # a call that left bias at its default may report one flag fewer
     need_x, need_values, _, _, need_bias = (*ctx.needs_input_grad, False)[:5]
-    grad_x = diag_linear_grad_input(grad_out, values, offsets, x.shape[-1]) if need_x else None
-    grad_values = diag_linear_grad_values(grad_out, x, values, offsets) if need_values else None
+    ops = torch.ops.sparsefx
+    grad_x = (ops.diag_linear_grad_input(grad_out, values, offsets, x.shape[-1]) if need_x
+              else None)
+    grad_values = (ops.diag_linear_grad_values(grad_out, x, values, offsets) if need_values
+                   else None)
     grad_bias = _bias_grad(grad_out) if need_bias else None
     return grad_x, grad_values, None, None, grad_bias
-
-
-diag_linear.register_autograd(_diag_backward, setup_context=_diag_setup_context)
-
-
-# --------------------------------------------------------------------------------- fanin
-
-
-@torch.library.custom_op("sparsefx::fanin_linear", mutates_args=())
-def fanin_linear(x: Tensor, values: Tensor, indices: Tensor,
-                 bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ W.T + bias`` for the constant fan-in ``W[out, in]`` whose row ``o`` holds
-    ``values[o, j]`` at column ``indices[o, j]``. N:M layers use this op too."""
-    op = "sparsefx.fanin_linear"
-    _require_supported_device(op, "x", x)
-    check_fanin(op, x, "x", values, indices, _features(x), bias)
-    y = _run_kernel("fanin_forward", x.reshape(-1, x.shape[-1]), values, indices)
-    return _add_bias(y, bias).reshape(*_leading(x), values.shape[0])
-
-
-@fanin_linear.register_fake
-def _(x, values, indices, bias=None):
-    check_fanin("sparsefx.fanin_linear", x, "x", values, indices, _features(x), bias,
-                structure=False)
-    return x.new_empty(*_leading(x), values.shape[0])
-
-
-def _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure):
-    check_fanin(op, grad_out, "grad_out", values, indices, in_features, structure=structure)
-    _check_last_dim(op, "grad_out", grad_out, values.shape[0], "out features, rows of values")
-
-
-@torch.library.custom_op("sparsefx::fanin_linear_grad_input", mutates_args=())
-def fanin_linear_grad_input(grad_out: Tensor, values: Tensor, indices: Tensor,
-                            in_features: int) -> Tensor:
-    """``grad_out @ W`` for the fan-in ``W``."""
-    op = "sparsefx.fanin_linear_grad_input"
-    _require_supported_device(op, "grad_out", grad_out)
-    _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure=True)
-    grad_x = _run_kernel("fanin_input_grad", grad_out.reshape(-1, grad_out.shape[-1]), values,
-                         indices, in_features=in_features)
-    return grad_x.reshape(*_leading(grad_out), in_features)
-
-
-@fanin_linear_grad_input.register_fake
-def _(grad_out, values, indices, in_features):
-    _check_fanin_grad_input("sparsefx.fanin_linear_grad_input", grad_out, values, indices,
-                            in_features, structure=False)
-    return grad_out.new_empty(*_leading(grad_out), in_features)
-
-
-def _check_fanin_values_grad(op, grad_out, x, indices, structure):
-    check_fanin(op, x, "x", None, indices, _features(x), structure=structure)
-    check_fanin(op, grad_out, "grad_out", None, indices, _features(x), structure=False)
-    check_float_operands(op, {"x": x, "grad_out": grad_out})
-    _check_last_dim(op, "grad_out", grad_out, indices.shape[0], "out features, rows of indices")
-    _check_rows_match(op, grad_out, x)
-
-
-@torch.library.custom_op("sparsefx::fanin_linear_grad_values", mutates_args=())
-def fanin_linear_grad_values(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
-    """Gradient of ``values[out, k]``: ``grad_out.T @ x`` read at the stored entries only."""
-    op = "sparsefx.fanin_linear_grad_values"
-    _require_supported_device(op, "x", x)
-    _check_fanin_values_grad(op, grad_out, x, indices, structure=True)
-    return _run_kernel("fanin_values_grad", grad_out.reshape(-1, grad_out.shape[-1]),
-                       x.reshape(-1, x.shape[-1]), indices)
-
-
-@fanin_linear_grad_values.register_fake
-def _(grad_out, x, indices):
-    _check_fanin_values_grad("sparsefx.fanin_linear_grad_values", grad_out, x, indices,
-                             structure=False)
-    return x.new_empty(indices.shape)
 
 
 def _fanin_setup_context(ctx, inputs, output):
@@ -259,14 +311,75 @@ def _fanin_setup_context(ctx, inputs, output):
 def _fanin_backward(ctx, grad_out):
     x, values, indices = ctx.saved_tensors
     need_x, need_values, _, need_bias = (*ctx.needs_input_grad, False)[:4]
-    grad_x = (fanin_linear_grad_input(grad_out, values, indices, x.shape[-1]) if need_x
+    ops = torch.ops.sparsefx
+    grad_x = (ops.fanin_linear_grad_input(grad_out, values, indices, x.shape[-1]) if need_x
               else None)
-    grad_values = fanin_linear_grad_values(grad_out, x, indices) if need_values else None
+    grad_values = ops.fanin_linear_grad_values(grad_out, x, indices) if need_values else None
     grad_bias = _bias_grad(grad_out) if need_bias else None
     return grad_x, grad_values, None, grad_bias
 
 
-fanin_linear.register_autograd(_fanin_backward, setup_context=_fanin_setup_context)
+# ----------------------------------------------------------------------- CPU kernels
+
+_NATIVE = cpu.load_native() is not None
+_cpu_override: torch.library.Library | None = None  # Python CPU kernels over the native ones
+
+if not _NATIVE:
+    for _name, _kernel in _PYTHON_KERNELS.items():
+        _LIB.impl(_name, _kernel, "CPU")
+    torch.library.register_autograd("sparsefx::diag_linear", _diag_backward,
+                                    setup_context=_diag_setup_context, lib=_LIB)
+    torch.library.register_autograd("sparsefx::fanin_linear", _fanin_backward,
+                                    setup_context=_fanin_setup_context, lib=_LIB)
+
+
+def cpu_kernels() -> str:
+    """Which kernels the ops run for CPU tensors now: ``"native"``, ``"torch"`` or
+    ``"triton"``."""
+    if _NATIVE and _cpu_override is None:
+        return "native"
+    return _python_cpu_kernels
+
+
+def _select_cpu_kernels(name: str) -> None:
+    global _cpu_override, _python_cpu_kernels
+    if name not in CPU_KERNELS:
+        raise ValueError(f"CPU kernels {name!r}: expected one of {CPU_KERNELS}")
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton CPU kernels run Triton on CPU tensors, which needs "
+                         "TRITON_INTERPRET=1 set before triton is imported")
+    if name == "native" and not _NATIVE:
+        raise ValueError("the native CPU kernels failed to build (see the warning logged at "
+                         "import): expected 'torch' or 'triton'")
+    if name != "native":
+        _python_cpu_kernels = name
+    wants_override = _NATIVE and name != "native"
+    if wants_override and _cpu_override is None:
+        _cpu_override = torch.library.Library("sparsefx", "IMPL")
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel"
+            warnings.simplefilter("ignore")
+            for op_name, kernel in _PYTHON_KERNELS.items():
+                _cpu_override.impl(op_name, kernel, "CPU")
+    elif not wants_override and _cpu_override is not None:
+        _cpu_override._destroy()  # the native kernels are back
+        _cpu_override = None
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(name: str) -> Iterator[None]:
+    """Run the ops' CPU tensors on ``name``'s kernels inside the block: ``"native"`` (C++),
+    ``"torch"`` (the PyTorch fallback) or ``"triton"`` (the Triton kernels under
+    ``TRITON_INTERPRET=1``; tests only)."""
+    previous = cpu_kernels()
+    _select_cpu_kernels(name)
+    try:
+        yield
+    finally:
+        _select_cpu_kernels(previous)
+
+
+_initial = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
+_select_cpu_kernels("torch" if _initial == "native" and not _NATIVE else _initial)
 
 
 # ---------------------------------------------------------------------------------- flops

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from sparsefx.kernels import cpu
+from sparsefx.kernels import use_cpu_kernels
 
 OPS = torch.ops.sparsefx
 
@@ -36,8 +36,16 @@ def call_fanin(args):
 
 DIAG_CASES = [
     # (changes, error type, pattern the message must contain)
-    (dict(x=torch.randn(4, 4)), ValueError, r"values has shape \(3, 6\).*L = .*min\(6, 4\) = 4"),
-    (dict(values=torch.randn(3, 5)), ValueError, r"values has shape \(3, 5\).*expected \[K, L\]"),
+    # a wrong input width names x, the input, not the layer's values
+    (dict(x=torch.randn(4, 4)), ValueError,
+     r"x has shape \(4, 4\): expected last dimension >= 6 \(in_features: values \(3, 6\)"),
+    (dict(out_features=12, x=torch.randn(4, 4), bias=None), ValueError,
+     r"x has shape \(4, 4\): expected last dimension 6 \(in_features: values \(3, 6\) hold "
+     r"diagonals of length L = min\(out_features, in_features\) = 6 < out_features = 12\)"),
+    (dict(values=torch.randn(3, 7)), ValueError, r"values has shape \(3, 7\).*L = .*min\(6, 10\)"),
+    # values (3, 5) fit a (6, 5) layer: the 10-wide x is what does not fit
+    (dict(values=torch.randn(3, 5)), ValueError, r"x has shape \(4, 10\): expected last "
+     r"dimension 5 \(in_features: values \(3, 5\)"),
     (dict(values=torch.randn(3, 6, 1)), ValueError, r"values has shape \(3, 6, 1\)"),
     (dict(offsets=torch.tensor([0, 4])), ValueError, r"offsets has 2 entries: expected K = 3"),
     (dict(offsets=torch.tensor([[0, 4, 9]])), ValueError, r"offsets has shape \(1, 3\)"),
@@ -63,10 +71,41 @@ DIAG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("changes,error,message", DIAG_CASES)
-def test_diag_linear_rejects(changes, error, message):
+# checks that read a structure's values: fake tensors carry no data, so tracing skips them
+_DATA_CHECKS = re.compile(r"offsets holds|repeats|\\\] = ")
+
+
+@pytest.fixture(params=["native", "torch", "fake"])
+def check_path(request):
+    """Where the checks run: the C++ CPU kernels, the Python ones (CUDA's and the PyTorch
+    fallback's), or the fake implementations that torch.compile traces with. All three must
+    give the same message."""
+    if request.param == "fake":
+        yield "fake"
+        return
+    with use_cpu_kernels(request.param):
+        yield request.param
+
+
+def run_on(path, call, args, error, message):
+    if path == "fake":
+        if _DATA_CHECKS.search(message):
+            pytest.skip("a value check: needs the structure's data")
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as mode:
+            args = {name: mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+                    for name, value in args.items()}
+            with pytest.raises(error, match=message) as info:
+                call(args)
+        return info
     with pytest.raises(error, match=message) as info:
-        call_diag(diag_args(**changes))
+        call(args)
+    return info
+
+
+@pytest.mark.parametrize("changes,error,message", DIAG_CASES)
+def test_diag_linear_rejects(check_path, changes, error, message):
+    info = run_on(check_path, call_diag, diag_args(**changes), error, message)
     assert "sparsefx.diag_linear" in str(info.value)
 
 
@@ -74,7 +113,8 @@ FANIN_CASES = [
     (dict(indices=torch.tensor([[0, 1, 2]] * 5, dtype=torch.int32)), ValueError,
      r"indices has shape \(5, 3\): expected \(6, 3\)"),
     (dict(indices=torch.tensor([[0, 1, 10]] * 6, dtype=torch.int32)), ValueError,
-     r"indices\[0, 2\] = 10: expected column ids in \[0, in_features\) = \[0, 10\)"),
+     r"indices\[0, 2\] = 10: expected column ids in \[0, in_features\) = \[0, 10\), "
+     r"in_features being the last dimension of x \(4, 10\)"),
     (dict(indices=torch.tensor([[0, 1, 2]] * 5 + [[-3, 1, 2]], dtype=torch.int32)), ValueError,
      r"indices\[5, 0\] = -3"),
     (dict(indices=torch.tensor([[0, 1, 2]] * 5 + [[4, 7, 4]], dtype=torch.int32)), ValueError,
@@ -89,9 +129,8 @@ FANIN_CASES = [
 
 
 @pytest.mark.parametrize("changes,error,message", FANIN_CASES)
-def test_fanin_linear_rejects(changes, error, message):
-    with pytest.raises(error, match=message) as info:
-        call_fanin(fanin_args(**changes))
+def test_fanin_linear_rejects(check_path, changes, error, message):
+    info = run_on(check_path, call_fanin, fanin_args(**changes), error, message)
     assert "sparsefx.fanin_linear" in str(info.value)
 
 
@@ -111,13 +150,13 @@ def test_non_tensor_operand_is_named():
 def test_errors_surface_at_compile_time():
     """Shape errors come from the fake implementation too, so a compiled model fails while
     tracing with the same message."""
-    args = diag_args(values=torch.randn(3, 5))
+    args = diag_args(x=torch.randn(4, 4))
 
     @torch.compile(fullgraph=True, backend="eager")
     def run(x, values, offsets, bias):
         return OPS.diag_linear(x, values, offsets, 6, bias)
 
-    with pytest.raises(Exception, match=re.escape("values has shape (3, 5)")):
+    with pytest.raises(Exception, match=re.escape("x has shape (4, 4): expected last dimension >= 6")):
         run(args["x"], args["values"], args["offsets"], args["bias"])
 
 
@@ -135,16 +174,48 @@ def test_gradient_ops_check_their_operands():
 
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
 def test_native_kernels_never_read_outside_the_input(index_dtype):
-    """The C++ kernels bounds-check every id themselves (a structure edited behind the op's
-    back, e.g. through ``.data``, must not read foreign memory)."""
-    native = cpu.load_native()
-    bad = torch.tensor([[0, 1], [2, 1000]], dtype=index_dtype)
+    """A structure edited behind the op's back (through ``.data``: the version counter does
+    not see it, so the cached value checks do not run again) must not make a kernel read
+    outside its inputs: the C++ kernels bounds-check ids and offsets themselves."""
+    x, grad_out = torch.randn(3, 6), torch.randn(3, 2)
+    values = torch.randn(2, 2)
+    indices = torch.tensor([[0, 1], [2, 3]], dtype=index_dtype)
+    OPS.fanin_linear(x, values, indices)  # checked once, remembered
+    indices.data[1, 1] = 1000
     with pytest.raises(IndexError, match=r"outside \[0, 6\)"):
-        native.fanin_forward(torch.randn(6, 3), torch.randn(2, 2), bad)
+        OPS.fanin_linear(x, values, indices)
     with pytest.raises(IndexError, match=r"outside \[0, 6\)"):
-        native.fanin_input_grad(torch.randn(2, 3), torch.randn(2, 2), bad, 6)
+        OPS.fanin_linear_grad_input(grad_out, values, indices, 6)
     with pytest.raises(IndexError, match=r"outside \[0, 6\)"):
-        native.fanin_values_grad(torch.randn(2, 3), torch.randn(6, 3), bad)
+        OPS.fanin_linear_grad_values(grad_out, x, indices)
+
+    x, grad_out = torch.randn(3, 10), torch.randn(3, 6)
+    values, offsets = torch.randn(3, 6), torch.tensor([0, 4, 9], dtype=index_dtype)
+    OPS.diag_linear(x, values, offsets, 6)
+    offsets.data[2] = 1000
+    with pytest.raises(IndexError, match=r"offset 1000 lies outside \[0, 10\)"):
+        OPS.diag_linear(x, values, offsets, 6)
+    with pytest.raises(IndexError, match=r"offset 1000 lies outside \[0, 10\)"):
+        OPS.diag_linear_grad_input(grad_out, values, offsets, 10)
+    with pytest.raises(IndexError, match=r"offset 1000 lies outside \[0, 10\)"):
+        OPS.diag_linear_grad_values(grad_out, x, values, offsets)
+
+
+@pytest.mark.parametrize("rows", [(), (1,), (3,)])
+def test_a_call_leaves_its_inputs_untouched(check_path, rows):
+    """Forward and backward write only their results (the bias of a one-row input once came
+    back as the output's storage)."""
+    if check_path == "fake":
+        pytest.skip("fake tensors hold no data")
+    diag, fanin = diag_args(x=torch.randn(*rows, 10)), fanin_args(x=torch.randn(*rows, 10))
+    for args, call in ((diag, call_diag), (fanin, call_fanin)):
+        tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
+        before = {k: v.clone() for k, v in tensors.items()}
+        for name in ("x", "values", "bias"):
+            tensors[name].requires_grad_()
+        call(args).sum().backward()
+        for name, tensor in before.items():
+            assert torch.equal(tensors[name].detach(), tensor), name
 
 
 def test_a_failed_call_leaves_its_inputs_untouched():

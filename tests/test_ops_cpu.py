@@ -6,14 +6,15 @@ from hypothesis import example, given, strategies as st
 
 from helpers import (FLOAT_DTYPES, diag_case, fanin_case, feature_sizes, leading_shapes,
                      sparsities)
-from sparsefx.kernels import cpu, patterns
+from sparsefx import kernels
+from sparsefx.kernels import patterns, use_cpu_kernels
 
 
 @pytest.fixture(params=["native", "torch"])
-def cpu_kernels(request, monkeypatch):
-    monkeypatch.setenv("SPARSEFX_CPU_KERNELS", request.param)
-    assert cpu.backend_name() == request.param
-    return request.param
+def cpu_kernels(request):
+    with use_cpu_kernels(request.param):
+        assert kernels.cpu_kernels() == request.param
+        yield request.param
 
 
 shapes_and_inputs = dict(

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from sparsefx.kernels import _structure_cache, patterns
+from sparsefx.kernels import patterns, use_cpu_kernels
 
 OPS = torch.ops.sparsefx
 
@@ -150,22 +150,19 @@ def test_compiled_model_sees_in_place_structure_change():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
 
 
-def test_structure_checked_once_until_it_changes(monkeypatch):
-    calls = []
-    real = patterns.check_diag_offsets
-    monkeypatch.setattr(patterns, "check_diag_offsets",
-                        lambda *args, **kwargs: (calls.append(1), real(*args, **kwargs))[1])
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_structure_checked_once_until_it_changes(kernels):
+    """The value checks on a structure tensor run once, and again after any in-place write
+    (which bumps its version counter), on the C++ path and the Python one alike."""
     x, values, offsets, b = _diag_inputs(8, 12, (3,))
-    for _ in range(3):
+    with use_cpu_kernels(kernels):
         OPS.diag_linear(x, values, offsets, 8, b)
-    assert len(calls) == 1
-    offsets.add_(0)  # an in-place write, even one that changes nothing, means re-check
-    OPS.diag_linear(x, values, offsets, 8, b)
-    assert len(calls) == 2
-    with pytest.raises(ValueError, match="repeats offset"):
-        offsets[1] = offsets[0]
+        # a repeat written behind the version counter: not seen, so not checked again
+        offsets.data[1] = offsets[0]
         OPS.diag_linear(x, values, offsets, 8, b)
-    assert id(offsets) in _structure_cache._records  # kept while the tensor lives
+        offsets.add_(0)  # an in-place write, even one that changes nothing, means re-check
+        with pytest.raises(ValueError, match="repeats offset"):
+            OPS.diag_linear(x, values, offsets, 8, b)
 
 
 @pytest.mark.parametrize("pattern", ["diag", "fanin"])
@@ -190,3 +187,22 @@ def test_flop_counter_counts_stored_multiply_adds(pattern):
     with FlopCounterMode(display=False) as counter:
         y.sum().backward()
     assert counter.get_total_flops() == 2 * (2 * rows * stored)
+
+
+def test_source_folders_imported_by_their_own_names_are_the_package():
+    """Run from the repository root, ``kernels`` and ``passes`` are importable as top-level
+    packages too, and transformers probes for a ``kernels`` package (the Hub's). Such an
+    import must give the one ``sparsefx.kernels`` (no second registration of the ops) and
+    must not pass for the Hub's package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sparsefx
+
+    probe = ("import kernels, passes, sparsefx\n"
+             "assert kernels is sparsefx.kernels and passes is sparsefx.passes\n"
+             "from transformers.utils.import_utils import is_kernels_available\n"
+             "assert not is_kernels_available()\n")
+    root = Path(sparsefx.__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", probe], cwd=root, check=True, timeout=300)

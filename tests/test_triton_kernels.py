@@ -124,16 +124,22 @@ def test_triton_fanin_masks_out_of_range_ids():
     torch.testing.assert_close(y, expected)
 
 
+@pytest.fixture
+def triton_cpu_kernels():
+    from sparsefx.kernels import use_cpu_kernels
+    with use_cpu_kernels("triton"):
+        yield
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the ops on Triton in test_gpu.py")
 @triton_settings
 @given(out_features=st.integers(1, 24), in_features=st.integers(1, 24),
        leading=st.lists(st.integers(0, 3), max_size=3).map(tuple), sparsity=sparsities,
        dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(), seed=st.integers(0, 999))
-def test_ops_on_triton_kernels(monkeypatch, out_features, in_features, leading, sparsity, dtype,
-                               with_bias, seed):
+def test_ops_on_triton_kernels(triton_cpu_kernels, out_features, in_features, leading, sparsity,
+                               dtype, with_bias, seed):
     """The public ops end to end -- checks, reshapes, autograd, bias -- on the Triton kernels
     (the path CUDA tensors take), run on CPU tensors under the interpreter."""
-    monkeypatch.setenv("SPARSEFX_CPU_KERNELS", "triton")
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(*leading, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None

@@ -32,6 +32,13 @@ shapes_and_inputs = dict(
          with_bias=True, seed=2)   # wide, one vector, partial tile
 @example(out_features=9, in_features=13, leading=(0, 4), sparsity=0.5, dtype=torch.float16,
          with_bias=True, seed=3)   # empty batch
+# register tiles of several rows and positions, wrap-arounds inside tiles, partial tiles
+@example(out_features=300, in_features=129, leading=(13,), sparsity=0.5, dtype=torch.float32,
+         with_bias=True, seed=4)   # tall: the scatter form
+@example(out_features=129, in_features=300, leading=(3, 5), sparsity=0.75, dtype=torch.float32,
+         with_bias=False, seed=5)  # wide: the gather form
+@example(out_features=257, in_features=257, leading=(2, 9), sparsity=0.3, dtype=torch.bfloat16,
+         with_bias=True, seed=6)
 def test_diag_linear_matches_dense(cpu_kernels, out_features, in_features, leading, sparsity,
                                    dtype, with_bias, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -163,3 +170,25 @@ def test_input_gradient_follows_in_place_structure_changes(cpu_kernels):
         indices[3] = torch.sort(torch.randperm(14, generator=generator)[:indices.shape[1]]).values
     expected = torch.ones(6, 9) @ patterns.fanin_to_dense(values, indices, 14)
     torch.testing.assert_close(grad_x(), expected)
+
+
+@given(out_features=st.sampled_from([7, 64, 129, 300]), in_features=st.sampled_from([5, 64, 127, 300]),
+       rows=st.sampled_from([1, 3, 7, 40]), seed=st.integers(0, 999))
+def test_diag_order_of_diagonals_does_not_matter(cpu_kernels, out_features, in_features, rows,
+                                                 seed):
+    """DST leaves offsets in slot order, not sorted: a layer whose diagonals are listed in any
+    order computes the same (up to summation order)."""
+    generator = torch.Generator().manual_seed(seed)
+    values, offsets, _ = diag_case(out_features, in_features, 0.5, torch.float32, generator)
+    order = torch.randperm(offsets.numel(), generator=generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    grad_out = torch.randn(rows, out_features, generator=generator)
+    ops = torch.ops.sparsefx
+    torch.testing.assert_close(ops.diag_linear(x, values[order], offsets[order], out_features),
+                               ops.diag_linear(x, values, offsets, out_features))
+    torch.testing.assert_close(
+        ops.diag_linear_grad_input(grad_out, values[order], offsets[order], in_features),
+        ops.diag_linear_grad_input(grad_out, values, offsets, in_features))
+    torch.testing.assert_close(
+        ops.diag_linear_grad_values(grad_out, x, values[order], offsets[order]),
+        ops.diag_linear_grad_values(grad_out, x, values, offsets)[order])

@@ -110,11 +110,14 @@ Tensor apply_diagonals(const Tensor& x_rows, const Tensor& values, const Tensor&
   const auto dtype = start.scalar_type();
   Tensor x = as_compute(x_rows, dtype), v = as_compute(values, dtype);
   Tensor offsets64 = offsets_in_range(offsets, mod);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_diag_apply", [&] {
-    diag_apply<scalar_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                         offsets64.data_ptr<int64_t>(), start.data_ptr<scalar_t>(), x.size(0),
-                         v.size(0), v.size(1), mod, gather);
-  });
+  if (dtype == at::kFloat) {
+    diag_apply(DiagApply{x.data_ptr<float>(), v.data_ptr<float>(), offsets64.data_ptr<int64_t>(),
+                         start.data_ptr<float>(), x.size(0), v.size(0), v.size(1), mod, gather});
+  } else {
+    diag_apply_plain<double>(x.data_ptr<double>(), v.data_ptr<double>(),
+                             offsets64.data_ptr<int64_t>(), start.data_ptr<double>(), x.size(0),
+                             v.size(0), v.size(1), mod, gather);
+  }
   return start;
 }
 
@@ -170,11 +173,15 @@ Tensor diag_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x, cons
   const Tensor& b = wide ? x_rows : grad_rows;
   Tensor offsets64 = offsets_in_range(offsets, mod);
   Tensor grad = at::empty({offsets64.size(0), a.size(1)}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_diag_values_grad", [&] {
-    diag_values_grad<scalar_t>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
-                               offsets64.data_ptr<int64_t>(), grad.data_ptr<scalar_t>(), a.size(0),
-                               grad.size(0), grad.size(1), mod);
-  });
+  if (dtype == at::kFloat) {
+    diag_values_grad(DiagValuesGrad{a.data_ptr<float>(), b.data_ptr<float>(),
+                                    offsets64.data_ptr<int64_t>(), grad.data_ptr<float>(),
+                                    a.size(0), grad.size(0), grad.size(1), mod});
+  } else {
+    diag_values_grad_plain<double>(a.data_ptr<double>(), b.data_ptr<double>(),
+                                   offsets64.data_ptr<int64_t>(), grad.data_ptr<double>(),
+                                   a.size(0), grad.size(0), grad.size(1), mod);
+  }
   return as_result(grad, x.scalar_type());
 }
 

@@ -56,6 +56,11 @@ def test_diag_linear_matches_dense(cpu_kernels, out_features, in_features, leadi
          with_bias=False, seed=1)
 @example(out_features=6, in_features=8, leading=(0,), sparsity=0.5, dtype=torch.bfloat16,
          with_bias=True, seed=2)
+# blocks of 4 vectors of batch columns, then a masked partial block; one column
+@example(out_features=40, in_features=257, leading=(3, 50), sparsity=0.75, dtype=torch.float32,
+         with_bias=True, seed=3)
+@example(out_features=129, in_features=300, leading=(1,), sparsity=0.9, dtype=torch.float32,
+         with_bias=True, seed=4)
 def test_fanin_linear_matches_dense(cpu_kernels, out_features, in_features, leading, sparsity,
                                     dtype, with_bias, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -199,3 +204,16 @@ def test_diag_order_of_diagonals_does_not_matter(cpu_kernels, out_features, in_f
         ops.diag_linear_grad_values(grad_out, x, values[order], offsets[order]),
         ops.diag_linear_grad_values(grad_out, x, values, offsets)[order],
         grad_w[check.stored][order], terms, "grad values")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64, torch.uint8])
+@pytest.mark.parametrize("rows", [(), (7,), (5, 21)])
+def test_fanin_index_dtypes(cpu_kernels, index_dtype, rows):
+    """Every integer id dtype gives the dense result (the native kernels read int16, int32
+    and int64 directly, through different gather paths, and convert the others)."""
+    generator = torch.Generator().manual_seed(0)
+    values, indices, check = fanin_case(48, 200, 0.8, torch.float32, generator)
+    x = torch.randn(*rows, 200, generator=generator)
+    check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices.to(index_dtype),
+                                                                  b),
+                  x, values, torch.randn(48, generator=generator), 0)

@@ -13,7 +13,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <atomic>
 
 #include "checks.h"
 #include "diag_cpu.h"
@@ -99,8 +98,14 @@ Tensor native_indices(const Tensor& indices) {
     }                                                                                 \
   }()
 
-void raise_if_bad(const std::atomic<bool>& bad_index, int64_t in) {
-  TORCH_CHECK_INDEX(!bad_index, "sparsefx fan-in kernel: an index lies outside [0, ", in, ")");
+// Every id in [0, in), checked on every call (O(out * k), vectorised): the kernels index
+// activations with them, and a structure edited behind the version counter (through .data)
+// must not make them read outside their inputs.
+void check_ids_in_range(const Tensor& ids, int64_t in) {
+  const bool inside = SPARSEFX_DISPATCH_INDEX(ids, [&] {
+    return ids_in_range(ids.data_ptr<index_t>(), ids.numel(), in);
+  });
+  TORCH_CHECK_INDEX(inside, "sparsefx fan-in kernel: an index lies outside [0, ", in, ")");
 }
 
 // y[rows, out_len] = start + the diagonals applied to the rows of x (see diag_cpu.h), in the
@@ -196,19 +201,18 @@ Tensor fanin_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& ind
   const auto dtype = compute_dtype(x.scalar_type());
   Tensor xt = as_compute(x.reshape({-1, in_features}).t(), dtype);
   Tensor v = as_compute(values, dtype), ids = native_indices(indices);
+  check_ids_in_range(ids, in_features);
   Tensor b = bias.has_value() ? as_compute(*bias, dtype) : Tensor();
   const int64_t out_features = values.size(0), batch = xt.size(1);
   Tensor yt = at::empty({out_features, batch}, xt.options());
-  std::atomic<bool> bad_index{false};
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_fanin_forward", [&] {
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
       fanin_forward<scalar_t, index_t>(
           xt.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ids.data_ptr<index_t>(),
           b.defined() ? b.data_ptr<scalar_t>() : nullptr, yt.data_ptr<scalar_t>(), batch,
-          out_features, v.size(1), in_features, bad_index);
+          out_features, v.size(1));
     });
   });
-  raise_if_bad(bad_index, in_features);
   return as_result(yt.t(), x.scalar_type()).view(with_last(x, out_features));
 }
 
@@ -221,17 +225,16 @@ Tensor fanin_linear_grad_input_cpu(const Tensor& grad_out, const Tensor& values,
   const auto dtype = compute_dtype(grad_out.scalar_type());
   Tensor grad_t = as_compute(grad_out.reshape({-1, grad_out.size(-1)}).t(), dtype);
   Tensor v = as_compute(values, dtype), ids = native_indices(indices);
+  check_ids_in_range(ids, in_features);
   const int64_t batch = grad_t.size(1);
   Tensor grad_xt = at::zeros({in_features, batch}, grad_t.options());
-  std::atomic<bool> bad_index{false};
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_fanin_input_grad", [&] {
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
       fanin_input_grad<scalar_t, index_t>(grad_t.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                           ids.data_ptr<index_t>(), grad_xt.data_ptr<scalar_t>(),
-                                          batch, v.size(0), v.size(1), in_features, bad_index);
+                                          batch, v.size(0), v.size(1), in_features);
     });
   });
-  raise_if_bad(bad_index, in_features);
   return as_result(grad_xt.t(), grad_out.scalar_type()).view(with_last(grad_out, in_features));
 }
 
@@ -250,17 +253,15 @@ Tensor fanin_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x,
   Tensor grad_t = as_compute(grad_out.reshape({-1, grad_out.size(-1)}).t(), dtype);
   Tensor xt = as_compute(x.reshape({-1, in_features}).t(), dtype);
   Tensor ids = native_indices(indices);
+  check_ids_in_range(ids, in_features);
   Tensor grad = at::empty({ids.size(0), ids.size(1)}, xt.options());
-  std::atomic<bool> bad_index{false};
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_fanin_values_grad", [&] {
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
       fanin_values_grad<scalar_t, index_t>(grad_t.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
                                            ids.data_ptr<index_t>(), grad.data_ptr<scalar_t>(),
-                                           grad_t.size(1), ids.size(0), ids.size(1), in_features,
-                                           bad_index);
+                                           grad_t.size(1), ids.size(0), ids.size(1));
     });
   });
-  raise_if_bad(bad_index, in_features);
   return as_result(grad, x.scalar_type());
 }
 

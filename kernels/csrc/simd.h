@@ -60,9 +60,22 @@ inline vfloat load_lanes(const float* p, int lo, int hi) {
 }
 
 inline float reduce_add(vfloat v) {
+#if defined(__AVX512F__) && SPARSEFX_LANES == 16
+  return _mm512_reduce_add_ps((__m512)v);
+#else
   float total = 0.f;
   for (int i = 0; i < kLanes; ++i) total += v[i];
   return total;
+#endif
+}
+
+// Stores lanes [0, lanes) of v at p; memory past them is not touched.
+inline void store_lanes(float* p, vfloat v, int lanes) {
+#if defined(__AVX512F__) && SPARSEFX_LANES == 16
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << lanes) - 1u), (__m512)v);
+#else
+  for (int i = 0; i < lanes; ++i) p[i] = v[i];
+#endif
 }
 
 }  // namespace sparsefx

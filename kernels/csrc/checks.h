@@ -4,21 +4,20 @@
 // fake (tracing) and CUDA paths, and tests/test_errors.py holds both to the same messages.
 // Shape, dtype and device checks run on every call; the value checks on a structure tensor
 // (range, distinctness) read its data, so they run once per structure version (see
-// StructureCache below).
+// structure_cache.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
-#include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
 #include <cctype>
-#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
-#include <unordered_map>
 #include <vector>
+
+#include "structure_cache.h"
 
 namespace sparsefx {
 
@@ -66,90 +65,6 @@ inline bool is_integer_dtype(at::ScalarType dtype) {
   return !at::isFloatingType(dtype) && !at::isComplexType(dtype) && dtype != at::kBool;
 }
 
-// ------------------------------------------------------------------- structure version cache
-
-// Remembers which structure tensors passed a value check, as they were then. A record holds
-// a weak reference to the tensor (so its address is not reused while the record lives), its
-// version counter (bumped by every in-place write, DST updates included), storage pointer,
-// shape and dtype, and the parameters of the check. Writes that bypass the version counter
-// (through .data) are not seen; the kernels bounds-check the structure themselves, so such a
-// write can give a wrong result but never reads outside the inputs.
-class StructureCache {
- public:
-  // Has `check` (identified by `kind` and its parameters) passed for `tensor` as it is now?
-  bool verified(const at::Tensor& tensor, int kind, int64_t a, int64_t b) {
-    auto* impl = tensor.unsafeGetTensorImpl();
-    if (!impl->version_counter().enabled()) return false;  // inference tensors: no version
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto found = records_.find(Key{impl, kind, a, b});
-    return found != records_.end() && !found->second.owner.expired() &&
-           found->second.stamp == stamp_of(tensor);
-  }
-
-  void remember(const at::Tensor& tensor, int kind, int64_t a, int64_t b) {
-    auto* impl = tensor.unsafeGetTensorImpl();
-    if (!impl->version_counter().enabled()) return;
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (records_.size() >= kSweepAt) sweep();
-    records_.insert_or_assign(
-        Key{impl, kind, a, b},
-        Record{c10::weak_intrusive_ptr<c10::TensorImpl>(tensor.getIntrusivePtr()),
-               stamp_of(tensor)});
-  }
-
- private:
-  struct Key {
-    const c10::TensorImpl* impl;
-    int kind;
-    int64_t a, b;
-    bool operator==(const Key& other) const {
-      return impl == other.impl && kind == other.kind && a == other.a && b == other.b;
-    }
-  };
-  struct KeyHash {
-    size_t operator()(const Key& key) const {
-      size_t h = std::hash<const void*>()(key.impl);
-      for (int64_t part : {static_cast<int64_t>(key.kind), key.a, key.b})
-        h ^= std::hash<int64_t>()(part) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
-      return h;
-    }
-  };
-  struct Stamp {
-    uint32_t version;
-    const void* data;
-    std::vector<int64_t> sizes;
-    at::ScalarType dtype;
-    bool operator==(const Stamp& other) const {
-      return version == other.version && data == other.data && sizes == other.sizes &&
-             dtype == other.dtype;
-    }
-  };
-  struct Record {
-    c10::weak_intrusive_ptr<c10::TensorImpl> owner;
-    Stamp stamp;
-  };
-
-  static Stamp stamp_of(const at::Tensor& tensor) {
-    return Stamp{tensor.unsafeGetTensorImpl()->version_counter().current_version(),
-                 tensor.data_ptr(), tensor.sizes().vec(), tensor.scalar_type()};
-  }
-
-  void sweep() {
-    for (auto it = records_.begin(); it != records_.end();)
-      it = it->second.owner.expired() ? records_.erase(it) : std::next(it);
-  }
-
-  static constexpr size_t kSweepAt = 4096;
-  std::mutex mutex_;
-  std::unordered_map<Key, Record, KeyHash> records_;
-};
-
-inline StructureCache& structure_cache() {
-  static StructureCache cache;
-  return cache;
-}
-
-enum CheckKind { kDiagOffsets = 1, kFaninIndices = 2 };
 
 // ---------------------------------------------------------------------------- value checks
 
@@ -328,7 +243,7 @@ inline void check_diag(const char* op, const at::Tensor& x, const char* x_name,
     auto& cache = structure_cache();
     if (!cache.verified(offsets, kDiagOffsets, num_candidates, 0)) {
       check_diag_offsets(op, offsets, num_candidates);
-      cache.remember(offsets, kDiagOffsets, num_candidates, 0);
+      cache.remember_verified(offsets, kDiagOffsets, num_candidates, 0);
     }
   }
 }
@@ -362,7 +277,7 @@ inline void check_fanin(const char* op, const at::Tensor& x, const char* x_name,
     if (!cache.verified(indices, kFaninIndices, in_features, 0)) {
       check_fanin_indices(op, indices, in_features,
                           std::string(x_name) == "x" ? &x : nullptr);
-      cache.remember(indices, kFaninIndices, in_features, 0);
+      cache.remember_verified(indices, kFaninIndices, in_features, 0);
     }
   }
 }

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -90,23 +91,46 @@ inline vfloat load_columns(const float* p, int lanes) {
   return load(p);
 }
 
-// acc[v] (V vectors of batch columns) = sum_j w[j] * xt[idx[j], columns]: U independent
+// The entries an output row sums over: weight(j) * xt[row(j), :] for j < count.
+template <typename I>
+struct RowEntries {  // row o of the fan-in structure (the forward)
+  const float* values;
+  const I* ids;
+  int64_t count;
+  float weight(int64_t j) const { return values[j]; }
+  int64_t row(int64_t j) const { return ids[j]; }
+};
+
+template <typename E>
+struct ColumnEntries {  // column c of the structure, by input (the input gradient)
+  const float* values;   // all of values[out, k]
+  const E* rows;         // output row o of each entry of the column
+  const E* slots;        // its slot j within that row
+  int64_t fan_in, count;
+  float weight(int64_t e) const {
+    return values[static_cast<int64_t>(rows[e]) * fan_in + slots[e]];
+  }
+  int64_t row(int64_t e) const { return rows[e]; }
+};
+
+// acc[v] (V vectors of batch columns) = sum_j weight(j) * xt[row(j), columns]: U independent
 // sets of accumulators cover the FMA latency when V is small.
-template <int V, int U, bool Tail, typename I>
-inline void fanin_columns(const float* xt, int64_t batch, const float* w, const I* idx,
-                          int64_t fan_in, Columns columns, vfloat* out) {
+template <int V, int U, bool Tail, typename Entries>
+inline void fanin_columns(const float* xt, int64_t batch, const Entries& entries,
+                          Columns columns, vfloat* out) {
   vfloat acc[U][V];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) acc[u][v] = vfloat{};
   const float* base = xt + columns.start;
+  const int64_t count = entries.count;
   int64_t j = 0;
-  for (; j + U <= fan_in; j += U) {
+  for (; j + U <= count; j += U) {
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
-      const vfloat weight = broadcast(w[j + u]);
-      const float* row = base + static_cast<int64_t>(idx[j + u]) * batch;
+      const vfloat weight = broadcast(entries.weight(j + u));
+      const float* row = base + entries.row(j + u) * batch;
 #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) {
         const bool tail = Tail && v == V - 1;
@@ -115,9 +139,9 @@ inline void fanin_columns(const float* xt, int64_t batch, const float* w, const 
       }
     }
   }
-  for (; j < fan_in; ++j) {
-    const vfloat weight = broadcast(w[j]);
-    const float* row = base + static_cast<int64_t>(idx[j]) * batch;
+  for (; j < count; ++j) {
+    const vfloat weight = broadcast(entries.weight(j));
+    const float* row = base + entries.row(j) * batch;
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       const bool tail = Tail && v == V - 1;
@@ -148,24 +172,24 @@ inline void for_column_blocks(int64_t batch, Block&& block) {
   }
 }
 
-// `call` on the instantiation of fanin_columns for `vectors` vectors (1-4), with a masked last
-// vector if it is partial.
-template <typename I, typename Call>
-inline void with_columns_kernel(int vectors, bool tail, Call&& call) {
-  auto pick = [&](auto kernel) { call(kernel); };
-  if (!tail) {
+// acc = the sums of `entries` over one block of `vectors` (1-4) vector columns, through the
+// instantiation of fanin_columns for it (a masked last vector where the batch ends inside).
+template <typename Entries>
+inline void sum_columns(const float* xt, int64_t batch, const Entries& entries, Columns columns,
+                        int vectors, vfloat* acc) {
+  if (columns.last_lanes == kLanes) {
     switch (vectors) {
-      case 1: return pick(fanin_columns<1, 4, false, I>);
-      case 2: return pick(fanin_columns<2, 2, false, I>);
-      case 3: return pick(fanin_columns<3, 2, false, I>);
-      default: return pick(fanin_columns<4, 1, false, I>);
+      case 1: return fanin_columns<1, 4, false>(xt, batch, entries, columns, acc);
+      case 2: return fanin_columns<2, 2, false>(xt, batch, entries, columns, acc);
+      case 3: return fanin_columns<3, 2, false>(xt, batch, entries, columns, acc);
+      default: return fanin_columns<4, 1, false>(xt, batch, entries, columns, acc);
     }
   }
   switch (vectors) {
-    case 1: return pick(fanin_columns<1, 4, true, I>);
-    case 2: return pick(fanin_columns<2, 2, true, I>);
-    case 3: return pick(fanin_columns<3, 2, true, I>);
-    default: return pick(fanin_columns<4, 1, true, I>);
+    case 1: return fanin_columns<1, 4, true>(xt, batch, entries, columns, acc);
+    case 2: return fanin_columns<2, 2, true>(xt, batch, entries, columns, acc);
+    case 3: return fanin_columns<3, 2, true>(xt, batch, entries, columns, acc);
+    default: return fanin_columns<4, 1, true>(xt, batch, entries, columns, acc);
   }
 }
 
@@ -197,11 +221,10 @@ void fanin_forward(const T* xt, const T* values, const I* indices, const T* bias
           yo[0] = start + gather_dot(xt, v, idx, fan_in);
           continue;
         }
+        const RowEntries<I> entries{v, idx, fan_in};
         for_column_blocks(batch, [&](Columns columns, int vectors) {
           vfloat acc[4];
-          with_columns_kernel<I>(vectors, columns.last_lanes < kLanes, [&](auto kernel) {
-            kernel(xt, batch, v, idx, fan_in, columns, acc);
-          });
+          sum_columns(xt, batch, entries, columns, vectors, acc);
           for (int i = 0; i < vectors; ++i) acc[i] += start;
           store_columns(yo + columns.start, acc, vectors, columns.last_lanes);
         });
@@ -218,6 +241,70 @@ void fanin_forward(const T* xt, const T* values, const I* indices, const T* bias
 }
 
 // ---------------------------------------------------------------------- input gradient
+
+// The structure by input column (compressed sparse columns): for column c, the entries
+// (rows[e], slots[e]) for e in [start[c], start[c + 1]), in increasing row order. The input
+// gradient then sums over a column's entries, as the forward sums over a row's: reads only,
+// no scattered writes. Built once per structure version (ops.cpp caches it). E is uint16
+// when every row id and slot fits, else int32.
+template <typename E>
+struct FaninColumns {
+  std::vector<int64_t> start;
+  std::vector<E> rows, slots;
+};
+
+template <typename E, typename I>
+std::shared_ptr<const FaninColumns<E>> fanin_columns_of(const I* ids, int64_t out, int64_t fan_in,
+                                                        int64_t in) {
+  auto columns = std::make_shared<FaninColumns<E>>();
+  columns->start.assign(in + 1, 0);
+  for (int64_t e = 0; e < out * fan_in; ++e) ++columns->start[ids[e] + 1];
+  for (int64_t c = 0; c < in; ++c) columns->start[c + 1] += columns->start[c];
+  std::vector<int64_t> cursor(columns->start.begin(), columns->start.end() - 1);
+  columns->rows.resize(out * fan_in);
+  columns->slots.resize(out * fan_in);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t j = 0; j < fan_in; ++j) {
+      const int64_t at = cursor[ids[o * fan_in + j]]++;
+      columns->rows[at] = static_cast<E>(o);
+      columns->slots[at] = static_cast<E>(j);
+    }
+  }
+  return columns;
+}
+
+// dxt[c, :] = sum over column c's entries (o, j) of values[o, j] * dyt[o, :] (float32)
+template <typename E>
+void fanin_input_grad_by_columns(const float* dyt, const float* values,
+                                 const FaninColumns<E>& columns, float* dxt, int64_t batch,
+                                 int64_t in, int64_t fan_in) {
+  const int64_t entries_per_column = ceil_div(columns.rows.size(), std::max<int64_t>(1, in));
+  at::parallel_for(0, in, grain_for(entries_per_column * batch), [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t e0 = columns.start[c], e1 = columns.start[c + 1];
+      const ColumnEntries<E> entries{values, columns.rows.data() + e0, columns.slots.data() + e0,
+                                     fan_in, e1 - e0};
+      float* dxc = dxt + c * batch;
+      if (batch == 1) {
+        float acc0 = 0, acc1 = 0;
+        int64_t e = 0;
+        for (; e + 2 <= entries.count; e += 2) {
+          acc0 += entries.weight(e) * dyt[entries.row(e)];
+          acc1 += entries.weight(e + 1) * dyt[entries.row(e + 1)];
+        }
+        if (e < entries.count) acc0 += entries.weight(e) * dyt[entries.row(e)];
+        dxc[0] = acc0 + acc1;
+        continue;
+      }
+      for_column_blocks(batch, [&](Columns block, int vectors) {
+        vfloat acc[4];
+        sum_columns(dyt, batch, entries, block, vectors, acc);
+        store_columns(dxc + block.start, acc, vectors, block.last_lanes);
+      });
+    }
+  });
+}
+
 
 // dxt[c, :] += values[o, j] * dyt[o, :] for c = indices[o, j]: a scatter into a zeroed dxt.
 // With a wide batch each thread owns a slice of batch columns; otherwise threads split the

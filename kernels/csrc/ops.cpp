@@ -216,6 +216,20 @@ Tensor fanin_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& ind
   return as_result(yt.t(), x.scalar_type()).view(with_last(x, out_features));
 }
 
+// The structure by input column for `indices` (ids already range-checked): built once per
+// structure version, then taken from the structure cache.
+template <typename E, typename I>
+std::shared_ptr<const FaninColumns<E>> columns_of(const Tensor& indices, const I* ids,
+                                                  int64_t in_features) {
+  auto& cache = structure_cache();
+  const int64_t width = sizeof(E);
+  if (auto found = cache.find(indices, kFaninTranspose, in_features, width))
+    return std::static_pointer_cast<const FaninColumns<E>>(found);
+  auto built = fanin_columns_of<E>(ids, indices.size(0), indices.size(1), in_features);
+  cache.remember(indices, kFaninTranspose, in_features, width, built);
+  return built;
+}
+
 Tensor fanin_linear_grad_input_cpu(const Tensor& grad_out, const Tensor& values,
                                    const Tensor& indices, int64_t in_features) {
   constexpr const char* op = "sparsefx.fanin_linear_grad_input";
@@ -227,14 +241,31 @@ Tensor fanin_linear_grad_input_cpu(const Tensor& grad_out, const Tensor& values,
   Tensor v = as_compute(values, dtype), ids = native_indices(indices);
   check_ids_in_range(ids, in_features);
   const int64_t batch = grad_t.size(1);
-  Tensor grad_xt = at::zeros({in_features, batch}, grad_t.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_fanin_input_grad", [&] {
+  Tensor grad_xt;
+  if (dtype == at::kFloat) {
+    // a gather over each input's entries, like the forward's over each output's
+    grad_xt = at::empty({in_features, batch}, grad_t.options());
+    const bool narrow = values.size(0) <= 65536 && values.size(1) <= 65536;
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
-      fanin_input_grad<scalar_t, index_t>(grad_t.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                                          ids.data_ptr<index_t>(), grad_xt.data_ptr<scalar_t>(),
-                                          batch, v.size(0), v.size(1), in_features);
+      const index_t* id_data = ids.data_ptr<index_t>();
+      if (narrow) {
+        fanin_input_grad_by_columns(grad_t.data_ptr<float>(), v.data_ptr<float>(),
+                                    *columns_of<uint16_t>(indices, id_data, in_features),
+                                    grad_xt.data_ptr<float>(), batch, in_features, v.size(1));
+      } else {
+        fanin_input_grad_by_columns(grad_t.data_ptr<float>(), v.data_ptr<float>(),
+                                    *columns_of<int32_t>(indices, id_data, in_features),
+                                    grad_xt.data_ptr<float>(), batch, in_features, v.size(1));
+      }
     });
-  });
+  } else {
+    grad_xt = at::zeros({in_features, batch}, grad_t.options());
+    SPARSEFX_DISPATCH_INDEX(ids, [&] {
+      fanin_input_grad<double, index_t>(grad_t.data_ptr<double>(), v.data_ptr<double>(),
+                                        ids.data_ptr<index_t>(), grad_xt.data_ptr<double>(),
+                                        batch, v.size(0), v.size(1), in_features);
+    });
+  }
   return as_result(grad_xt.t(), grad_out.scalar_type()).view(with_last(grad_out, in_features));
 }
 

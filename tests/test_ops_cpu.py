@@ -217,3 +217,27 @@ def test_fanin_index_dtypes(cpu_kernels, index_dtype, rows):
     check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices.to(index_dtype),
                                                                   b),
                   x, values, torch.randn(48, generator=generator), 0)
+
+
+def test_structure_written_in_place_is_seen(cpu_kernels):
+    """What the kernels derive from a structure (the diagonals' order, the fan-in structure by
+    column) is rebuilt after DST writes the structure in place."""
+    generator = torch.Generator().manual_seed(0)
+    x, grad_out = torch.randn(9, 60, generator=generator), torch.randn(9, 30, generator=generator)
+    ops = torch.ops.sparsefx
+    values, indices, _ = fanin_case(30, 60, 0.5, torch.float32, generator)
+    ops.fanin_linear_grad_input(grad_out, values, indices, 60)
+    with torch.no_grad():
+        indices.copy_(patterns.random_fanin_indices(30, 60, indices.shape[1], generator))
+    weight = patterns.fanin_to_dense(values, indices, 60)
+    torch.testing.assert_close(ops.fanin_linear_grad_input(grad_out, values, indices, 60),
+                               grad_out @ weight)
+    torch.testing.assert_close(ops.fanin_linear(x, values, indices), x @ weight.T)
+
+    values, offsets, _ = diag_case(30, 60, 0.5, torch.float32, generator)
+    ops.diag_linear(x, values, offsets, 30)
+    with torch.no_grad():
+        offsets.copy_(offsets.flip(0))  # same set, another order
+        values.copy_(values.flip(0))
+    weight = patterns.diag_to_dense(values, offsets, 30, 60)
+    torch.testing.assert_close(ops.diag_linear(x, values, offsets, 30), x @ weight.T)

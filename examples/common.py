@@ -93,10 +93,14 @@ def accuracy(model, data) -> float:
     return (model(x_test).argmax(1) == y_test).float().mean().item()
 
 
-@torch.no_grad()
-def inference_ms(model, batch: int, device: str = "cpu") -> float:
-    """Median milliseconds of ``model`` on a random ``[batch, 64]`` input."""
-    x = torch.randn(batch, 64, device=device)
-    timer = benchmark.Timer("model(x)", globals=dict(model=model, x=x),
-                            num_threads=torch.get_num_threads())
-    return 1e3 * timer.blocked_autorange(min_run_time=0.5).median
+def interleaved_ms(candidates: dict, rounds: int = 5, min_run_time: float = 0.2) -> dict:
+    """Median milliseconds per call of each ``candidates[name]()``, timed in the same run:
+    each round times every candidate once (a ``torch.utils.benchmark`` blocked autorange),
+    round after round, so that a change in the machine's load falls on all of them alike."""
+    samples = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            timer = benchmark.Timer("run()", globals={"run": run},
+                                    num_threads=torch.get_num_threads())
+            samples[name].append(1e3 * timer.blocked_autorange(min_run_time=min_run_time).median)
+    return {name: sorted(times)[len(times) // 2] for name, times in samples.items()}

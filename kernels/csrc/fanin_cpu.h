@@ -40,7 +40,8 @@ template <typename I>
 inline float gather_dot(const float* x, const float* v, const I* idx, int64_t fan_in) {
   int64_t j = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  if constexpr (sizeof(I) <= 4) {
+  // (short rows: the scalar chains below are faster)
+  if constexpr (sizeof(I) <= 4) if (fan_in >= 32) {
     auto ids_at = [&](int64_t at, __mmask16 mask) {
       if constexpr (sizeof(I) == 2) {
         return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(mask, idx + at));

@@ -51,6 +51,7 @@ struct DiagApply {
   const float* x;
   const float* values;
   const int64_t* offsets;
+  const float* bias;  // [out_len] or null: y starts from it (or from zeros); y is write-only
   float* y;
   int64_t rows, num_diagonals, length, mod;
   bool gather;
@@ -120,7 +121,7 @@ void apply_tile(const DiagApply& a, int64_t r0, int64_t p0, int64_t* partial) {
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) acc[r][v] = load(a.y + (r0 + r) * out_len + p0 + v * kLanes);
+    for (int v = 0; v < V; ++v) acc[r][v] = a.bias ? load(a.bias + p0 + v * kLanes) : vfloat{};
   const float* x_rows = a.x + r0 * in_len;
   // nothing in the loops below calls a function that is not inlined: the accumulators would
   // have to leave the registers
@@ -209,7 +210,7 @@ void apply_column(const DiagApply& a, int64_t r0, int64_t r1, int64_t p0, int64_
   }
 }
 
-// y (holding the bias or zeros) += the diagonals applied to x. Offsets lie in [0, mod).
+// y = the bias (or zeros) + the diagonals applied to x. Offsets lie in [0, mod).
 inline void diag_apply(DiagApply a) {
   std::vector<int64_t> order, sorted;
   a.sorted_offsets = a.offsets;
@@ -254,6 +255,8 @@ inline void diag_apply(DiagApply a) {
   if (tail < out_len) {
     at::parallel_for(0, a.rows, grain_for(a.num_diagonals * (out_len - tail)),
                      [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row)
+        for (int64_t p = tail; p < out_len; ++p) a.y[row * out_len + p] = a.bias ? a.bias[p] : 0.f;
       for (int64_t k = 0; k < a.num_diagonals; ++k) apply_runs_scalar(a, k, r0, r1, tail, out_len);
     });
   }

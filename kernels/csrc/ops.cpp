@@ -49,14 +49,6 @@ std::vector<int64_t> with_last(const Tensor& t, int64_t last) {
   return sizes;
 }
 
-// [rows, columns] filled with the bias (or zeros): the kernels accumulate on top of it
-Tensor initial_output(const OptionalTensor& bias, int64_t rows, int64_t columns,
-                      const at::TensorOptions& options) {
-  if (!bias.has_value()) return at::zeros({rows, columns}, options);
-  // a fresh tensor: expand().contiguous() of one row would alias the bias itself
-  return at::empty({rows, columns}, options).copy_(bias->expand({rows, columns}));
-}
-
 // int64 offsets, each verified to lie in [0, mod): the kernels index activations with them,
 // and a structure edited behind the version counter (through .data) must not make them read
 // outside their inputs. O(K) per call.
@@ -108,22 +100,26 @@ void check_ids_in_range(const Tensor& ids, int64_t in) {
   TORCH_CHECK_INDEX(inside, "sparsefx fan-in kernel: an index lies outside [0, ", in, ")");
 }
 
-// y[rows, out_len] = start + the diagonals applied to the rows of x (see diag_cpu.h), in the
-// compute dtype
+// y[rows, out_len] = bias (or zeros) + the diagonals applied to the rows of x (see
+// diag_cpu.h), in the compute dtype `dtype`
 Tensor apply_diagonals(const Tensor& x_rows, const Tensor& values, const Tensor& offsets,
-                       int64_t mod, bool gather, Tensor start) {
-  const auto dtype = start.scalar_type();
+                       int64_t mod, bool gather, int64_t out_len, const OptionalTensor& bias,
+                       at::ScalarType dtype) {
   Tensor x = as_compute(x_rows, dtype), v = as_compute(values, dtype);
+  Tensor b = bias.has_value() ? as_compute(*bias, dtype) : Tensor();
   Tensor offsets64 = offsets_in_range(offsets, mod);
+  Tensor y = at::empty({x.size(0), out_len}, x.options());
   if (dtype == at::kFloat) {
     diag_apply(DiagApply{x.data_ptr<float>(), v.data_ptr<float>(), offsets64.data_ptr<int64_t>(),
-                         start.data_ptr<float>(), x.size(0), v.size(0), v.size(1), mod, gather});
+                         b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                         x.size(0), v.size(0), v.size(1), mod, gather});
   } else {
+    y.copy_(b.defined() ? b.expand_as(y) : at::zeros_like(y));
     diag_apply_plain<double>(x.data_ptr<double>(), v.data_ptr<double>(),
-                             offsets64.data_ptr<int64_t>(), start.data_ptr<double>(), x.size(0),
+                             offsets64.data_ptr<int64_t>(), y.data_ptr<double>(), x.size(0),
                              v.size(0), v.size(1), mod, gather);
   }
-  return start;
+  return y;
 }
 
 // ------------------------------------------------------------------------- diag: CPU
@@ -134,11 +130,10 @@ Tensor diag_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& offs
   check_cpu(op, "x", x);
   const int64_t in_features = features(x);
   check_diag(op, x, "x", values, offsets, out_features, in_features, bias);
-  const auto dtype = compute_dtype(x.scalar_type());
-  Tensor x_rows = x.reshape({-1, in_features});
-  Tensor y = initial_output(bias, x_rows.size(0), out_features, x.options().dtype(dtype));
-  y = apply_diagonals(x_rows, values, offsets, std::max(out_features, in_features),
-                      /*gather=*/out_features < in_features, y);
+  Tensor y = apply_diagonals(x.reshape({-1, in_features}), values, offsets,
+                             std::max(out_features, in_features),
+                             /*gather=*/out_features < in_features, out_features, bias,
+                             compute_dtype(x.scalar_type()));
   return as_result(y, x.scalar_type()).view(with_last(x, out_features));
 }
 
@@ -150,11 +145,10 @@ Tensor diag_linear_grad_input_cpu(const Tensor& grad_out, const Tensor& values,
   check_cpu(op, "grad_out", grad_out);
   const int64_t out_features = features(grad_out);
   check_diag(op, grad_out, "grad_out", values, offsets, out_features, in_features);
-  const auto dtype = compute_dtype(grad_out.scalar_type());
-  Tensor grad_rows = grad_out.reshape({-1, out_features});
-  Tensor grad_x = at::zeros({grad_rows.size(0), in_features}, grad_out.options().dtype(dtype));
-  grad_x = apply_diagonals(grad_rows, values, offsets, std::max(out_features, in_features),
-                           /*gather=*/out_features >= in_features, grad_x);
+  Tensor grad_x = apply_diagonals(grad_out.reshape({-1, out_features}), values, offsets,
+                                  std::max(out_features, in_features),
+                                  /*gather=*/out_features >= in_features, in_features,
+                                  std::nullopt, compute_dtype(grad_out.scalar_type()));
   return as_result(grad_x, grad_out.scalar_type()).view(with_last(grad_out, in_features));
 }
 

@@ -31,6 +31,16 @@ gradient of all ranks before it is scored, so every rank makes the same choice.
 ``[out, in]`` score matrix, ``-inf`` where nothing was listed. Scores reach the manager
 through ``probe.grad``: the only route out of a ``torch.compile``d backward that needs
 neither hooks nor a graph break.
+
+The reduction costs about what forming ``G`` costs, not a multiple of it. ``G`` is formed a
+block of rows at a time (diag: of positions along the diagonals) into a buffer of a few MiB,
+and reduced there; only a layer-wide list keeps all of it, since it needs every row. The
+lists are exact stable selections (ties towards the lower id, as ``top_ids``) without sorts:
+one int32 ``topk`` on the scores' bits, redone with the id tie-break only in rows with a tie
+at the cut; per-row lists in two rounds, the best blocks of columns and then their columns;
+the layer-wide list from the per-row lists, reading whole only the rows whose list it fills.
+The backward runs all this as an op of its own, ``sparsefx::growth_scores``, which a
+compiled backward calls rather than traces (the selections branch on the data).
 """
 from __future__ import annotations
 
@@ -112,27 +122,197 @@ def _world_size() -> int:
             if distributed.is_available() and distributed.is_initialized() else 1)
 
 
-def top_ids(scores: Tensor, count: int, largest: bool = True, ordered: bool = True) -> Tensor:
-    """Ids of the ``count`` largest (or smallest) float32 ``scores`` along the last dim, ties
-    towards the lower id: what a stable sort gives, at the cost of ``topk``. Best first if
-    ``ordered``; otherwise the same set in no particular order (about 2x faster).
+def top_ids(scores: Tensor, count: int, largest: bool = True, ordered: bool = True,
+            ids: Tensor | None = None) -> Tensor:
+    """Positions of the ``count`` largest (or smallest) float32 ``scores`` along the last dim,
+    ties towards the lower id: what a stable sort gives, at the cost of ``topk``. Best first
+    if ``ordered``; otherwise the same set in no particular order. ``ids`` (int64, shaped
+    like ``scores``, each ``< 2**32``) ranks ties in place of the position.
 
-    Each score becomes one int64 key: its bits made monotone (the usual float-to-int order
-    trick) in the high half, the reversed id in the low half.
+    Each score becomes an int32 key, its bits made monotone (the usual float-to-int order
+    trick: -0.0 sorts just below 0.0, NaN by its bits), and ``_stable_top`` ranks the keys.
     """
     bits = scores.float().contiguous().view(torch.int32)
-    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
     if not largest:
-        monotone = ~monotone
-    width = scores.shape[-1]
-    reversed_ids = torch.arange(width - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    keys = (monotone.to(torch.int64) << 32) | reversed_ids
-    return keys.topk(count, dim=-1, sorted=ordered).indices
+        keys.bitwise_not_()
+    return _stable_top(keys, count, ordered, ids)[0]
 
 
-def _triples(scores: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    return torch.stack([scores.reshape(-1), rows.reshape(-1).float(), cols.reshape(-1).float()],
-                       dim=1).reshape(-1)
+_INT32_MIN = torch.iinfo(torch.int32).min
+
+
+def _stable_top(keys: Tensor, count: int, ordered: bool = False, ids=None,
+                scratch: bool = False) -> tuple[Tensor, Tensor]:
+    """Positions of the ``count`` largest int32 ``keys`` along the last dim, ties towards the
+    lower id, and the keys there. Best first if ``ordered``. ``ids`` rank ties in place of
+    the position: int64 shaped like ``keys``, or a function of row numbers giving those
+    rows' ids (not with ``ordered``). ``keys`` is used as scratch, and restored unless
+    ``scratch``.
+
+    One int32 ``topk`` finds the set unless it had to choose among keys equal to the
+    smallest it kept (an exact tie at the cut, rare for gradients and magnitudes except in
+    rows that are all zero): a row where a key left out equals that cut is redone on int64
+    keys (key high, reversed id low), which cost about twice as much to build and rank.
+    """
+    shape, width = keys.shape, keys.shape[-1]
+    if count == 0 or keys.numel() == 0:
+        return (torch.zeros(*shape[:-1], count, dtype=torch.int64, device=keys.device),
+                torch.zeros(*shape[:-1], count, dtype=keys.dtype, device=keys.device))
+    keys = keys.view(-1, width)
+    if torch.is_tensor(ids):
+        ids = ids.reshape(-1, width)
+    values, best = keys.topk(count, dim=-1, sorted=False)
+    if count < width:
+        cut = values.amin(dim=-1)
+        keys.scatter_(1, best, _INT32_MIN)  # a key equal to _INT32_MIN can only add rows
+        tied = keys.amax(dim=-1) == cut
+        if not scratch:
+            keys.scatter_(1, best, values)
+        if bool(tied.any()):
+            rows = tied.nonzero()[:, 0]
+            tied_keys = keys[rows]
+            if scratch:
+                tied_keys.scatter_(1, best[rows], values[rows])
+            tied_ids = None if ids is None else ids(rows) if callable(ids) else ids[rows]
+            best[rows] = _wide_keys(tied_keys, tied_ids).topk(count, dim=-1,
+                                                              sorted=False).indices
+            values[rows] = tied_keys.gather(1, best[rows])
+    if ordered:
+        chosen = best if ids is None else ids.gather(1, best)
+        order = _wide_keys(values, chosen).argsort(dim=-1, descending=True)
+        best, values = best.gather(1, order), values.gather(1, order)
+    return best.view(*shape[:-1], count), values.view(*shape[:-1], count)
+
+
+def _wide_keys(keys: Tensor, ids: Tensor | None = None) -> Tensor:
+    """int64 keys: the int32 ``keys`` high, the reversed ``ids`` (default: positions; all
+    ``< 2**32``) low, so that equal keys rank the lower id first."""
+    if ids is None:
+        ids = torch.arange(keys.shape[-1], device=keys.device)
+    return (keys.to(torch.int64) << 32) | (0xFFFFFFFF - ids)
+
+
+def _mean_over_ranks(dense_grad: Tensor) -> Tensor:
+    """Data parallel: the mean signed gradient of all ranks (in place), as every rank scores."""
+    world = _world_size()
+    if world > 1:
+        torch.distributed.all_reduce(dense_grad)
+        dense_grad /= world
+    return dense_grad
+
+
+def _diag_gradient_norms(grad_rows: Tensor, x_rows: Tensor, block: int = 512) -> Tensor:
+    """``[P]``: the L2 norm of ``G = grad_rows.T @ x_rows`` along every candidate diagonal, as
+    ``patterns.diag_norms(G)`` gives it, formed and reduced ``block`` diagonal positions at a
+    time in a buffer of a few MiB (no ``[out, in]`` matrix, no strided pass over it).
+
+    Element ``t`` of diagonal ``d`` is ``G[(d + t) % out, t]`` (tall) or ``G[t, (t + d) % in]``
+    (wide): ``M[t, (t + d) % P]`` with ``M [L, P]`` = ``G.T`` (tall) or ``G``. Rows
+    ``t0 .. t0 + block`` of ``M`` go into the buffer rolled left by ``t0`` and continued with
+    their own first columns, so that ``M[t, (t + d) % P]`` sits at ``buffer[t - t0, t - t0 +
+    d]``: column ``d`` of a view with row stride ``width + 1``, summed in one streaming pass.
+    Squares are exact in float64 and summed there, so the norms are correctly rounded
+    (``patterns.diag_norms``' float32 sum is off by an ulp now and then).
+    """
+    out_features, in_features = grad_rows.shape[1], x_rows.shape[1]
+    num_candidates, length = patterns.diag_geometry(out_features, in_features)
+    left, right = (x_rows, grad_rows) if out_features >= in_features else (grad_rows, x_rows)
+    block = min(block, length)
+    width = -(-(num_candidates + block - 1) // 16) * 16  # rows 64-byte aligned
+    buffer = left.new_empty(block, width)
+    squares = left.new_empty(block, num_candidates, dtype=torch.float64)
+    sums = squares.new_empty(num_candidates)
+    sum_of_squares = torch.zeros(num_candidates, dtype=torch.float64, device=left.device)
+    distributed = _world_size() > 1
+    for start in range(0, length, block):
+        rows = min(block, length - start)
+        lhs, rolled = left[:, start:start + rows].T, buffer[:rows]
+        head, tail = rolled[:, :num_candidates - start], rolled[:, num_candidates - start:]
+        if distributed:  # the all-reduce wants a contiguous tensor
+            part = _mean_over_ranks(lhs @ right)
+            head.copy_(part[:, start:])
+            tail[:, :start].copy_(part[:, :start])
+        else:
+            torch.mm(lhs, right[:, start:], out=head)
+            if start:
+                torch.mm(lhs, right[:, :start], out=tail[:, :start])
+        rolled[:, num_candidates:num_candidates + rows - 1] = rolled[:, :rows - 1]
+        diagonals = buffer.as_strided((rows, num_candidates), (width + 1, 1))
+        torch.sum(squares[:rows].copy_(diagonals).square_(), dim=0, out=sums)
+        sum_of_squares += sums
+    return sum_of_squares.sqrt_().float()
+
+
+def _top_ids_per_row(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """``top_ids(scores, count, ordered=False)`` for ``[out, in]`` scores that are ``>= 0``,
+    ``-inf`` or NaN with the sign bit clear (``|G|`` with entries masked to ``-inf``): their
+    float32 bits are already monotone int32 keys. Returns the ids and the scores there.
+
+    Where it pays, in two rounds on fewer keys: the ``count`` best blocks of ``block``
+    consecutive columns by their best key, then the best ``count`` of those blocks' columns.
+    Exact: each of the ``count`` best entries lies in a block whose best entry is at least as
+    good, so among the ``count`` best blocks (equal blocks ranked by their lower columns).
+    """
+    keys = scores.view(torch.int32)
+    rows, in_features = keys.shape
+    block = _block_size(in_features, count)
+    if block == 1:
+        best, values = _stable_top(keys, count)
+        return best, values.view(torch.float32)
+    grouped = keys.view(rows, -1, block)
+    blocks = _stable_top(grouped.amax(dim=-1), count, scratch=True)[0]
+    candidates = grouped.gather(1, blocks[:, :, None].expand(-1, -1, block)).view(rows, -1)
+    offsets = torch.arange(block, device=keys.device)
+    columns = lambda some: (blocks[some, :, None] * block + offsets).view(len(some), -1)
+    picked, values = _stable_top(candidates, count, ids=columns, scratch=True)
+    return blocks.gather(1, picked // block) * block + picked % block, values.view(torch.float32)
+
+
+def _block_size(width: int, count: int) -> int:
+    """The block that minimises the keys ranked, ``width / block + count * block``; 1 (one
+    round) unless that is under 60 % of ``width``."""
+    best, ranked = 1, 0.6 * width
+    for block in (2, 4, 8, 16):
+        if width % block == 0 and width // block + count * block < ranked:
+            best, ranked = block, width // block + count * block
+    return best
+
+
+def _layer_top_from_rows(scores: Tensor, row_best: Tensor, row_scores: Tensor,
+                         count: int) -> Tensor:
+    """``top_ids(scores.view(-1), count, ordered=False)`` (flat ids) for the scores of
+    ``_top_ids_per_row``, given its ids ``row_best [out, c]`` of each row's ``c`` best, and
+    the scores there.
+
+    Exact, not a heuristic: let ``S`` be the best ``count`` of the listed entries. If a row
+    had a better entry than ``S`` holds that is not listed, all ``c`` of its listed entries
+    would be better still, and in ``S``. So a row with fewer than ``c`` entries in ``S`` lost
+    nothing, and the answer is ``S`` unless some rows are full. Those (rows with outsized
+    gradients) are then read whole, keeping only entries at least as good as the worst of
+    ``S`` (the answer's worst can only be better), and the best ``count`` of those and
+    ``S``'s entries from other rows is the answer: a row not full in ``S`` lost nothing.
+    """
+    out_features, in_features = scores.shape
+    slots = row_best.shape[1]
+    flat_ids = (row_best + torch.arange(0, out_features * in_features, in_features,
+                                        device=scores.device)[:, None]).view(-1)
+    listed_keys = row_scores.reshape(-1).view(torch.int32)
+    best, best_keys = _stable_top(listed_keys[None, :], count, ids=flat_ids[None, :])
+    best, best_keys = best[0], best_keys[0]
+    best_rows = best // slots
+    full = torch.bincount(best_rows, minlength=out_features) == slots
+    if not bool(full.any()):
+        return flat_ids[best]
+    rows = full.nonzero()[:, 0]
+    whole_keys = scores.view(torch.int32)[rows].view(-1)
+    good = (whole_keys >= best_keys.amin()).nonzero()[:, 0]  # ties at the cut: ids decide
+    whole_ids = (rows[:, None] * in_features
+                 + torch.arange(in_features, device=scores.device)[None, :]).view(-1)
+    elsewhere = (~full[best_rows]).nonzero()[:, 0]
+    pool_keys = torch.cat([best_keys[elsewhere], whole_keys[good]])
+    pool_ids = torch.cat([flat_ids[best[elsewhere]], whole_ids[good]])
+    return pool_ids[_stable_top(pool_keys[None, :], count, ids=pool_ids[None, :])[0][0]]
 
 
 def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: str,
@@ -140,37 +320,109 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     """The float32 probe gradient ``growth_tap`` hands back: see the module docstring."""
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).float()
     x_rows = x.reshape(-1, x.shape[-1]).float()
-    dense_grad = grad_rows.T @ x_rows  # this layer's only dense matrix
-    world = _world_size()
-    if world > 1:  # data parallel: score the mean signed gradient, as every rank will
-        torch.distributed.all_reduce(dense_grad)
-        dense_grad /= world
-    scores = dense_grad.abs_()
     if granularity == "diag":
-        return patterns.diag_norms(scores)
-    out_features, in_features = scores.shape
-    row_ids = torch.arange(out_features, device=scores.device)
+        return _diag_gradient_norms(grad_rows, x_rows)
     if granularity == "rows":
-        columns = structure.long()
-        parts = [scores.gather(1, columns).reshape(-1)]
-        inactive = scores.scatter(1, columns, float("-inf"))
-    else:
-        parts = [scores[structure]]
-        inactive = scores.masked_fill(structure, float("-inf"))
+        return _fanin_scores(grad_rows, x_rows, structure.long(), plan)
+    # this layer's only dense matrix; reduced in place from here on
+    scores = _mean_over_ranks(grad_rows.T @ x_rows).abs_()
+    probe_grad, active, row_lists, group_lists, layer_list = _probe_parts(
+        scores.shape, int(structure.sum()), plan, scores.device)
+    torch.masked_select(scores, structure, out=active)
+    scores.masked_fill_(structure, float("-inf"))  # now only inactive entries can be listed
+    row_best = _list_rows(scores, 0, plan, row_lists, group_lists)
+    if layer_list is not None:
+        _list_layer(scores, row_best, layer_list)
+    return probe_grad
+
+
+def _probe_parts(shape: torch.Size, active: int, plan: list[int], device: torch.device):
+    """The probe gradient, and views of its parts: the active scores, the per-row lists
+    ``[out, per_row, 3]``, the per-group lists ``[out, groups, per_group, 3]`` and the
+    layer-wide list ``[layer_wide, 3]`` (``None`` for a list the plan leaves out)."""
+    out_features, in_features = shape
     per_row, per_group, group_size, layer_wide = plan
+    groups = in_features // group_size if group_size else 0
+    probe_grad = torch.empty(probe_size(out_features, in_features, "rows", plan, active),
+                             device=device)
+    parts, start = [probe_grad[:active]], active
+    for length, view in [(out_features * per_row, (out_features, per_row, 3)),
+                         (out_features * groups * per_group,
+                          (out_features, groups, per_group, 3)),
+                         (layer_wide, (layer_wide, 3))]:
+        parts.append(probe_grad[start:start + 3 * length].view(view) if length else None)
+        start += 3 * length
+    return probe_grad, *parts
+
+
+def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list[int],
+                  block: int = 1024) -> Tensor:
+    """``growth_scores`` of a fan-in / N:M layer (active ``columns [out, k]``), ``G`` formed
+    and listed ``block`` rows at a time: the per-row and per-group lists need no more, and
+    each pass then runs on a few MiB that stay in cache. The layer-wide list needs every
+    row, so with one the rows are kept."""
+    out_features, in_features = grad_rows.shape[1], x_rows.shape[1]
+    probe_grad, active, row_lists, group_lists, layer_list = _probe_parts(
+        (out_features, in_features), columns.numel(), plan, grad_rows.device)
+    active = active.view(columns.shape)
+    whole = grad_rows.new_empty(out_features, in_features) if layer_list is not None else None
+    buffer = grad_rows.new_empty(min(block, out_features), in_features) if whole is None else None
+    row_best = []
+    for start in range(0, out_features, block):
+        rows = slice(start, min(start + block, out_features))
+        scores = whole[rows] if buffer is None else buffer[:rows.stop - start]
+        torch.mm(grad_rows[:, rows].T, x_rows, out=scores)
+        _mean_over_ranks(scores).abs_()
+        torch.gather(scores, 1, columns[rows], out=active[rows])
+        scores.scatter_(1, columns[rows], float("-inf"))  # only inactive ones are listed
+        row_best.append(_list_rows(scores, start, plan,
+                                   None if row_lists is None else row_lists[rows],
+                                   None if group_lists is None else group_lists[rows]))
+    if layer_list is not None:
+        _list_layer(whole, None if row_best[0] is None else
+                    (torch.cat([ids for ids, _ in row_best]),
+                     torch.cat([best_scores for _, best_scores in row_best])), layer_list)
+    return probe_grad
+
+
+def _list_rows(scores: Tensor, first_row: int, plan: list[int], row_lists: Tensor | None,
+               group_lists: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """Write the per-row and per-group lists (those the plan asks for) of the inactive
+    ``scores`` of rows ``first_row, first_row + 1, ...`` as ``(score, row, column)``
+    triples; return the per-row list as ``(ids, scores) [rows, per_row]``."""
+    rows, in_features = scores.shape
+    per_row, per_group, group_size, _ = plan
+    row_ids = torch.arange(first_row, first_row + rows, device=scores.device)
+    row_best = None
     if per_row:
-        best = top_ids(inactive, per_row, ordered=False)
-        parts.append(_triples(inactive.gather(1, best), row_ids[:, None].expand_as(best), best))
+        row_best = best, best_scores = _top_ids_per_row(scores, per_row)
+        _write_triples(row_lists, best_scores, row_ids[:, None], best)
     if per_group:
-        grouped = inactive.view(out_features, in_features // group_size, group_size)
+        grouped = scores.view(rows, in_features // group_size, group_size)
         best = top_ids(grouped, per_group, ordered=False)
         first = torch.arange(0, in_features, group_size, device=scores.device)[None, :, None]
-        parts.append(_triples(grouped.gather(2, best), row_ids[:, None, None].expand_as(best),
-                              best + first))
-    if layer_wide:
-        best = top_ids(inactive.view(-1), layer_wide, ordered=False)
-        parts.append(_triples(inactive.view(-1)[best], best // in_features, best % in_features))
-    return torch.cat(parts)
+        _write_triples(group_lists, grouped.gather(2, best), row_ids[:, None, None],
+                       best + first)
+    return row_best
+
+
+def _list_layer(scores: Tensor, row_best: tuple[Tensor, Tensor] | None,
+                layer_list: Tensor) -> None:
+    """Write the layer-wide list of the inactive ``scores``: from the per-row lists
+    ``row_best`` when they hold enough entries, else from all of ``scores``."""
+    count, in_features = layer_list.shape[0], scores.shape[1]
+    if row_best is not None and count <= row_best[0].numel():
+        best = _layer_top_from_rows(scores, *row_best, count)
+    else:
+        best = top_ids(scores.view(-1), count, ordered=False)
+    _write_triples(layer_list, scores.view(-1)[best], best // in_features, best % in_features)
+
+
+def _write_triples(triples: Tensor, scores: Tensor, rows: Tensor, columns: Tensor) -> None:
+    """``triples[..., :]`` = ``(score, row, column)``, broadcasting each to ``triples[..., 0]``."""
+    triples[..., 0] = scores
+    triples[..., 1] = rows
+    triples[..., 2] = columns
 
 
 @dataclass
@@ -233,15 +485,29 @@ def candidate_scores(probe_grad: Tensor, structure: Tensor, granularity: str,
     return scores
 
 
+@torch.library.custom_op("sparsefx::growth_scores", mutates_args=())
+def _growth_scores_op(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: str,
+                      plan: list[int], size: int) -> Tensor:
+    """``growth_scores`` as an op of its own, so that a compiled backward calls it rather than
+    tracing it: its exact selections branch on the data (rows with tied scores, full rows)."""
+    return growth_scores(grad_out, x, structure, granularity, plan)
+
+
+@_growth_scores_op.register_fake
+def _(grad_out, x, structure, granularity, plan, size):
+    return grad_out.new_empty(size, dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
-    _, x, _, structure, granularity, plan = inputs
+    _, x, probe, structure, granularity, plan = inputs
     ctx.save_for_backward(x, structure)
-    ctx.granularity, ctx.plan = granularity, plan
+    ctx.granularity, ctx.plan, ctx.probe_size = granularity, plan, probe.numel()
 
 
 def _backward(ctx, grad_out):
     x, structure = ctx.saved_tensors
-    scores = (growth_scores(grad_out, x, structure, ctx.granularity, ctx.plan)
+    scores = (torch.ops.sparsefx.growth_scores(grad_out, x, structure, ctx.granularity,
+                                               ctx.plan, ctx.probe_size)
               if ctx.needs_input_grad[2] else None)
     return grad_out, None, scores, None, None, None
 

@@ -36,15 +36,16 @@ Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...
               diagonals; the ``K`` active diagonals compute with values scaled by the soft
               top-K gates ``sigmoid((a_d - theta) / T)`` (``sparsefx.layers.soft_top_k_gates``,
               ``theta`` halfway between the K-th and (K+1)-th largest ``a``). ``a`` is trained
-              by Adam (``importance_lr``) on the loss gradient through the gates, every step;
-              ``T`` falls linearly from ``temperature`` to 0 at ``t_end``, where the gates
-              harden to exactly 1 (at ``total_steps`` they are folded into the values and
-              removed, so the trained layer is a plain ``DiagLinear``). At update steps:
-              drop the ``n`` active diagonals of lowest ``a``, grow the ``n`` not-kept
-              candidates of largest dense-gradient norm (how inactive diagonals, which have
-              no gate, re-enter), give grown diagonals the median ``a`` of the diagonals
-              active before the update, and reset every inactive ``a`` to
-              ``min(active a) - 1``. Only the ``K`` active diagonals are stored and computed.
+              by Adam (``importance_lr``, torch's fused kernel) on the loss gradient through
+              the gates, every step; ``T`` falls linearly from ``temperature`` to 0 at
+              ``t_end``, where the gates harden to exactly 1 (at ``total_steps`` they are
+              folded into the values and removed, so the trained layer is a plain
+              ``DiagLinear``). At update steps: drop the ``n`` active diagonals of lowest
+              ``a``, grow the ``n`` not-kept candidates of largest dense-gradient norm (how
+              inactive diagonals, which have no gate, re-enter), give grown diagonals the
+              median ``a`` of the diagonals active before the update, and reset every
+              inactive ``a`` to ``min(active a) - 1``. Only the ``K`` active diagonals are
+              stored and computed.
 
 Under DistributedDataParallel (wrap the model, pass the wrapper or the module): the growth
 scores come from the all-reduced signed dense gradient, DynaDiag's importance gradients are
@@ -118,7 +119,7 @@ class _Layer:
     kind: str
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
     row_active: torch.Tensor | None = None  # srigl: [out] bool, False for ablated rows
-    any_ablated: bool = False  # srigl: row_active has a False (kept on the host: no sync)
+    ablated_rows: torch.Tensor | None = None  # srigl: ids of the False rows; None if none
     ablate: bool = False  # srigl: may rows of this layer be ablated?
 
     @property
@@ -194,7 +195,9 @@ class DST:
         self.layers = _find_layers(_unwrap(model), method)
         _check_optimizer(self.layers, optimizer)
         _check_same_structure_on_every_rank(self.layers)
+        self._world = _world_size()  # read once: the process group outlives the manager
         self._step = 0
+        self._holding: list[_Layer] = []  # srigl: the layers with ablated rows
         self._generator = torch.Generator().manual_seed(seed)
         self._skipped_updates = 0
         if method == "srigl":
@@ -204,11 +207,14 @@ class DST:
                                               device=layer.param.device)
                 layer.ablate = layer.name not in heads
         self._importance_optimizer = None
+        self._importances: list[torch.Tensor] = []  # dynadiag: each layer's importance
+        self._temperatures: list[torch.Tensor] = []  # dynadiag: the gates' temperature
         if method == "dynadiag":
             self._attach_importance()
         if method in _NEEDS_GRADIENT:
             for layer in self.layers:
                 self._attach_probe(layer)
+        self._armed: bool | None = None  # what the layers' growth probes are set to
         self._arm()
 
     # ------------------------------------------------------------------------- schedule
@@ -239,20 +245,29 @@ class DST:
 
     # ----------------------------------------------------------------------------- step
 
-    @torch.no_grad()
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``. Returns whether the structure changed."""
         self._step += 1
+        # most steps: no update on this step or the next and no importance to train, so
+        # nothing to do but hold srigl's ablated rows at zero (this is most of the run)
+        if (self._importance_optimizer is None and (self._step + 1) % self.delta_t > 1
+                and self._step != self.total_steps):
+            if self._holding:
+                with torch.no_grad():
+                    self._hold_ablated_rows()
+            return False
+        return self._step_with_work()
+
+    @torch.no_grad()
+    def _step_with_work(self) -> bool:
         if self._importance_optimizer is not None:
             self._train_importance()
-        if self.method == "srigl":
-            for layer in self.layers:
-                self._hold_ablated_rows(layer)
+        self._hold_ablated_rows()
         changed = False
         if self.is_update_step(self._step):
             changed = self._update(self.drop_fraction(self._step))
-        for layer in self.layers:
-            if layer.probe is not None:
+        if self._armed:
+            for layer in self.layers:
                 layer.probe.grad = None
         if self._step == self.total_steps and self._importance_optimizer is not None:
             self._release_gates()
@@ -260,13 +275,16 @@ class DST:
         return changed
 
     def _arm(self) -> None:
-        """Route the next step's backward through the growth tap iff it ends in an update."""
+        """Route the next step's backward through the growth tap iff it ends in an update
+        (the layers are touched only when that changes: twice per update)."""
         armed = self.method in _NEEDS_GRADIENT and self.is_update_step(self._step + 1)
-        for layer in self.layers:
-            layer.module._growth_probe = layer.probe if armed else None
+        if armed != self._armed:
+            for layer in self.layers:
+                layer.module._growth_probe = layer.probe if armed else None
+            self._armed = armed
 
     def _update(self, fraction: float) -> bool:
-        problems = [layer.name for layer in self.layers if not _finite_gradients(layer)]
+        problems = _layers_with_non_finite_gradients(self.layers)
         if problems:
             self._skipped_updates += 1
             warnings.warn(f"sparsefx.DST: step {self._step}: non-finite gradients in "
@@ -301,8 +319,8 @@ class DST:
             active, most_per_row = module.indices.numel(), math.ceil(self.alpha * fan_in)
             if layer.kind == "nm":
                 plan[1:3] = [min(module.nm[0], most_per_row), module.nm[1]]
-            elif self.method == "srigl":  # a revived row takes its best k columns
-                plan[0] = fan_in
+            elif layer.ablate:  # srigl: a revived row takes its best k columns, and the
+                plan[0] = fan_in  # salience counts need the layer-wide growth set
                 plan[3] = min(math.ceil(self.alpha * active), out_features * in_features)
             else:
                 plan[0] = most_per_row
@@ -371,12 +389,16 @@ class DST:
         candidate_ids, scores, listed = self._listed(layer, active)
         num_moved_row = min(round(fraction * fan_in), layer.num_candidates() - fan_in)
         new_row_active = row_active.clone()
-        if layer.ablate:
-            total_moved = round(fraction * int(row_active.sum()) * fan_in)
+        salient_minimum = max(1, math.floor(self.gamma_sal * fan_in))
+        total_moved = round(fraction * int(row_active.sum()) * fan_in)
+        # with no row ablated, the salience counts matter only if some row could fall below
+        # the minimum: a cheap test rules that out most of the time
+        if layer.ablate and (layer.ablated_rows is not None or not regrow.keeps_at_least(
+                magnitude, total_moved, salient_minimum)):
             listed_scores, listed_rows, _ = listed.layer_wide
             salient = regrow.layerwise_salience(magnitude, row_active, listed.active,
                                                 listed_rows, listed_scores, total_moved)
-            new_row_active = salient >= max(1, math.floor(self.gamma_sal * fan_in))
+            new_row_active = salient >= salient_minimum
             if not bool(new_row_active.any()):  # never ablate a whole layer
                 new_row_active = row_active.clone()
         new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved_row,
@@ -393,9 +415,9 @@ class DST:
         changed = bool(grown.any()) or bool(ablated.any())
         if changed:
             self._write(layer, active, new_active, grown)
-            layer.row_active.copy_(new_row_active)
-            layer.any_ablated = not bool(new_row_active.all())
-            self._hold_ablated_rows(layer)
+            self._set_row_active(layer, new_row_active)
+            if layer.ablated_rows is not None:
+                layer.module.values.index_fill_(0, layer.ablated_rows, 0)
         return changed
 
     def _write(self, layer: _Layer, active: torch.Tensor, new_active: torch.Tensor,
@@ -420,28 +442,46 @@ class DST:
 
     # -------------------------------------------------------------------------- srigl
 
-    def _hold_ablated_rows(self, layer: _Layer) -> None:
-        """Ablated rows stay exactly zero, whatever the optimizer did to them."""
-        if layer.any_ablated:
-            _zero_units(self.optimizer, layer.module.values, ~layer.row_active[:, None])
+    def _hold_ablated_rows(self) -> None:
+        """Ablated rows stay exactly zero, whatever the optimizer did to them: every step,
+        one write of those rows per layer that has some. (Their optimizer state may drift
+        meanwhile; a row that comes back is grown, which zeroes its state.)"""
+        for layer in self._holding:
+            layer.module.values.index_fill_(0, layer.ablated_rows, 0)
+
+    def _set_row_active(self, layer: _Layer, row_active: torch.Tensor) -> None:
+        layer.row_active.copy_(row_active)
+        ablated = (~layer.row_active).nonzero()[:, 0]
+        layer.ablated_rows = ablated if ablated.numel() else None
+        self._holding = [layer for layer in self.layers if layer.ablated_rows is not None]
 
     # ----------------------------------------------------------------------- dynadiag
 
     def _attach_importance(self) -> None:
-        importances = []
+        importances, temperatures = [], {}
         for layer in self.layers:
             module = layer.module
+            device = module.values.device
             num_candidates = layer.num_candidates()
-            importance = torch.zeros(num_candidates, dtype=torch.float32,
-                                     device=module.values.device)
+            importance = torch.zeros(num_candidates, dtype=torch.float32, device=device)
             importance[module.offsets] = 1.0
             importance.requires_grad_(True)
             module._importance = importance
-            module._temperature = torch.tensor(self.temperature, dtype=torch.float32,
-                                               device=module.values.device)
+            # one temperature tensor per device, shared by the layers: one write per step
+            if device not in temperatures:
+                temperatures[device] = torch.tensor(self.temperature, dtype=torch.float32,
+                                                    device=device)
+            module._temperature = temperatures[device]
             importances.append(importance)
+        self._importances, self._temperatures = importances, list(temperatures.values())
+        # scratch for _importance_adam_step, which holds when all layers share a device
+        self._found_inf = self._one = None
+        if len(temperatures) == 1:
+            self._found_inf = torch.zeros((), device=importances[0].device)
+            self._one = torch.ones((), device=importances[0].device)
+        # holds the state (and its checkpoint format); _importance_adam_step takes the steps
         self._importance_optimizer = torch.optim.Adam(importances, lr=self.importance_lr,
-                                                      foreach=True)
+                                                      fused=True)
 
     def _release_gates(self) -> None:
         """At the last step the gates are exactly 1 (``T = 0`` from ``t_end`` on): drop them so
@@ -453,21 +493,28 @@ class DST:
             layer.module.values.mul_(gates[:, None].to(layer.module.values.dtype))
             layer.module._importance = layer.module._temperature = None
         self._importance_optimizer = None
+        self._importances, self._temperatures = [], []
 
     def _temperature_at(self, step: int) -> float:
         return self.temperature * max(0.0, 1.0 - step / self.end_step)
 
     def _train_importance(self) -> None:
-        grads = [layer.module._importance.grad for layer in self.layers
-                 if layer.module._importance.grad is not None]
-        _average_across_ranks(grads)
-        # one host sync for all layers: this runs every step
-        grads_ok = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        if grads_ok and self._step <= self.end_step:
-            self._importance_optimizer.step()
-        self._importance_optimizer.zero_grad(set_to_none=True)
-        for layer in self.layers:
-            layer.module._temperature.fill_(self._temperature_at(self._step))
+        """One Adam step on the importances (skipped if a gradient is not finite), then the
+        temperature of the next step. Runs every step, so kept to a few small ops."""
+        if self._step <= self.end_step:
+            grads = [importance.grad for importance in self._importances
+                     if importance.grad is not None]
+            if self._world > 1:
+                _average_across_ranks(grads)
+            if self._one is not None:
+                _importance_adam_step(self._importance_optimizer, self._found_inf, self._one)
+            elif all(bool(torch.isfinite(grad).all()) for grad in grads):  # several devices
+                self._importance_optimizer.step()
+        for importance in self._importances:
+            importance.grad = None
+        temperature = self._temperature_at(self._step)
+        for tensor in self._temperatures:
+            tensor.fill_(temperature)
 
     def _reset_importance(self, layer: _Layer, old_offsets: torch.Tensor,
                           offsets: torch.Tensor, grown: torch.Tensor) -> None:
@@ -522,8 +569,7 @@ class DST:
         self._skipped_updates = state["skipped_updates"]
         for layer in self.layers:
             if layer.name in state["row_active"]:
-                layer.row_active.copy_(state["row_active"][layer.name])
-                layer.any_ablated = not bool(layer.row_active.all())
+                self._set_row_active(layer, state["row_active"][layer.name])
             if layer.name in state["importance"]:
                 layer.module._importance.copy_(state["importance"][layer.name])
                 layer.module._temperature.fill_(self._temperature_at(self._step))
@@ -648,9 +694,19 @@ def _world_size() -> int:
             if distributed.is_available() and distributed.is_initialized() else 1)
 
 
-def _finite_gradients(layer: _Layer) -> bool:
-    grads = [layer.param.grad, None if layer.probe is None else layer.probe.grad]
-    return all(grad is None or bool(torch.isfinite(grad).all()) for grad in grads)
+def _layers_with_non_finite_gradients(layers: list[_Layer]) -> list[str]:
+    """Names of the layers whose weight or growth-score gradient holds a NaN or an infinity:
+    one pass (the smallest and largest entry, NaN if any is) and one host sync for all."""
+    names, extremes = [], []
+    for layer in layers:
+        for grad in (layer.param.grad, None if layer.probe is None else layer.probe.grad):
+            if grad is not None and grad.numel():
+                names.append(layer.name)
+                extremes.append(torch.stack(grad.aminmax()).float())
+    if not extremes:
+        return []
+    finite = torch.stack(extremes).isfinite().all(dim=1).tolist()
+    return list(dict.fromkeys(name for name, ok in zip(names, finite, strict=True) if not ok))
 
 
 def _zero_units(optimizer: torch.optim.Optimizer, param: torch.Tensor,
@@ -666,6 +722,41 @@ def _zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     for value in optimizer.state.get(param, {}).values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value.masked_fill_(where, 0)
+
+
+def _importance_adam_step(optimizer: torch.optim.Adam, found_inf: torch.Tensor,
+                          one: torch.Tensor) -> None:
+    """``optimizer.step()`` for DynaDiag's importances, ``optimizer`` an ``Adam(fused=True)``
+    (one group; no weight decay, amsgrad or maximize): the same fused kernel on the same
+    state, without Adam's bookkeeping around it. This runs every step, right after the
+    model's optimizer, when each op costs far more than its arithmetic (its code and data
+    are out of cache): here three ops and a read of one number. A step whose gradients are
+    not all finite is skipped. Parameters without a gradient are skipped, as Adam does.
+    ``found_inf`` (0-dim, zero) and ``one`` are scratch tensors kept by the caller."""
+    group = optimizer.param_groups[0]
+    params = [param for param in group["params"] if param.grad is not None]
+    if not params:
+        return
+    grads = [param.grad for param in params]
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)  # grads * 1
+    if found_inf.item():
+        found_inf.zero_()
+        return
+    states = []
+    for param in params:
+        state = optimizer.state[param]
+        if not state:  # as Adam(fused=True)'s first step creates it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        states.append(state)
+    steps = [state["step"] for state in states]
+    torch._foreach_add_(steps, one, alpha=1.0)
+    torch._fused_adam_(params, grads, [state["exp_avg"] for state in states],
+                       [state["exp_avg_sq"] for state in states], [], steps, amsgrad=False,
+                       lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                       weight_decay=0.0, eps=group["eps"], maximize=False, grad_scale=None,
+                       found_inf=None)
 
 
 def _budget_text(layer: _Layer) -> str:

@@ -28,7 +28,7 @@ import torch
 
 from sparsefx.kernels.growth import top_ids
 
-__all__ = ["drop_and_grow", "kept_mask", "layerwise_salience"]
+__all__ = ["drop_and_grow", "kept_mask", "keeps_at_least", "layerwise_salience"]
 
 
 def kept_mask(active: torch.Tensor, keep: torch.Tensor, num_candidates: int) -> torch.Tensor:
@@ -60,17 +60,21 @@ def drop_and_grow(active: torch.Tensor, magnitude: torch.Tensor, scores: torch.T
     if num_moved == 0:
         return active.clone(), torch.zeros_like(active, dtype=torch.bool)
     dropped_slots = top_ids(magnitude, num_moved, largest=False, ordered=False)
-    keep = torch.ones_like(active, dtype=torch.bool).scatter_(1, dropped_slots, False)
     if candidate_ids is not None:
         if group_size is not None:
             raise ValueError("drop_and_grow: group_size needs scores over all ids")
-        blocked = torch.cat([keep, keep.new_zeros(rows, candidate_ids.shape[1] - slots)], 1)
-        best = top_ids(scores.float().masked_fill(blocked, float("-inf")), num_moved,
-                       ordered=False)
+        # what can grow: the dropped slots and the listed candidates (kept slots cannot),
+        # ranked by their column among [slots, listed] on ties
+        columns = torch.cat([dropped_slots, torch.arange(
+            slots, candidate_ids.shape[1], device=active.device).expand(rows, -1)], dim=1)
+        best = columns.gather(1, top_ids(scores.gather(1, columns), num_moved, ordered=False,
+                                         ids=columns))
         # a column < k is an active slot, so a dropped one: it is grown back in place
-        slot_regrown = keep.new_zeros(rows, slots + 1).scatter_(1, best.clamp(max=slots), True)
+        slot_regrown = torch.zeros(rows, slots + 1, dtype=torch.bool, device=active.device)
+        slot_regrown.scatter_(1, best.clamp(max=slots), True)
         return _assign(active, dropped_slots, candidate_ids.gather(1, best), best >= slots,
                        ~slot_regrown.gather(1, dropped_slots), group_size)
+    keep = torch.ones_like(active, dtype=torch.bool).scatter_(1, dropped_slots, False)
     num_candidates = scores.shape[1]
     candidate_scores = scores.float().masked_fill(kept_mask(active, keep, num_candidates),
                                                   float("-inf"))
@@ -115,17 +119,16 @@ def _assign(active: torch.Tensor, dropped_slots: torch.Tensor, grown_ids: torch.
     """Write the new ``grown_ids`` into the freed slots (a grown id that was just dropped
     keeps its own slot). Freed slots and new ids are matched in group order, so a new id
     lands in a slot its group freed."""
-    dropped_ids = active.gather(1, dropped_slots)
-    group_of = (lambda ids: ids // group_size) if group_size else torch.zeros_like
-    # sort keys: (group, id) for new ids and (group, slot) for freed slots; the rest last
+    # sort keys: (group, id) for new ids and (group, slot) for freed slots; the rest last.
+    # The keys sorted to the front are distinct and the rest is never written (it is not
+    # new, or not freed: a dropped slot grown back), so a plain sort is enough.
     stride, last = 1 << 31, torch.iinfo(torch.int64).max
-    new_ids = grown_ids.gather(1, torch.argsort(
-        torch.where(is_new, group_of(grown_ids) * stride + grown_ids, last), dim=1,
-        stable=True))
-    freed_order = torch.argsort(
-        torch.where(is_freed, group_of(dropped_ids) * stride + dropped_slots, last), dim=1,
-        stable=True)
-    freed_slots = dropped_slots.gather(1, freed_order)
+    new_keys, freed_keys = grown_ids, dropped_slots
+    if group_size:
+        new_keys = grown_ids // group_size * stride + grown_ids
+        freed_keys = active.gather(1, dropped_slots) // group_size * stride + dropped_slots
+    new_ids = torch.where(is_new, new_keys, last).sort(dim=1).values & (stride - 1)
+    freed_slots = dropped_slots.gather(1, torch.where(is_freed, freed_keys, last).argsort(dim=1))
     count_new = is_new.sum(dim=1, keepdim=True)
     position = torch.arange(grown_ids.shape[1], device=active.device)[None, :]
     write = position < count_new
@@ -156,10 +159,35 @@ def layerwise_salience(magnitude: torch.Tensor, row_active: torch.Tensor,
                        largest=False, ordered=False)[0]
     keep = torch.ones(rows * slots, dtype=torch.bool, device=magnitude.device)
     keep = keep.index_fill_(0, not_kept, False).view(rows, slots)
-    slot_rows = torch.arange(rows, device=magnitude.device).repeat_interleave(slots)
-    candidate_rows = torch.cat([slot_rows, listed_rows])
-    candidate_scores = torch.cat([active_scores.float().masked_fill(keep, float("-inf"))
-                                  .view(-1), listed_scores.float()])
-    grown = top_ids(candidate_scores.view(1, -1), num_moved, ordered=False)[0]
+    # grow set: the best num_moved of the slots not kept and the listed positions, ties
+    # towards the lower of [slots, listed] (kept slots are out of it; they cannot be reached
+    # anyway: there are num_moved or more slots not kept, and their scores are finite)
+    listed = torch.arange(rows * slots, rows * slots + listed_rows.numel(),
+                          device=magnitude.device)
+    candidate_ids = torch.cat([not_kept, listed])
+    candidate_scores = torch.cat([active_scores.float().reshape(-1)[not_kept],
+                                  listed_scores.float()])
+    grown = top_ids(candidate_scores[None, :], num_moved, ordered=False,
+                    ids=candidate_ids[None, :])[0]
+    candidate_rows = torch.cat([not_kept // slots, listed_rows])
     grown_per_row = torch.bincount(candidate_rows[grown], minlength=rows)
     return keep.sum(dim=1) + grown_per_row
+
+
+def keeps_at_least(magnitude: torch.Tensor, num_moved: int, minimum: int) -> bool:
+    """A sufficient test, with every row active: does each row keep at least ``minimum`` of
+    its slots in the layer-wide RigL keep set (all but the ``num_moved`` smallest
+    ``magnitude [R, k]``)? Then no row's salience can fall below ``minimum``.
+
+    If ``num_moved`` magnitudes are below the smallest of the rows' ``(k - minimum + 1)``-th
+    smallest, every dropped slot is below it too, so no row loses more than ``k - minimum``.
+    One per-row selection and one count, against ``layerwise_salience``'s two over the layer.
+    """
+    rows, slots = magnitude.shape
+    if num_moved == 0 or minimum <= 0:
+        return True
+    if minimum > slots:
+        return False
+    magnitude = magnitude.float()  # the minimum-th largest is the (k - minimum + 1)-th smallest
+    lowest_kept = magnitude.topk(minimum, dim=1, sorted=False).values.min()
+    return int((magnitude < lowest_kept).sum()) >= num_moved

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -681,3 +681,54 @@ def test_dynadiag_gates_are_folded_away_at_the_last_step():
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert dst.state_dict()["importance"] == {}
+
+
+# -------------------------------------------------------------------------- fast paths
+
+
+def test_dynadiag_importances_follow_fused_adam_exactly():
+    """The importance step skips Adam's bookkeeping, not its arithmetic: the same numbers
+    and state as torch.optim.Adam(fused=True), a non-finite step skipped, a layer without a
+    gradient left alone (its step count included)."""
+    from sparsefx.dst import _importance_adam_step
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.randn(size, generator=generator).requires_grad_() for size in (7, 64, 33)]
+    theirs = [tensor.detach().clone().requires_grad_() for tensor in ours]
+    optimizer = torch.optim.Adam(ours, lr=1e-2, fused=True)
+    reference = torch.optim.Adam(theirs, lr=1e-2, fused=True)
+    found_inf, one = torch.zeros(()), torch.ones(())
+    for step in range(12):
+        non_finite = step == 5
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            a.grad = b.grad = None
+            if (step + i) % 4 == 3:
+                continue
+            grad = torch.randn(a.shape, generator=generator) * 10.0 ** (step % 3 - 1)
+            if non_finite:
+                grad[0] = float("inf")
+            a.grad, b.grad = grad.clone(), grad.clone()
+        with torch.no_grad():
+            _importance_adam_step(optimizer, found_inf, one)
+        if not non_finite:
+            reference.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b), step
+            assert optimizer.state[a].keys() == reference.state[b].keys()
+            for key, value in optimizer.state[a].items():
+                assert torch.equal(value, reference.state[b][key]), (step, key)
+
+
+@given(rows=st.integers(1, 6), slots=st.integers(1, 10), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_srigl_shortcut_only_claims_what_the_salience_counts_show(rows, slots, seed, data):
+    """regrow.keeps_at_least, which lets an update skip the salience counts when no row is
+    ablated, is a sufficient test: when it holds, every row's count reaches the minimum."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitude = torch.randint(0, 4, (rows, slots), generator=generator).float()
+    num_moved = data.draw(st.integers(0, rows * slots))
+    minimum = data.draw(st.integers(1, slots))
+    if sparsefx.regrow.keeps_at_least(magnitude, num_moved, minimum):
+        salient = sparsefx.regrow.layerwise_salience(
+            magnitude, torch.ones(rows, dtype=torch.bool), torch.rand(rows, slots),
+            torch.zeros(0, dtype=torch.long), torch.zeros(0), num_moved)
+        assert bool((salient >= minimum).all())

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsefx import regrow
@@ -194,3 +194,123 @@ def test_bad_probe_raises():
     with pytest.raises(ValueError, match="granularity='rowz'"):
         torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
                                       torch.tensor([0]), "rowz", [0, 0, 0, 0])
+
+
+# ------------------------------------------------ the fast selections against plain sorts
+#
+# growth_scores avoids sorting: int32 topk on the scores' bits (redone with the id tie-break
+# in rows with a tie at the cut), per-row lists in two rounds, the layer-wide list from the
+# per-row lists. Each must pick exactly what a stable sort picks, ties and all: scores drawn
+# from a few values, rows of zeros (a dead unit's gradient), rows with outsized scores.
+
+
+def _tied_scores(rows, columns, generator, kind):
+    """Non-negative scores or -inf (the domain of |G| with the active entries masked)."""
+    scores = torch.rand(rows, columns, generator=generator)
+    if kind == "ties":
+        scores = (scores * 3).floor()
+    elif kind == "zero rows":
+        scores[torch.rand(rows, generator=generator) < 0.5] = 0.0
+    elif kind == "loud rows":
+        scores *= 1 + 100 * (torch.rand(rows, 1, generator=generator) < 0.2)
+    masked = torch.rand(rows, columns, generator=generator) < 0.2
+    return scores.masked_fill(masked, float("-inf"))
+
+
+def _stable_top_set(scores, count):
+    """Ids of the ``count`` largest along the last dim by a stable sort, ascending."""
+    return scores.argsort(dim=-1, descending=True, stable=True)[..., :count].sort(-1).values
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), columns=st.sampled_from([16, 48, 64, 96, 128]),
+       kind=st.sampled_from(["random", "ties", "zero rows", "loud rows"]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_per_row_lists_are_a_stable_sort(rows, columns, kind, seed, data):
+    scores = _tied_scores(rows, columns, torch.Generator().manual_seed(seed), kind)
+    count = data.draw(st.integers(1, columns))
+    ids, listed = growth._top_ids_per_row(scores.clone(), count)
+    assert torch.equal(ids.sort(-1).values, _stable_top_set(scores, count))
+    assert torch.equal(listed, scores.gather(1, ids))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 12), columns=st.sampled_from([8, 32, 64]),
+       kind=st.sampled_from(["random", "ties", "zero rows", "loud rows"]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_layer_list_from_the_row_lists_is_a_stable_sort(rows, columns, kind, seed, data):
+    scores = _tied_scores(rows, columns, torch.Generator().manual_seed(seed), kind)
+    per_row = data.draw(st.integers(1, columns))
+    count = data.draw(st.integers(1, rows * per_row))
+    row_best = growth._top_ids_per_row(scores, per_row)
+    got = growth._layer_top_from_rows(scores, *row_best, count)
+    assert torch.equal(got.sort().values, _stable_top_set(scores.view(-1), count))
+
+
+@given(rows=st.integers(1, 4), columns=st.integers(1, 40), seed=st.integers(0, 2**16),
+       largest=st.booleans(), data=st.data())
+def test_top_ids_ranks_ties_by_the_given_ids(rows, columns, seed, largest, data):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (rows, columns), generator=generator).float()
+    ids = torch.stack([torch.randperm(columns, generator=generator) for _ in range(rows)])
+    count = data.draw(st.integers(0, columns))
+    # a stable sort by (score, id): sort by id first, then stably by score
+    by_id = ids.argsort(dim=1)
+    order = scores.gather(1, by_id).argsort(dim=1, descending=largest, stable=True)
+    expected = by_id.gather(1, order)[:, :count]
+    got = growth.top_ids(scores, count, largest=largest, ids=ids)
+    assert torch.equal(got, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_features=st.integers(1, 40), in_features=st.integers(1, 40),
+       block=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_diag_norms_are_correctly_rounded_in_any_block(out_features, in_features, block, seed):
+    """Formed a few diagonal positions at a time (wrapping around inside each block), the
+    norms are the exact norms rounded once. Small integers keep G exact in float32, so the
+    exact norm is known."""
+    generator = torch.Generator().manual_seed(seed)
+    grad_out = torch.randint(-3, 4, (5, out_features), generator=generator).float()
+    x = torch.randint(-3, 4, (5, in_features), generator=generator).float()
+    dense = grad_out.double().T @ x.double()
+    num_candidates, _ = patterns.diag_geometry(out_features, in_features)
+    rows, cols = patterns.diag_coordinates(torch.arange(num_candidates), out_features,
+                                           in_features)
+    exact = dense[rows, cols].square().sum(dim=1).sqrt().float()
+    assert torch.equal(growth._diag_gradient_norms(grad_out, x, block=block), exact)
+
+
+def test_scores_op_opcheck():
+    structure = torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16)
+    plan = [1, 0, 0, 2]
+    size = growth.probe_size(3, 4, "rows", plan, structure.numel())
+    torch.library.opcheck(torch.ops.sparsefx.growth_scores.default,
+                          (torch.randn(2, 3), torch.randn(2, 4), structure, "rows", plan, size))
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_features=st.integers(1, 20), in_features=st.sampled_from([64, 128]),
+       fan_in=st.integers(1, 16), srigl=st.booleans(), seed=st.integers(0, 2**16))
+def test_wide_layer_lists_match_the_dense_gradient(out_features, in_features, fan_in, srigl,
+                                                  seed):
+    """The lists through the op, at widths where the per-row lists take two rounds, with
+    dead units (zero rows of G) and dead inputs (zero columns): each list holds exactly
+    what a stable sort of the full |G| puts first."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = patterns.random_fanin_indices(out_features, in_features, fan_in, generator)
+    grad_out = torch.randn(5, out_features, generator=generator)
+    grad_out[:, torch.rand(out_features, generator=generator) < 0.3] = 0.0
+    x = torch.randn(5, in_features, generator=generator)
+    x[:, torch.rand(in_features, generator=generator) < 0.3] = 0.0
+    most = math.ceil(0.3 * fan_in)
+    plan = ([fan_in, 0, 0, math.ceil(0.3 * indices.numel())] if srigl else [most, 0, 0, 0])
+    scores = growth.growth_scores(grad_out, x, indices, "rows", plan)
+    listed = growth.listed_candidates(scores, indices, "rows", plan, out_features, in_features)
+    inactive = (grad_out.T @ x).abs().scatter(1, indices.long(), float("-inf"))
+    _, _, columns = listed.per_row
+    assert torch.equal(columns.view(out_features, -1).sort(1).values,
+                       _stable_top_set(inactive, plan[0]))
+    if srigl:
+        _, rows, columns = listed.layer_wide
+        assert torch.equal((rows * in_features + columns).sort().values,
+                           _stable_top_set(inactive.view(-1), plan[3]))

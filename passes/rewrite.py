@@ -1,6 +1,7 @@
 """Rewrite sites into sparse layer modules."""
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 
@@ -38,14 +39,31 @@ def _inline_metadata_reads(gm: fx.GraphModule, target: str, weight: torch.Tensor
             gm.graph.erase_node(user)
 
 
+def _takes_bias(layer: nn.Module) -> bool:
+    """Does ``layer.forward`` take a ``bias`` argument (the sparse layers do; a layer kept
+    dense, an ``nn.Linear``, does not)?"""
+    return "bias" in inspect.signature(layer.forward).parameters
+
+
+def _is_vector_parameter(gm: fx.GraphModule, node, length: int) -> bool:
+    """Is ``node`` a ``get_attr`` of a ``[length]`` tensor (a bias the op can take)?"""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    owner_name, _, attribute = node.target.rpartition(".")
+    value = getattr(gm.get_submodule(owner_name), attribute, None)
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == (length,)
+
+
 def rewrite_functional_sites(gm: fx.GraphModule, sites: list[Site],
                              make_layer: MakeLayer) -> fx.GraphModule:
     """Replace each site's ``F.linear`` / ``addmm`` / ``matmul`` node in ``gm`` by a call to a
     sparse layer that takes the weight parameter's place (and FQN, relative to ``gm``).
 
-    The layer computes ``x @ W.T``; a bias the op added stays a separate ``add`` on its own
-    parameter, so its FQN and value are untouched. Everything else in the graph is left alone.
-    Returns ``gm``, linted and recompiled.
+    The layer computes ``x @ W.T``; a bias the op added stays its own parameter (FQN and
+    value untouched) and is passed to the layer, which adds it in the same pass, when it is
+    a ``[out]`` parameter; any other bias (a broadcast ``addmm`` input) stays a separate
+    ``add``. Everything else in the graph is left alone. Returns ``gm``, linted and
+    recompiled.
     """
     nodes = {node.name: node for node in gm.graph.nodes}
     prefix = f"{sites[0].part}." if sites and sites[0].part else ""
@@ -66,9 +84,12 @@ def rewrite_functional_sites(gm: fx.GraphModule, sites: list[Site],
         delattr(gm.get_submodule(owner_name), attribute)
         gm.get_submodule(owner_name).add_module(attribute, layer)
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(target, (x,))
-            if bias is not None:
-                replacement = gm.graph.call_function(operator.add, (replacement, bias))
+            if _takes_bias(layer) and _is_vector_parameter(gm, bias, site.out_features):
+                replacement = gm.graph.call_module(target, (x,), {"bias": bias})
+            else:
+                replacement = gm.graph.call_module(target, (x,))
+                if bias is not None:
+                    replacement = gm.graph.call_function(operator.add, (replacement, bias))
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()

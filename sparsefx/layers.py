@@ -42,6 +42,18 @@ def _linear_init(in_features: int, out_features: int, bias: bool, device, dtype)
     return uniform(out_features, in_features), uniform(out_features) if bias else None
 
 
+class DenseLinear(nn.Linear):
+    """``nn.Linear`` that, like the sparse layers, also takes a bias at call time: what
+    ``to_dense`` / ``sparsefx.densify`` put where a rewritten graph passes a functional
+    site's bias (GPT-2's Conv1D) to the layer."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if bias is not None and self.bias is not None:
+            raise ValueError("DenseLinear: a bias was passed to forward, but the layer has its "
+                             "own: expected one of them")
+        return F.linear(x, self.weight, self.bias if bias is None else bias)
+
+
 class _SparseLinear(nn.Module):
     """What the three layers share: shapes, bias, the report numbers and densifying. Each
     layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``.
@@ -60,6 +72,17 @@ class _SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._growth_probe: torch.Tensor | None = None
         self._growth_plan: list[int] = [0, 0, 0, 0]
+
+    def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias to add: ``self.bias``, or one passed to ``forward`` by a rewritten graph
+        whose bias stays a parameter of its own (a functional site such as GPT-2's Conv1D:
+        the op adds it in the same pass instead of a separate ``add``)."""
+        if bias is None:
+            return self.bias
+        if self.bias is not None:
+            raise ValueError(f"{type(self).__name__}: a bias was passed to forward, but the "
+                             "layer has its own: expected one of them")
+        return bias
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._growth_probe is None:
@@ -83,10 +106,11 @@ class _SparseLinear(nn.Module):
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` computing exactly what this layer computes."""
+        """An ``nn.Linear`` computing exactly what this layer computes (one that also takes
+        ``forward(x, bias=...)``, as this layer does)."""
         weight = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+        linear = DenseLinear(self.in_features, self.out_features, bias=self.bias is not None,
+                             device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -157,9 +181,9 @@ class DiagLinear(_SparseLinear):
     def stored(self) -> int:
         return self.values.numel()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.ops.sparsefx.diag_linear(x, self.effective_values(), self.offsets,
-                                           self.out_features, self.bias)
+                                           self.out_features, self._bias(bias))
         return self._tap(y, x)
 
     @property
@@ -230,9 +254,9 @@ class FanInLinear(_SparseLinear):
     def stored(self) -> int:
         return self.values.numel()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices, self.bias),
-                         x)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices,
+                                                         self._bias(bias)), x)
 
     @property
     def structure(self) -> torch.Tensor:
@@ -279,8 +303,8 @@ class MaskedLinear(_SparseLinear):
     def stored(self) -> int:
         return int(self.mask.sum())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._tap(F.linear(x, self.weight * self.mask, self.bias), x)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tap(F.linear(x, self.weight * self.mask, self._bias(bias)), x)
 
     @property
     def structure(self) -> torch.Tensor:

@@ -221,3 +221,20 @@ def test_layer_graph_finds_feeds_and_shared_inputs():
                                  ("blocks.1.w_fc", "blocks.1.w_out")]
     cnn = sparsefx.layer_graph(sparsefx.transform(_build("cnn")[0], "diag", 0.5))
     assert list(cnn.edges) == [("head.1", "head.3")]
+
+
+def test_functional_site_bias_goes_into_the_op():
+    """A Conv1D site's ``addmm(bias, x, W)`` becomes one sparse-layer call that adds the bias
+    (still its own parameter, FQN unchanged), not the layer followed by a separate ``add``."""
+    model, x, _ = _build("gpt")
+    sparse = sparsefx.transform(model, pattern="diag", sparsity=0.75)
+    block = sparse.get_submodule("blocks.0")  # a traced part: a GraphModule
+    calls = {n.target: n for n in block.graph.nodes if n.op == "call_module"}
+    call = calls["c_attn.weight"]
+    assert call.kwargs["bias"].op == "get_attr"
+    assert call.kwargs["bias"].target == "c_attn.bias"
+    assert not [user for user in call.users if user.op == "call_function"
+                and "add" in str(user.target)]
+    assert "blocks.0.c_attn.bias" in dict(sparse.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), _masked_reference(model, sparse)(x))

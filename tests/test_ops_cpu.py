@@ -39,6 +39,9 @@ shapes_and_inputs = dict(
          with_bias=False, seed=5)  # wide: the gather form
 @example(out_features=257, in_features=257, leading=(2, 9), sparsity=0.3, dtype=torch.bfloat16,
          with_bias=True, seed=6)
+# several blocks of rows (forward) and chunks of rows (values gradient), as at large batches
+@example(out_features=2049, in_features=129, leading=(150,), sparsity=0.9, dtype=torch.float32,
+         with_bias=True, seed=7)
 def test_diag_linear_matches_dense(cpu_kernels, out_features, in_features, leading, sparsity,
                                    dtype, with_bias, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -61,6 +64,12 @@ def test_diag_linear_matches_dense(cpu_kernels, out_features, in_features, leadi
          with_bias=True, seed=3)
 @example(out_features=129, in_features=300, leading=(1,), sparsity=0.9, dtype=torch.float32,
          with_bias=True, seed=4)
+# several chunks of batch columns: wide inputs (forward, values gradient), many outputs
+# (input gradient), as at large batches
+@example(out_features=40, in_features=2049, leading=(150,), sparsity=0.9, dtype=torch.float32,
+         with_bias=True, seed=5)
+@example(out_features=2049, in_features=129, leading=(150,), sparsity=0.9, dtype=torch.float32,
+         with_bias=False, seed=6)
 def test_fanin_linear_matches_dense(cpu_kernels, out_features, in_features, leading, sparsity,
                                     dtype, with_bias, seed):
     generator = torch.Generator().manual_seed(seed)

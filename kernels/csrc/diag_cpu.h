@@ -232,16 +232,17 @@ inline void diag_apply(DiagApply a) {
   const int64_t width = (single ? 4 : kVectors) * kLanes;
   const int64_t out_len = a.out_len();
   const int64_t tiles = out_len / width;
-  const int64_t row_blocks = ceil_div(a.rows, single ? 1 : 4 * kRows);
-  const int64_t rows_per_block = single ? a.rows : 4 * kRows;
+  // a task: one tile column of one row block. Row blocks outermost: a block's activations
+  // (up to 16 tiles of rows) stay in L2 while the values stream past once per block; with
+  // tile columns outermost, every tile column would stream all the activations again
+  const int64_t rows_per_block = single ? a.rows : 16 * kRows;
+  const int64_t row_blocks = ceil_div(a.rows, std::max<int64_t>(1, rows_per_block));
   const int64_t grain = grain_for(a.num_diagonals * width * std::min(a.rows, rows_per_block));
-  // a task: one tile column of one row block; a thread's tasks share tile columns, so the
-  // values tile [K, width] stays in its cache across row blocks
   at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t first, int64_t last) {
     std::vector<int64_t> partial(a.num_diagonals);
     for (int64_t task = first; task < last; ++task) {
-      const int64_t p0 = (task / row_blocks) * width;
-      const int64_t r0 = (task % row_blocks) * rows_per_block;
+      const int64_t p0 = (task % tiles) * width;
+      const int64_t r0 = (task / tiles) * rows_per_block;
       const int64_t r1 = std::min(a.rows, r0 + rows_per_block);
       if (single) {
         apply_column<1, 4>(a, r0, r1, p0, partial.data());
@@ -372,14 +373,22 @@ inline void diag_values_grad(const DiagValuesGrad& g) {
   constexpr int64_t kWidth = V * kLanes;
   const int64_t tiles = g.length / kWidth;
   std::fill(g.grad, g.grad + g.num_diagonals * g.length, 0.f);
-  // a task: one tile column over all rows (threads never write the same gradient)
-  at::parallel_for(0, tiles, grain_for(g.num_diagonals * kWidth * g.rows),
-                   [&](int64_t first, int64_t last) {
-    std::vector<int64_t> partial(g.num_diagonals);
-    for (int64_t tile = first; tile < last; ++tile) {
-      values_grad_column<kRows, V>(g, 0, g.rows, tile * kWidth, partial.data());
-    }
-  });
+  // Chunks of rows, one after the other: a chunk's rows of `b` (read at every diagonal's
+  // shift) stay in L2 while all tiles are done; within a chunk a task is a tile column (so
+  // threads never write the same gradient). Whole-batch tile columns would stream all of
+  // `b` once per tile column.
+  constexpr int64_t kChunkBytes = 512 * 1024;
+  const int64_t chunk = std::max<int64_t>(
+      kRows, kChunkBytes / (static_cast<int64_t>(sizeof(float)) * g.mod) / kRows * kRows);
+  for (int64_t r0 = 0; r0 < g.rows; r0 += chunk) {
+    const int64_t r1 = std::min(g.rows, r0 + chunk);
+    at::parallel_for(0, tiles, grain_for(g.num_diagonals * kWidth * (r1 - r0)),
+                     [&](int64_t first, int64_t last) {
+      std::vector<int64_t> partial(g.num_diagonals);
+      for (int64_t tile = first; tile < last; ++tile)
+        values_grad_column<kRows, V>(g, r0, r1, tile * kWidth, partial.data());
+    });
+  }
   const int64_t tail = tiles * kWidth;
   if (tail < g.length) {
     at::parallel_for(0, g.num_diagonals, grain_for(g.rows * (g.length - tail)),

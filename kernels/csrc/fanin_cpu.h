@@ -162,15 +162,27 @@ inline void fanin_columns(const float* xt, int64_t batch, const Entries& entries
 // Calls `block(columns, vectors)` for the column blocks of a batch: blocks of 4 vectors, then
 // one block of the 1-3 vectors left (its last one masked where the batch ends inside it).
 template <typename Block>
-inline void for_column_blocks(int64_t batch, Block&& block) {
+inline void for_column_blocks(int64_t begin, int64_t end, Block&& block) {
   constexpr int64_t kBlock = 4 * kLanes;
-  int64_t c0 = 0;
-  for (; c0 + kBlock <= batch; c0 += kBlock) block(Columns{c0, kLanes}, 4);
-  if (c0 < batch) {
-    const int64_t rest = batch - c0;
+  int64_t c0 = begin;
+  for (; c0 + kBlock <= end; c0 += kBlock) block(Columns{c0, kLanes}, 4);
+  if (c0 < end) {
+    const int64_t rest = end - c0;
     const int vectors = static_cast<int>(ceil_div(rest, kLanes));
     block(Columns{c0, static_cast<int>(rest - (vectors - 1) * kLanes)}, vectors);
   }
+}
+
+// Calls `chunk(c0, c1)` for consecutive chunks of the batch columns, each as wide as keeps
+// its slice of the `rows_read` activation rows the kernel reads at random (about 512 KiB)
+// in L2: with the whole batch at once, every output row would stream those rows again.
+template <typename Chunk>
+inline void for_column_chunks(int64_t batch, int64_t rows_read, Chunk&& chunk) {
+  constexpr int64_t kBlock = 4 * kLanes;
+  constexpr int64_t kChunkBytes = 512 * 1024;
+  const int64_t fit = kChunkBytes / (static_cast<int64_t>(sizeof(float)) * rows_read);
+  const int64_t width = std::max<int64_t>(kBlock, fit / kBlock * kBlock);
+  for (int64_t c0 = 0; c0 < batch; c0 += width) chunk(c0, std::min(batch, c0 + width));
 }
 
 // acc = the sums of `entries` over one block of `vectors` (1-4) vector columns, through the
@@ -210,25 +222,35 @@ inline void store_columns(float* p, const vfloat* acc, int vectors, int last_lan
 // yt[o, :] = bias[o] + sum_j values[o, j] * xt[indices[o, j], :]   (bias may be null)
 template <typename T, typename I>
 void fanin_forward(const T* xt, const T* values, const I* indices, const T* bias, T* yt,
-                   int64_t batch, int64_t out, int64_t fan_in) {
+                   int64_t batch, int64_t out, int64_t fan_in, int64_t in) {
+  if (batch == 0) return;  // an empty batch: nothing to write
+  if constexpr (std::is_same_v<T, float>) {
+    if (batch > 1) {
+      for_column_chunks(batch, in, [&](int64_t c0, int64_t c1) {
+        at::parallel_for(0, out, grain_for(fan_in * (c1 - c0)), [&](int64_t first, int64_t last) {
+          for (int64_t o = first; o < last; ++o) {
+            const RowEntries<I> entries{values + o * fan_in, indices + o * fan_in, fan_in};
+            const float start = bias ? bias[o] : 0.f;
+            for_column_blocks(c0, c1, [&](Columns columns, int vectors) {
+              vfloat acc[4];
+              sum_columns(xt, batch, entries, columns, vectors, acc);
+              for (int i = 0; i < vectors; ++i) acc[i] += start;
+              store_columns(yt + o * batch + columns.start, acc, vectors, columns.last_lanes);
+            });
+          }
+        });
+      });
+      return;
+    }
+  }
   at::parallel_for(0, out, grain_for(fan_in * batch), [&](int64_t first, int64_t last) {
     for (int64_t o = first; o < last; ++o) {
       const T* v = values + o * fan_in;
       const I* idx = indices + o * fan_in;
       T* yo = yt + o * batch;
       const T start = bias ? bias[o] : T(0);
-      if constexpr (std::is_same_v<T, float>) {
-        if (batch == 1) {
-          yo[0] = start + gather_dot(xt, v, idx, fan_in);
-          continue;
-        }
-        const RowEntries<I> entries{v, idx, fan_in};
-        for_column_blocks(batch, [&](Columns columns, int vectors) {
-          vfloat acc[4];
-          sum_columns(xt, batch, entries, columns, vectors, acc);
-          for (int i = 0; i < vectors; ++i) acc[i] += start;
-          store_columns(yo + columns.start, acc, vectors, columns.last_lanes);
-        });
+      if constexpr (std::is_same_v<T, float>) {  // batch 1
+        yo[0] = start + gather_dot(xt, v, idx, fan_in);
       } else {
         std::fill(yo, yo + batch, start);
         for (int64_t j = 0; j < fan_in; ++j) {
@@ -279,14 +301,18 @@ template <typename E>
 void fanin_input_grad_by_columns(const float* dyt, const float* values,
                                  const FaninColumns<E>& columns, float* dxt, int64_t batch,
                                  int64_t in, int64_t fan_in) {
+  const int64_t out = columns.rows.empty() ? 0 : static_cast<int64_t>(columns.rows.size()) /
+                                                   std::max<int64_t>(1, fan_in);
   const int64_t entries_per_column = ceil_div(columns.rows.size(), std::max<int64_t>(1, in));
-  at::parallel_for(0, in, grain_for(entries_per_column * batch), [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const int64_t e0 = columns.start[c], e1 = columns.start[c + 1];
-      const ColumnEntries<E> entries{values, columns.rows.data() + e0, columns.slots.data() + e0,
-                                     fan_in, e1 - e0};
-      float* dxc = dxt + c * batch;
-      if (batch == 1) {
+  auto entries_of = [&](int64_t c) {
+    const int64_t e0 = columns.start[c], e1 = columns.start[c + 1];
+    return ColumnEntries<E>{values, columns.rows.data() + e0, columns.slots.data() + e0, fan_in,
+                            e1 - e0};
+  };
+  if (batch == 1) {
+    at::parallel_for(0, in, grain_for(entries_per_column), [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const ColumnEntries<E> entries = entries_of(c);
         float acc0 = 0, acc1 = 0;
         int64_t e = 0;
         for (; e + 2 <= entries.count; e += 2) {
@@ -294,18 +320,25 @@ void fanin_input_grad_by_columns(const float* dyt, const float* values,
           acc1 += entries.weight(e + 1) * dyt[entries.row(e + 1)];
         }
         if (e < entries.count) acc0 += entries.weight(e) * dyt[entries.row(e)];
-        dxc[0] = acc0 + acc1;
-        continue;
+        dxt[c] = acc0 + acc1;
       }
-      for_column_blocks(batch, [&](Columns block, int vectors) {
-        vfloat acc[4];
-        sum_columns(dyt, batch, entries, block, vectors, acc);
-        store_columns(dxc + block.start, acc, vectors, block.last_lanes);
-      });
-    }
+    });
+    return;
+  }
+  for_column_chunks(batch, out, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, in, grain_for(entries_per_column * (c1 - c0)),
+                     [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const ColumnEntries<E> entries = entries_of(c);
+        for_column_blocks(c0, c1, [&](Columns block, int vectors) {
+          vfloat acc[4];
+          sum_columns(dyt, batch, entries, block, vectors, acc);
+          store_columns(dxt + c * batch + block.start, acc, vectors, block.last_lanes);
+        });
+      }
+    });
   });
 }
-
 
 // dxt[c, :] += values[o, j] * dyt[o, :] for c = indices[o, j]: a scatter into a zeroed dxt.
 // With a wide batch each thread owns a slice of batch columns; otherwise threads split the
@@ -387,13 +420,61 @@ void fanin_input_grad(const T* dyt, const T* values, const I* indices, T* dxt, i
 // grad[o, j] = dot(dyt[o, :], xt[indices[o, j], :])
 template <typename T, typename I>
 void fanin_values_grad(const T* dyt, const T* xt, const I* indices, T* grad, int64_t batch,
-                       int64_t out, int64_t fan_in) {
+                       int64_t out, int64_t fan_in, int64_t in) {
   if (batch == 0) {  // an empty batch: no products at all
     std::fill(grad, grad + out * fan_in, T(0));
     return;
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (batch > 4 * kLanes) {
+      // chunks of batch columns (see for_column_chunks); in each, the output gradient's
+      // columns in registers, block by block, the entries' activation rows streamed past
+      // them; one vector sum per entry, reduced once per chunk
+      std::fill(grad, grad + out * fan_in, 0.f);
+      for_column_chunks(batch, in, [&](int64_t c0, int64_t c1) {
+        at::parallel_for(0, out, grain_for(fan_in * (c1 - c0)), [&](int64_t first, int64_t last) {
+          std::vector<vfloat> partial(fan_in);
+          for (int64_t o = first; o < last; ++o) {
+            const float* g = dyt + o * batch;
+            const I* idx = indices + o * fan_in;
+            std::fill(partial.begin(), partial.end(), vfloat{});
+            for_column_blocks(c0, c1, [&](Columns columns, int vectors) {
+              vfloat block[4];
+              for (int u = 0; u < vectors; ++u) {
+                const int lanes = u == vectors - 1 ? columns.last_lanes : kLanes;
+                block[u] = load_lanes(g + columns.start + u * kLanes, 0, lanes);
+              }
+              const float* base = xt + columns.start;
+              auto accumulate = [&](auto vectors_constant) {
+                constexpr int V = decltype(vectors_constant)::value;
+                for (int64_t j = 0; j < fan_in; ++j) {
+                  const float* row = base + static_cast<int64_t>(idx[j]) * batch;
+                  vfloat sum = partial[j];
+#pragma GCC unroll 16
+                  for (int u = 0; u < V; ++u) {
+                    const int lanes = u == V - 1 ? columns.last_lanes : kLanes;
+                    sum += block[u] * (lanes == kLanes ? load(row + u * kLanes)
+                                                       : load_lanes(row + u * kLanes, 0, lanes));
+                  }
+                  partial[j] = sum;
+                }
+              };
+              switch (vectors) {
+                case 1: accumulate(std::integral_constant<int, 1>{}); break;
+                case 2: accumulate(std::integral_constant<int, 2>{}); break;
+                case 3: accumulate(std::integral_constant<int, 3>{}); break;
+                default: accumulate(std::integral_constant<int, 4>{});
+              }
+            });
+            float* grad_row = grad + o * fan_in;
+            for (int64_t j = 0; j < fan_in; ++j) grad_row[j] += reduce_add(partial[j]);
+          }
+        });
+      });
+      return;
+    }
+  }
   at::parallel_for(0, out, grain_for(fan_in * batch), [&](int64_t first, int64_t last) {
-    std::vector<vfloat> partial;  // float32, batch above one block: per-entry vector sums
     for (int64_t o = first; o < last; ++o) {
       const T* g = dyt + o * batch;
       const I* idx = indices + o * fan_in;
@@ -404,54 +485,19 @@ void fanin_values_grad(const T* dyt, const T* xt, const I* indices, T* grad, int
         for (int64_t j = 0; j < fan_in; ++j) grad_row[j] = go * xt[idx[j]];
         continue;
       }
-      if constexpr (std::is_same_v<T, float>) {
-        // the output gradient's columns in registers, the entries' activation rows streamed
-        // past them; one vector sum per entry, reduced at the end
-        if (batch <= 4 * kLanes) {
-          const int vectors = static_cast<int>(ceil_div(batch, kLanes));
-          const int last = static_cast<int>(batch - (vectors - 1) * kLanes);
-          vfloat block[4];
-          for (int u = 0; u < vectors; ++u)
-            block[u] = load_lanes(g + u * kLanes, 0, u == vectors - 1 ? last : kLanes);
-          for (int64_t j = 0; j < fan_in; ++j) {
-            const float* row = xt + static_cast<int64_t>(idx[j]) * batch;
-            vfloat sum = block[0] * load_lanes(row, 0, vectors == 1 ? last : kLanes);
-            for (int u = 1; u < vectors; ++u)
-              sum += block[u] * load_lanes(row + u * kLanes, 0, u == vectors - 1 ? last : kLanes);
-            grad_row[j] = reduce_add(sum);
-          }
-          continue;
+      if constexpr (std::is_same_v<T, float>) {  // one block of at most 4 vectors
+        const int vectors = static_cast<int>(ceil_div(batch, kLanes));
+        const int last = static_cast<int>(batch - (vectors - 1) * kLanes);
+        vfloat block[4];
+        for (int u = 0; u < vectors; ++u)
+          block[u] = load_lanes(g + u * kLanes, 0, u == vectors - 1 ? last : kLanes);
+        for (int64_t j = 0; j < fan_in; ++j) {
+          const float* row = xt + static_cast<int64_t>(idx[j]) * batch;
+          vfloat sum = block[0] * load_lanes(row, 0, vectors == 1 ? last : kLanes);
+          for (int u = 1; u < vectors; ++u)
+            sum += block[u] * load_lanes(row + u * kLanes, 0, u == vectors - 1 ? last : kLanes);
+          grad_row[j] = reduce_add(sum);
         }
-        partial.assign(fan_in, vfloat{});
-        for_column_blocks(batch, [&](Columns columns, int vectors) {
-          vfloat block[4];
-          for (int u = 0; u < vectors; ++u) {
-            const int lanes = u == vectors - 1 ? columns.last_lanes : kLanes;
-            block[u] = load_lanes(g + columns.start + u * kLanes, 0, lanes);
-          }
-          const float* base = xt + columns.start;
-          auto accumulate = [&](auto vectors_constant) {
-            constexpr int V = decltype(vectors_constant)::value;
-            for (int64_t j = 0; j < fan_in; ++j) {
-              const float* row = base + static_cast<int64_t>(idx[j]) * batch;
-              vfloat sum = partial[j];
-#pragma GCC unroll 16
-              for (int u = 0; u < V; ++u) {
-                const int lanes = u == V - 1 ? columns.last_lanes : kLanes;
-                sum += block[u] * (lanes == kLanes ? load(row + u * kLanes)
-                                                   : load_lanes(row + u * kLanes, 0, lanes));
-              }
-              partial[j] = sum;
-            }
-          };
-          switch (vectors) {
-            case 1: accumulate(std::integral_constant<int, 1>{}); break;
-            case 2: accumulate(std::integral_constant<int, 2>{}); break;
-            case 3: accumulate(std::integral_constant<int, 3>{}); break;
-            default: accumulate(std::integral_constant<int, 4>{});
-          }
-        });
-        for (int64_t j = 0; j < fan_in; ++j) grad_row[j] = reduce_add(partial[j]);
       } else {
         for (int64_t j = 0; j < fan_in; ++j) {
           const T* xc = xt + static_cast<int64_t>(idx[j]) * batch;

@@ -204,7 +204,7 @@ Tensor fanin_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& ind
       fanin_forward<scalar_t, index_t>(
           xt.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ids.data_ptr<index_t>(),
           b.defined() ? b.data_ptr<scalar_t>() : nullptr, yt.data_ptr<scalar_t>(), batch,
-          out_features, v.size(1));
+          out_features, v.size(1), in_features);
     });
   });
   return as_result(yt.t(), x.scalar_type()).view(with_last(x, out_features));
@@ -284,7 +284,7 @@ Tensor fanin_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x,
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
       fanin_values_grad<scalar_t, index_t>(grad_t.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
                                            ids.data_ptr<index_t>(), grad.data_ptr<scalar_t>(),
-                                           grad_t.size(1), ids.size(0), ids.size(1));
+                                           grad_t.size(1), ids.size(0), ids.size(1), in_features);
     });
   });
   return as_result(grad, x.scalar_type());

@@ -2,8 +2,9 @@
 candidate against its baselines in the same run.
 
     python benchmarks/bench.py                  # everything, writes benchmarks/results/
-                                                #   (2 cores: layers ~15 min, models ~40 min)
-    python benchmarks/bench.py --only layers    # or --only models; repeatable or a comma list
+                                                #   (2 cores: layers ~15 min, models ~40 min,
+                                                #   dst ~5 min)
+    python benchmarks/bench.py --only layers    # or models, dst; repeatable or a comma list
     python benchmarks/bench.py --quick --no-write   # seconds-long smoke run (CI)
 
 Sections:
@@ -12,6 +13,8 @@ Sections:
   batch 1 to 256, forward and forward+backward; dense ``F.linear``, the sparsefx op (diag and
   fan-in at 80/90/95 %, N:M 2:4) and CSR on the same weights; median ms, speed-up vs dense
   and GB/s. Writes ``layers_cpu.{json,md}`` and ``speedup_vs_batch.png``.
+* dst (``bench_dst_overhead.py``): what DST's structure updates (every 100 steps) add to
+  training a 90 %-sparse MLP, per method. Writes ``dst_overhead_cpu.{json,md}``.
 * models (``model_suite.py``): HF GPT-2 small (decode with a KV cache, prefill, training
   step) and ViT-B/16 (inference, training step), dense vs sparsefx vs the ideal-sparse
   reference (``ideal_sparse.py``), eager and compiled; reports the fraction of the ideal
@@ -35,18 +38,19 @@ sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, when run 
 import torch
 from tqdm import tqdm
 
+import bench_dst_overhead
 import layer_suite
 import model_suite
 from common import RESULTS, command_line, configure_compile, machine, machine_line
 
-SECTIONS = ("layers", "models")
+SECTIONS = ("layers", "models", "dst")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[],
-                        help="layers, models (repeatable or comma separated); default both")
+                        help="layers, models, dst (repeatable or comma separated); default all")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny shapes and 1-layer models, 1 round, no compile")
     parser.add_argument("--no-write", action="store_true", help="print only, write nothing")
@@ -86,6 +90,11 @@ def parse_args(argv=None):
                              "at batch 32 (slow: 2:4 keeps half the weights)")
     models.add_argument("--slow-rounds", type=int, default=2,
                         help="rounds for the ViT training step (tens of seconds a call)")
+    dst = parser.add_argument_group("dst (what DST's updates add to training)")
+    dst.add_argument("--dst-steps", type=int, default=400)
+    dst.add_argument("--dst-width", type=int, default=1024,
+                     help="the MLP width-2w-2w-w-10")
+    dst.add_argument("--dst-rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
     args.sections = [s for item in args.only for s in item.split(",") if s] or list(SECTIONS)
@@ -105,6 +114,7 @@ def parse_args(argv=None):
         args.rounds, args.slow_rounds = 1, 1
         args.min_run_time = args.min_run_time or 0.01
         args.compile_layers = args.compile_layers or "none"
+        args.dst_steps, args.dst_width, args.dst_rounds = 20, 128, 1
     args.shapes = ([tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
                    if args.shapes else list(layer_suite.SHAPES))
     args.batches = ([int(b) for b in args.batches.split(",")] if args.batches
@@ -185,6 +195,19 @@ def main(argv=None) -> None:
         print(f"models: {payload['seconds']:.0f} s")
         if not args.no_write:
             write(args, "models_cpu", payload, model_suite.markdown(payload, info))
+    if "dst" in args.sections:
+        section_start = time.perf_counter()
+        # an update every 5 steps in the quick run, so that updates happen at all
+        delta_t = 5 if args.quick else 100
+        rows = bench_dst_overhead.measure(args.dst_steps, args.dst_width, 256, delta_t,
+                                          args.dst_rounds)
+        table = bench_dst_overhead.markdown(rows, command, info, args.dst_width,
+                                            args.dst_rounds)
+        print(table)
+        print(f"dst: {time.perf_counter() - section_start:.0f} s")
+        if not args.no_write:
+            write(args, "dst_overhead_cpu", dict(command=command, machine=info, rows=rows),
+                  table)
     print(f"total: {time.perf_counter() - started:.0f} s")
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsefx
-from bench_ops_cpu import machine  # this folder is on sys.path when run as a script
+from common import machine  # this folder is on sys.path when run as a script
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [("diag", "static"), ("diag", "set"), ("diag", "rigl"), ("diag", "dynadiag"),
@@ -69,6 +69,37 @@ def run(pattern: str, method: str, steps: int, width: int, batch: int, delta_t: 
             "overhead": (dst_seconds + armed_extra) / (total - dst_seconds - armed_extra)}
 
 
+def measure(steps: int, width: int, batch: int, delta_t: int, rounds: int) -> list[dict]:
+    """Every case, interleaved over ``rounds``; per case the median round by overhead."""
+    results = {case: [] for case in CASES}
+    for _ in range(rounds):
+        for case in CASES:
+            results[case].append(run(*case, steps, width, batch, delta_t))
+    rows = []
+    middle = lambda runs, key: sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+    for case, runs in results.items():
+        row = dict(middle(runs, "overhead"))
+        row["time_vs_static"] = (middle(runs, "total_s")["total_s"]
+                                 / middle(results[(case[0], "static")], "total_s")["total_s"])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], command: str, info: dict, width: int, rounds: int) -> str:
+    host = f"{info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}"
+    lines = [f"`{command}` on {host}; MLP {width}-{2 * width}-{2 * width}-{width}-10 at 90 %, "
+             f"AdamW; median of {rounds} rounds.", "",
+             "| pattern | method | training s | in dst.step() s | armed steps | "
+             "armed extra s | overhead | plain step ms | total vs static |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pattern']} | {r['method']} | {r['total_s']:.2f} | "
+                     f"{r['dst_step_s']:.3f} | {r['armed_steps']} | {r['armed_extra_s']:.3f} | "
+                     f"{r['overhead']:.2%} | {1e3 * r['plain_step_s']:.1f} | "
+                     f"{r['time_vs_static']:.3f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400)
@@ -78,38 +109,18 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    rounds = {case: [] for case in CASES}
-    for _ in range(args.rounds):
-        for case in CASES:
-            rounds[case].append(run(*case, args.steps, args.width, args.batch, args.delta_t))
-    rows = []
-    middle = lambda results, key: sorted(results, key=lambda r: r[key])[len(results) // 2]
-    for case, results in rounds.items():
-        row = dict(middle(results, "overhead"))
-        row["time_vs_static"] = (middle(results, "total_s")["total_s"]
-                                 / middle(rounds[(case[0], "static")], "total_s")["total_s"])
-        rows.append(row)
+    rows = measure(args.steps, args.width, args.batch, args.delta_t, args.rounds)
     info = machine()
-    host = f"{info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}"
-    header = (f"`python benchmarks/bench_dst_overhead.py --steps {args.steps} --width "
-              f"{args.width} --batch {args.batch} --delta-t {args.delta_t} --rounds "
-              f"{args.rounds}` on {host}; MLP {args.width}-{2 * args.width}-"
-              f"{2 * args.width}-{args.width}-10 at 90 %, AdamW; median of {args.rounds} rounds.")
-    lines = [header, "", "| pattern | method | training s | in dst.step() s | armed steps | "
-             "armed extra s | overhead | plain step ms | total vs static |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['pattern']} | {r['method']} | {r['total_s']:.2f} | "
-                     f"{r['dst_step_s']:.3f} | {r['armed_steps']} | {r['armed_extra_s']:.3f} | "
-                     f"{r['overhead']:.2%} | {1e3 * r['plain_step_s']:.1f} | "
-                     f"{r['time_vs_static']:.3f}x |")
-    table = "\n".join(lines)
+    command = (f"python benchmarks/bench_dst_overhead.py --steps {args.steps} --width "
+               f"{args.width} --batch {args.batch} --delta-t {args.delta_t} --rounds "
+               f"{args.rounds}")
+    table = markdown(rows, command, info, args.width, args.rounds)
     print(table)
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "dst_overhead_cpu.md").write_text(table + "\n")
+        (RESULTS / "dst_overhead_cpu.md").write_text(table)
         (RESULTS / "dst_overhead_cpu.json").write_text(json.dumps(
-            {"command_args": vars(args), "machine": info, "rows": rows}, indent=2) + "\n")
+            {"command": command, "machine": info, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

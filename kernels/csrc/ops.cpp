@@ -186,6 +186,37 @@ Tensor diag_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x, cons
 
 // ------------------------------------------------------------------------ fanin: CPU
 
+// Activations for the fan-in kernels: feature-major (see fanin_cpu.h). `rows` [batch,
+// features] in the compute dtype becomes [features, batch] (width = batch), or, float32
+// above one block of columns, [chunks, features, kBlockColumns] (width = kBlockColumns).
+struct FeatureMajor {
+  Tensor data;
+  int64_t width;
+};
+
+FeatureMajor feature_major(const Tensor& rows_in) {
+  const Tensor rows = rows_in.contiguous();
+  const int64_t batch = rows.size(0), features = rows.size(1);
+  if (rows.scalar_type() != at::kFloat) return {rows.t().contiguous(), batch};
+  const int64_t width = batch <= kBlockColumns ? batch : kBlockColumns;
+  Tensor data = batch <= kBlockColumns
+                    ? at::empty({features, batch}, rows.options())
+                    : at::empty({ceil_div(batch, width), features, width}, rows.options());
+  if (batch > 0) {
+    to_feature_major(rows.data_ptr<float>(), batch, features, width, data.data_ptr<float>());
+  }
+  return {data, width};
+}
+
+// [batch, features] in `dtype` from a feature-major result of `features` features
+Tensor batch_major(const Tensor& data, int64_t width, int64_t batch, int64_t features,
+                   at::ScalarType dtype) {
+  if (data.scalar_type() != at::kFloat || batch == 0) return as_result(data.t(), dtype);
+  Tensor rows = at::empty({batch, features}, data.options());
+  from_feature_major(data.data_ptr<float>(), batch, features, width, rows.data_ptr<float>());
+  return as_result(rows, dtype);
+}
+
 Tensor fanin_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& indices,
                         const OptionalTensor& bias) {
   constexpr const char* op = "sparsefx.fanin_linear";
@@ -193,21 +224,24 @@ Tensor fanin_linear_cpu(const Tensor& x, const Tensor& values, const Tensor& ind
   const int64_t in_features = features(x);
   check_fanin(op, x, "x", &values, indices, in_features, bias);
   const auto dtype = compute_dtype(x.scalar_type());
-  Tensor xt = as_compute(x.reshape({-1, in_features}).t(), dtype);
+  const FeatureMajor xt = feature_major(x.reshape({-1, in_features}).to(dtype));
   Tensor v = as_compute(values, dtype), ids = native_indices(indices);
   check_ids_in_range(ids, in_features);
   Tensor b = bias.has_value() ? as_compute(*bias, dtype) : Tensor();
-  const int64_t out_features = values.size(0), batch = xt.size(1);
-  Tensor yt = at::empty({out_features, batch}, xt.options());
+  const int64_t out_features = values.size(0), batch = x.numel() / in_features;
+  Tensor yt = xt.data.dim() == 3
+                  ? at::empty({xt.data.size(0), out_features, xt.width}, v.options())
+                  : at::empty({out_features, batch}, v.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_fanin_forward", [&] {
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
       fanin_forward<scalar_t, index_t>(
-          xt.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ids.data_ptr<index_t>(),
+          xt.data.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ids.data_ptr<index_t>(),
           b.defined() ? b.data_ptr<scalar_t>() : nullptr, yt.data_ptr<scalar_t>(), batch,
-          out_features, v.size(1), in_features);
+          out_features, v.size(1), in_features, xt.width);
     });
   });
-  return as_result(yt.t(), x.scalar_type()).view(with_last(x, out_features));
+  return batch_major(yt, xt.width, batch, out_features, x.scalar_type())
+      .view(with_last(x, out_features));
 }
 
 // The structure by input column for `indices` (ids already range-checked): built once per
@@ -231,36 +265,41 @@ Tensor fanin_linear_grad_input_cpu(const Tensor& grad_out, const Tensor& values,
   check_fanin(op, grad_out, "grad_out", &values, indices, in_features);
   check_last_dim(op, "grad_out", grad_out, values.size(0), "out features, rows of values");
   const auto dtype = compute_dtype(grad_out.scalar_type());
-  Tensor grad_t = as_compute(grad_out.reshape({-1, grad_out.size(-1)}).t(), dtype);
+  const int64_t out_features = values.size(0), batch = grad_out.numel() / out_features;
+  const FeatureMajor grad_t = feature_major(grad_out.reshape({-1, out_features}).to(dtype));
   Tensor v = as_compute(values, dtype), ids = native_indices(indices);
   check_ids_in_range(ids, in_features);
-  const int64_t batch = grad_t.size(1);
   Tensor grad_xt;
   if (dtype == at::kFloat) {
     // a gather over each input's entries, like the forward's over each output's
-    grad_xt = at::empty({in_features, batch}, grad_t.options());
+    grad_xt = grad_t.data.dim() == 3
+                  ? at::empty({grad_t.data.size(0), in_features, grad_t.width}, v.options())
+                  : at::empty({in_features, batch}, v.options());
     const bool narrow = values.size(0) <= 65536 && values.size(1) <= 65536;
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
       const index_t* id_data = ids.data_ptr<index_t>();
       if (narrow) {
-        fanin_input_grad_by_columns(grad_t.data_ptr<float>(), v.data_ptr<float>(),
+        fanin_input_grad_by_columns(grad_t.data.data_ptr<float>(), v.data_ptr<float>(),
                                     *columns_of<uint16_t>(indices, id_data, in_features),
-                                    grad_xt.data_ptr<float>(), batch, in_features, v.size(1));
+                                    grad_xt.data_ptr<float>(), batch, out_features, in_features,
+                                    v.size(1), grad_t.width);
       } else {
-        fanin_input_grad_by_columns(grad_t.data_ptr<float>(), v.data_ptr<float>(),
+        fanin_input_grad_by_columns(grad_t.data.data_ptr<float>(), v.data_ptr<float>(),
                                     *columns_of<int32_t>(indices, id_data, in_features),
-                                    grad_xt.data_ptr<float>(), batch, in_features, v.size(1));
+                                    grad_xt.data_ptr<float>(), batch, out_features, in_features,
+                                    v.size(1), grad_t.width);
       }
     });
   } else {
-    grad_xt = at::zeros({in_features, batch}, grad_t.options());
+    grad_xt = at::zeros({in_features, batch}, v.options());
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
-      fanin_input_grad<double, index_t>(grad_t.data_ptr<double>(), v.data_ptr<double>(),
+      fanin_input_grad<double, index_t>(grad_t.data.data_ptr<double>(), v.data_ptr<double>(),
                                         ids.data_ptr<index_t>(), grad_xt.data_ptr<double>(),
                                         batch, v.size(0), v.size(1), in_features);
     });
   }
-  return as_result(grad_xt.t(), grad_out.scalar_type()).view(with_last(grad_out, in_features));
+  return batch_major(grad_xt, grad_t.width, batch, in_features, grad_out.scalar_type())
+      .view(with_last(grad_out, in_features));
 }
 
 Tensor fanin_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x,
@@ -274,17 +313,19 @@ Tensor fanin_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x,
   check_last_dim(op, "grad_out", grad_out, indices.size(0), "out features, rows of indices");
   check_rows_match(op, grad_out, x);
   const auto dtype = compute_dtype(x.scalar_type());
-  const int64_t in_features = x.size(-1);
-  Tensor grad_t = as_compute(grad_out.reshape({-1, grad_out.size(-1)}).t(), dtype);
-  Tensor xt = as_compute(x.reshape({-1, in_features}).t(), dtype);
+  const int64_t in_features = x.size(-1), batch = x.numel() / in_features;
+  const FeatureMajor grad_t =
+      feature_major(grad_out.reshape({-1, grad_out.size(-1)}).to(dtype));
+  const FeatureMajor xt = feature_major(x.reshape({-1, in_features}).to(dtype));
   Tensor ids = native_indices(indices);
   check_ids_in_range(ids, in_features);
-  Tensor grad = at::empty({ids.size(0), ids.size(1)}, xt.options());
+  Tensor grad = at::empty({ids.size(0), ids.size(1)}, xt.data.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_fanin_values_grad", [&] {
     SPARSEFX_DISPATCH_INDEX(ids, [&] {
-      fanin_values_grad<scalar_t, index_t>(grad_t.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                           ids.data_ptr<index_t>(), grad.data_ptr<scalar_t>(),
-                                           grad_t.size(1), ids.size(0), ids.size(1), in_features);
+      fanin_values_grad<scalar_t, index_t>(
+          grad_t.data.data_ptr<scalar_t>(), xt.data.data_ptr<scalar_t>(),
+          ids.data_ptr<index_t>(), grad.data_ptr<scalar_t>(), batch, ids.size(0), ids.size(1),
+          in_features, xt.width);
     });
   });
   return as_result(grad, x.scalar_type());

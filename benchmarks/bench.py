@@ -6,6 +6,7 @@ candidate against its baselines in the same run.
                                                 #   dst ~5 min)
     python benchmarks/bench.py --only layers    # or models, dst; repeatable or a comma list
     python benchmarks/bench.py --quick --no-write   # seconds-long smoke run (CI)
+    python benchmarks/bench.py --render         # rewrite the Markdown and plot from the JSON
 
 Sections:
 
@@ -55,6 +56,9 @@ def parse_args(argv=None):
                         help="smoke run: tiny shapes and 1-layer models, 1 round, no compile")
     parser.add_argument("--no-write", action="store_true", help="print only, write nothing")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--render", action="store_true",
+                        help="time nothing: rewrite the selected sections' Markdown (and the "
+                             "plot) from the JSON already in --out")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell")
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds of calls per candidate per round (default: layers 0.2, "
@@ -151,8 +155,35 @@ def _finite(value):
     return value
 
 
+def render(args) -> None:
+    """The Markdown (and plot) of each selected section again, from its JSON in ``args.out``:
+    the tables always come from the measured numbers and the current formatting code."""
+    for section in args.sections:
+        name = {"layers": "layers_cpu", "models": "models_cpu", "dst": "dst_overhead_cpu"}[section]
+        path = args.out / f"{name}.json"
+        if not path.exists():
+            print(f"{section}: no {path}, nothing to render")
+            continue
+        payload = json.loads(path.read_text())
+        info = payload["machine"]
+        if section == "layers":
+            text = layer_suite.markdown(payload, info)
+            layer_suite.plot(payload, args.out / "speedup_vs_batch.png")
+        elif section == "models":
+            text = model_suite.markdown(payload, info)
+        else:
+            text = bench_dst_overhead.markdown(payload["rows"], payload["command"], info,
+                                               payload.get("width", args.dst_width),
+                                               payload.get("rounds", args.dst_rounds))
+        (args.out / f"{name}.md").write_text(text)
+        print(f"rendered {args.out / name}.md from {path.name}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.render:
+        render(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     configure_compile()
@@ -206,7 +237,8 @@ def main(argv=None) -> None:
         print(table)
         print(f"dst: {time.perf_counter() - section_start:.0f} s")
         if not args.no_write:
-            write(args, "dst_overhead_cpu", dict(command=command, machine=info, rows=rows),
+            write(args, "dst_overhead_cpu", dict(command=command, machine=info, rows=rows,
+                                                 width=args.dst_width, rounds=args.dst_rounds),
                   table)
     print(f"total: {time.perf_counter() - started:.0f} s")
 

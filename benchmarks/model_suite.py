@@ -394,6 +394,27 @@ def check_outputs(family: str, variants: list[Variant], config) -> None:
 # ------------------------------------------------------------------------------ markdown
 
 
+def compiled_vs_eager(rows: list[dict]) -> list[str]:
+    """The "compiled never slower than eager" check: eager ms / compiled ms per model,
+    workload and variant (medians of the same run; > 1 means compiling helped)."""
+    timed = {(r["model"], r["workload"], r["variant"], r["mode"]): r["ms"] for r in rows
+             if not r["skipped"]}
+    table = []
+    for (model, workload, variant, mode), eager in timed.items():
+        compiled = timed.get((model, workload, variant, "compiled"))
+        if mode != "eager" or compiled is None:
+            continue
+        gain = eager / compiled
+        table.append([model, workload, variant, fmt(eager, ".2f"), fmt(compiled, ".2f"),
+                      f"{gain:.2f}x", "**met**" if gain >= 1 else "**missed**"])
+    if not table:
+        return []
+    return (["Compiled against eager (target: compiled never slower; the dense and ideal rows "
+             "show what Inductor does to the parts sparsefx leaves alone):", ""]
+            + markdown_table(["model", "workload", "variant", "eager ms", "compiled ms",
+                              "eager / compiled", "target"], table, "lllrrrl") + [""])
+
+
 def markdown(payload: dict, info: dict) -> str:
     sizes = payload["configs"]
     lines = ["# Real architectures: dense vs sparsefx vs ideal-sparse (CPU)", "",
@@ -448,6 +469,7 @@ def markdown(payload: dict, info: dict) -> str:
                              "fraction of ideal", "target"], table, "llllrrrrrrl")
     lines += ["", f"Targets met: {sum(v is True for v in verdicts)} of {len(verdicts)} "
               "measured rows.", ""]
+    lines += compiled_vs_eager(rows)
     lines += ["Time per workload (warm-up and compiling included):", ""]
     lines += markdown_table(["workload", "s"], [[name, f"{seconds:.0f}"] for name, seconds in
                                                 payload["workload_seconds"].items()], "lr")

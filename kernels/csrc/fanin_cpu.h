@@ -516,6 +516,12 @@ void fanin_values_grad(const T* dyt, const T* xt, const I* indices, T* grad, int
       const T* g = dyt + o * batch;
       const I* idx = indices + o * fan_in;
       T* grad_row = grad + o * fan_in;
+      if (batch == 1) {  // one product per entry: a gather, vectorised
+        const T go = g[0];
+#pragma omp simd
+        for (int64_t j = 0; j < fan_in; ++j) grad_row[j] = go * xt[idx[j]];
+        continue;
+      }
       for (int64_t j = 0; j < fan_in; ++j) {
         const T* xc = xt + static_cast<int64_t>(idx[j]) * batch;
         T acc = 0;

@@ -2,13 +2,17 @@
 candidate against its baselines in the same run.
 
     python benchmarks/bench.py                  # everything, writes benchmarks/results/
-                                                #   (2 cores: layers ~15 min, models ~40 min,
-                                                #   dst ~5 min)
-    python benchmarks/bench.py --only layers    # or models, dst; repeatable or a comma list
+                                                #   (2 cores: calls seconds, layers ~10 min,
+                                                #   models ~40 min, dst ~5 min)
+    python benchmarks/bench.py --only layers    # or calls, models, dst; repeatable or a
+                                                #   comma list
     python benchmarks/bench.py --quick --no-write   # seconds-long smoke run (CI)
     python benchmarks/bench.py --render         # rewrite the Markdown and plot from the JSON
 
 Sections:
+* calls (``call_suite.py``): what one op call costs at 128x128, batch 1, against
+  ``F.linear`` and ``nn.Linear`` (functions and modules, with and without autograd). Writes
+  ``calls_cpu.{json,md}``; seconds.
 
 * layers (``layer_suite.py``): one linear layer at GPT-2 / ViT-B block shapes and 4096x4096,
   batch 1 to 256, forward and forward+backward; dense ``F.linear``, the sparsefx op (diag and
@@ -40,18 +44,20 @@ import torch
 from tqdm import tqdm
 
 import bench_dst_overhead
+import call_suite
 import layer_suite
 import model_suite
 from common import RESULTS, command_line, configure_compile, machine, machine_line
 
-SECTIONS = ("layers", "models", "dst")
+SECTIONS = ("calls", "layers", "models", "dst")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[],
-                        help="layers, models, dst (repeatable or comma separated); default all")
+                        help="calls, layers, models, dst (repeatable or comma separated); "
+                             "default all")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny shapes and 1-layer models, 1 round, no compile")
     parser.add_argument("--no-write", action="store_true", help="print only, write nothing")
@@ -94,6 +100,8 @@ def parse_args(argv=None):
                              "at batch 32 (slow: 2:4 keeps half the weights)")
     models.add_argument("--slow-rounds", type=int, default=2,
                         help="rounds for the ViT training step (tens of seconds a call)")
+    calls = parser.add_argument_group("calls (the cost of one op call)")
+    calls.add_argument("--call-width", type=int, default=128)
     dst = parser.add_argument_group("dst (what DST's updates add to training)")
     dst.add_argument("--dst-steps", type=int, default=400)
     dst.add_argument("--dst-width", type=int, default=1024,
@@ -159,14 +167,17 @@ def render(args) -> None:
     """The Markdown (and plot) of each selected section again, from its JSON in ``args.out``:
     the tables always come from the measured numbers and the current formatting code."""
     for section in args.sections:
-        name = {"layers": "layers_cpu", "models": "models_cpu", "dst": "dst_overhead_cpu"}[section]
+        name = {"calls": "calls_cpu", "layers": "layers_cpu", "models": "models_cpu",
+                "dst": "dst_overhead_cpu"}[section]
         path = args.out / f"{name}.json"
         if not path.exists():
             print(f"{section}: no {path}, nothing to render")
             continue
         payload = json.loads(path.read_text())
         info = payload["machine"]
-        if section == "layers":
+        if section == "calls":
+            text = call_suite.markdown(payload, info)
+        elif section == "layers":
             text = layer_suite.markdown(payload, info)
             layer_suite.plot(payload, args.out / "speedup_vs_batch.png")
         elif section == "models":
@@ -191,6 +202,18 @@ def main(argv=None) -> None:
     command = command_line()
     print(f"{command}\n{machine_line(info)}")
     started = time.perf_counter()
+
+    if "calls" in args.sections:
+        section_start = time.perf_counter()
+        call_args = argparse.Namespace(**{**vars(args),
+                                          "min_run_time": args.min_run_time or 0.2})
+        payload = dict(command=command, machine=info,
+                       method=method_line(args, call_args.min_run_time),
+                       rows=call_suite.run(call_args, print),
+                       seconds=time.perf_counter() - section_start)
+        print(f"calls: {payload['seconds']:.0f} s")
+        if not args.no_write:
+            write(args, "calls_cpu", payload, call_suite.markdown(payload, info))
 
     if "layers" in args.sections:
         section_start = time.perf_counter()

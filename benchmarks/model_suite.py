@@ -397,20 +397,23 @@ def check_outputs(family: str, variants: list[Variant], config) -> None:
 def compiled_vs_eager(rows: list[dict]) -> list[str]:
     """The "compiled never slower than eager" check: eager ms / compiled ms per model,
     workload and variant (medians of the same run; > 1 means compiling helped)."""
-    timed = {(r["model"], r["workload"], r["variant"], r["mode"]): r["ms"] for r in rows
+    timed = {(r["model"], r["workload"], r["variant"], r["mode"]): r for r in rows
              if not r["skipped"]}
     table = []
     for (model, workload, variant, mode), eager in timed.items():
         compiled = timed.get((model, workload, variant, "compiled"))
         if mode != "eager" or compiled is None:
             continue
-        gain = eager / compiled
-        table.append([model, workload, variant, fmt(eager, ".2f"), fmt(compiled, ".2f"),
-                      f"{gain:.2f}x", "**met**" if gain >= 1 else "**missed**"])
+        gain = eager["ms"] / compiled["ms"]
+        verdict = ("—" if eager["kind"] != "sparse" else  # the baselines: context only
+                   "**met**" if gain >= 1 else "**missed**")
+        table.append([model, workload, variant, fmt(eager["ms"], ".2f"),
+                      fmt(compiled["ms"], ".2f"), f"{gain:.2f}x", verdict])
     if not table:
         return []
-    return (["Compiled against eager (target: compiled never slower; the dense and ideal rows "
-             "show what Inductor does to the parts sparsefx leaves alone):", ""]
+    return (["Compiled against eager, medians of the same run (target, for the sparsefx rows: "
+             "compiled never slower; the dense and ideal rows show what Inductor does to the "
+             "parts sparsefx leaves alone):", ""]
             + markdown_table(["model", "workload", "variant", "eager ms", "compiled ms",
                               "eager / compiled", "target"], table, "lllrrrl") + [""])
 

@@ -91,14 +91,6 @@ _KINDS_OF_METHOD = {
 _NEEDS_GRADIENT = ("rigl", "srigl", "dynadiag")
 
 
-def _kind(module: nn.Module) -> str:
-    if isinstance(module, DiagLinear):
-        return "diag"
-    if isinstance(module, FanInLinear):
-        return "fanin" if module.nm is None else "nm"
-    return "unstructured"
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The user's module under torch.compile's and (Distributed)DataParallel's wrappers."""
     while True:
@@ -112,11 +104,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Layer:
-    """One sparse layer under the manager, and what the manager keeps about it."""
+    """One sparse layer under the manager, and what the manager keeps about it. What the
+    layer's pattern means for an update (its slots, their magnitudes, the candidates, how a
+    new structure is written) the layer module itself says (``sparsefx.layers``)."""
 
     name: str
     module: nn.Module
-    kind: str
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
     row_active: torch.Tensor | None = None  # srigl: [out] bool, False for ablated rows
     ablated_rows: torch.Tensor | None = None  # srigl: ids of the False rows; None if none
@@ -124,38 +117,12 @@ class _Layer:
 
     @property
     def param(self) -> torch.Tensor:
-        return self.module.weight if self.kind == "unstructured" else self.module.values
-
-    def slots(self) -> torch.Tensor:
-        """Active unit ids as rows of slots ``[R, k]`` (int64; see ``sparsefx.regrow``)."""
-        if self.kind == "diag":
-            return self.module.offsets[None, :]
-        if self.kind == "unstructured":
-            return self.module.mask.reshape(1, -1).nonzero()[:, 1][None, :]
-        return self.module.indices.to(torch.int64)
-
-    def magnitude(self, active: torch.Tensor) -> torch.Tensor:
-        if self.kind == "diag":
-            return self.module.values.detach().float().norm(dim=1)[None, :]
-        if self.kind == "unstructured":
-            return self.module.weight.detach().reshape(1, -1).gather(1, active).abs()
-        return self.module.values.detach().abs()
-
-    def num_candidates(self) -> int:
-        if self.kind == "diag":
-            return patterns.diag_geometry(self.module.out_features, self.module.in_features)[0]
-        if self.kind == "unstructured":
-            return self.module.out_features * self.module.in_features
-        return self.module.in_features
+        return self.module.param
 
     def budget(self) -> int:
-        """Active units: diagonals, entries or elements."""
-        if self.kind == "diag":
-            return self.module.offsets.numel()
-        if self.kind == "unstructured":
-            return int(self.module.mask.sum())
-        rows = self.module.out_features if self.row_active is None else int(self.row_active.sum())
-        return rows * self.module.indices.shape[1]
+        """Active units: diagonals, entries or elements (SRigL: of the live rows)."""
+        rows = None if self.row_active is None else int(self.row_active.sum())
+        return self.module.active_units(rows)
 
 
 class DST:
@@ -310,22 +277,9 @@ class DST:
         if max(out_features, in_features) >= 2**24:  # ids travel as float32
             raise ValueError(f"sparsefx.DST: layer {layer.name} is ({out_features}, "
                              f"{in_features}): expected both dimensions < 2**24")
-        plan, active = [0, 0, 0, 0], 0
-        if layer.kind == "unstructured":
-            active = layer.budget()
-            plan[3] = min(math.ceil(self.alpha * active), out_features * in_features)
-        elif layer.kind in ("fanin", "nm"):
-            fan_in = module.indices.shape[1]
-            active, most_per_row = module.indices.numel(), math.ceil(self.alpha * fan_in)
-            if layer.kind == "nm":
-                plan[1:3] = [min(module.nm[0], most_per_row), module.nm[1]]
-            elif layer.ablate:  # srigl: a revived row takes its best k columns, and the
-                plan[0] = fan_in  # salience counts need the layer-wide growth set
-                plan[3] = min(math.ceil(self.alpha * active), out_features * in_features)
-            else:
-                plan[0] = most_per_row
+        plan = module.growth_plan(self.alpha, whole_rows=layer.ablate)
         size = growth.probe_size(out_features, in_features, module.growth_granularity, plan,
-                                 active)
+                                 layer.budget())
         # only the shape matters (scores arrive as its gradient): one element of storage
         storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
         layer.probe = storage.expand(size).requires_grad_(True)
@@ -335,18 +289,9 @@ class DST:
         """``[R, C]`` growth scores over every candidate: uniform noise (SET), the gradient
         norm of every diagonal, or (N:M) the listed ``|G|`` with ``-inf`` elsewhere. One
         layer's worth at a time."""
-        module = layer.module
         if self.method == "set":
-            shape = ((layer.num_candidates(),) if layer.kind == "diag"
-                     else (module.out_features, module.in_features))
-            scores = torch.rand(shape, generator=self._generator).to(layer.param.device)
-        elif layer.kind == "diag":
-            scores = layer.probe.grad
-        else:
-            scores = growth.candidate_scores(layer.probe.grad, module.structure,
-                                             module.growth_granularity, module.out_features,
-                                             module.in_features)
-        return scores.reshape(1, -1) if layer.kind in ("diag", "unstructured") else scores
+            return layer.module.random_scores(self._generator)
+        return layer.module.growth_scores(layer.probe.grad)
 
     def _listed(self, layer: _Layer, active: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
@@ -357,27 +302,25 @@ class DST:
         listed = growth.listed_candidates(layer.probe.grad, module.structure,
                                           module.growth_granularity, module._growth_plan,
                                           module.out_features, module.in_features)
-        if layer.kind == "unstructured":
-            return (*listed.layer_candidates(active, module.in_features), listed)
-        return (*listed.row_candidates(active), listed)
+        return (*module.listed_candidates(listed, active), listed)
 
     def _update_layer(self, layer: _Layer, fraction: float) -> bool:
-        active = layer.slots()
+        module = layer.module
+        active = module.slots()
         if self.method == "srigl":
             return self._update_srigl(layer, active, fraction)
-        magnitude = (layer.module._importance[active] if self.method == "dynadiag"
-                     else layer.magnitude(active))
+        magnitude = (module._importance[active] if self.method == "dynadiag"
+                     else module.unit_magnitudes(active))
         num_moved = min(round(fraction * active.shape[1]),
-                        layer.num_candidates() - active.shape[1])
-        if self.method == "rigl" and layer.kind in ("fanin", "unstructured"):
+                        module.num_candidates - active.shape[1])
+        if self.method == "rigl" and module.grows_from_lists:
             candidate_ids, scores, _ = self._listed(layer, active)
             new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
                                                      candidate_ids=candidate_ids)
         else:
-            group_size = layer.module.nm[1] if layer.kind == "nm" else None
             new_active, grown = regrow.drop_and_grow(active, magnitude,
                                                      self._growth_scores(layer), num_moved,
-                                                     group_size)
+                                                     module.group_size)
         if not bool(grown.any()):
             return False
         self._write(layer, active, new_active, grown)
@@ -385,9 +328,9 @@ class DST:
 
     def _update_srigl(self, layer: _Layer, active: torch.Tensor, fraction: float) -> bool:
         row_active, fan_in = layer.row_active, active.shape[1]
-        magnitude = layer.magnitude(active)
+        magnitude = layer.module.unit_magnitudes(active)
         candidate_ids, scores, listed = self._listed(layer, active)
-        num_moved_row = min(round(fraction * fan_in), layer.num_candidates() - fan_in)
+        num_moved_row = min(round(fraction * fan_in), layer.module.num_candidates - fan_in)
         new_row_active = row_active.clone()
         salient_minimum = max(1, math.floor(self.gamma_sal * fan_in))
         total_moved = round(fraction * int(row_active.sum()) * fan_in)
@@ -423,22 +366,9 @@ class DST:
     def _write(self, layer: _Layer, active: torch.Tensor, new_active: torch.Tensor,
                grown: torch.Tensor) -> None:
         """Store the new structure in place; zero the grown units and their optimizer state."""
-        module = layer.module
-        if layer.kind == "unstructured":
-            new_mask = torch.zeros_like(module.mask).view(-1).scatter_(
-                0, new_active[0], True).view_as(module.mask)
-            changed = new_mask != module.mask
-            module.mask.copy_(new_mask)
-            _zero_units(self.optimizer, module.weight, changed)
-            return
-        if layer.kind == "diag":
-            module.offsets.copy_(new_active[0])
-            _zero_units(self.optimizer, module.values, grown[0][:, None])
-            if self.method == "dynadiag":
-                self._reset_importance(layer, active[0], new_active[0], grown[0])
-            return
-        module.indices.copy_(new_active.to(module.indices.dtype))
-        _zero_units(self.optimizer, module.values, grown)
+        _zero_units(self.optimizer, layer.param, layer.module.write_structure(new_active, grown))
+        if self.method == "dynadiag":
+            self._reset_importance(layer, active[0], new_active[0], grown[0])
 
     # -------------------------------------------------------------------------- srigl
 
@@ -462,8 +392,7 @@ class DST:
         for layer in self.layers:
             module = layer.module
             device = module.values.device
-            num_candidates = layer.num_candidates()
-            importance = torch.zeros(num_candidates, dtype=torch.float32, device=device)
+            importance = torch.zeros(module.num_candidates, dtype=torch.float32, device=device)
             importance[module.offsets] = 1.0
             importance.requires_grad_(True)
             module._importance = importance
@@ -621,13 +550,14 @@ def _check_arguments(method, total_steps, delta_t, alpha, t_end, gamma_sal, temp
 
 
 def _find_layers(model: nn.Module, method: str) -> list[_Layer]:
-    layers = [_Layer(name, module, _kind(module)) for name, module in model.named_modules()
+    layers = [_Layer(name, module) for name, module in model.named_modules()
               if isinstance(module, SPARSE_LAYERS)]
     if not layers:
         raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
                          "or MaskedLinear): make it sparse with sparsefx.transform first")
     allowed = _KINDS_OF_METHOD[method]
-    wrong = [f"{layer.name} ({layer.kind})" for layer in layers if layer.kind not in allowed]
+    wrong = [f"{layer.name} ({layer.module.pattern})" for layer in layers
+             if layer.module.pattern not in allowed]
     if wrong:
         raise ValueError(f"sparsefx.DST: method={method!r} works on {', '.join(allowed)} "
                          f"layers; these are not: {', '.join(wrong)}")
@@ -760,15 +690,8 @@ def _importance_adam_step(optimizer: torch.optim.Adam, found_inf: torch.Tensor,
 
 
 def _budget_text(layer: _Layer) -> str:
-    module = layer.module
-    if layer.kind == "diag":
-        return (f"diag ({module.out_features}, {module.in_features}): {module.offsets.numel()} of "
-                f"{layer.num_candidates()} diagonals")
-    if layer.kind == "unstructured":
-        return (f"unstructured ({module.out_features}, {module.in_features}): "
-                f"{layer.budget()} elements")
-    text = (f"{module.pattern} ({module.out_features}, {module.in_features}): fan-in "
-            f"{module.indices.shape[1]}, {layer.budget()} entries")
+    rows = None if layer.row_active is None else int(layer.row_active.sum())
+    text = layer.module.describe(rows)
     if layer.row_active is not None:
         text += f", {int((~layer.row_active).sum())} rows ablated"
     return text

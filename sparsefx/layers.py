@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsefx.kernels import patterns
+from sparsefx.kernels import growth, patterns
 
 __all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "build_layer",
            "soft_top_k_gates"]
@@ -84,6 +84,76 @@ class _SparseLinear(nn.Module):
                              "layer has its own: expected one of them")
         return bias
 
+    # ------------------------------------------------------- what sparsefx.DST reads
+    #
+    # DST sees every layer as rows of slots (``sparsefx.regrow``): ``slots()`` gives the
+    # active unit ids ``[R, k]`` out of ``num_candidates`` per row. Each layer says what its
+    # units weigh, how the growth tap lists their candidates, and writes a new structure.
+
+    group_size: int | None = None  # N:M: candidates regrow within groups of this many
+    grows_from_lists = False       # RigL grows from the tap's lists, not all-candidate scores
+
+    @property
+    def pattern_label(self) -> str:
+        """The pattern as reports print it (``"nm 2:4"``; otherwise ``pattern``)."""
+        return self.pattern
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The trained weights whose optimizer state DST zeroes for grown units."""
+        return self.values
+
+    def slots(self) -> torch.Tensor:
+        """Active unit ids as rows of slots ``[R, k]`` (int64)."""
+        raise NotImplementedError
+
+    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+        """``[R, k]``: what drop ranks for the units ``active`` (``slots()``)."""
+        raise NotImplementedError
+
+    @property
+    def num_candidates(self) -> int:
+        """Candidate units per row of slots."""
+        raise NotImplementedError
+
+    def active_units(self, rows: int | None = None) -> int:
+        """Active units (diagonals, entries or elements); ``rows``: how many rows are live
+        (SRigL's ablation), default all."""
+        return self.stored
+
+    def growth_plan(self, alpha: float, whole_rows: bool = False) -> list[int]:
+        """The growth tap's lists ``[per_row, per_group, group_size, layer_wide]`` (see
+        ``sparsefx.kernels.growth``), long enough for everything an update moving at most
+        ``alpha`` of the units could grow; ``whole_rows``: a row may also regrow all ``k``
+        of its entries and the layer-wide list is needed (SRigL)."""
+        return [0, 0, 0, 0]
+
+    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
+        """``[R, C]`` growth scores over every candidate from the tap's ``probe_grad``."""
+        return growth.candidate_scores(probe_grad, self.structure, self.growth_granularity,
+                                       self.out_features, self.in_features)
+
+    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+        """``[R, C]`` uniform scores (SET's random growth), drawn on the CPU by ``generator``."""
+        scores = torch.rand(self.out_features, self.in_features, generator=generator)
+        return scores.to(self.param.device)
+
+    def listed_candidates(self, listed: growth.Listed, active: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the slots, then
+        the inactive candidates the tap listed."""
+        return listed.row_candidates(active)
+
+    def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+        """Store ``new_active [R, k]`` in place; return where (shaped like ``param``) the
+        weights and their optimizer state are to be zeroed."""
+        raise NotImplementedError
+
+    def describe(self, rows: int | None = None) -> str:
+        """One line on the structure, as ``DST``'s ``repr`` prints it (``rows``: as for
+        ``active_units``)."""
+        raise NotImplementedError
+
     def _tap(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._growth_probe is None:
             return y
@@ -118,7 +188,7 @@ class _SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, pattern={self.pattern}, "
+                f"bias={self.bias is not None}, pattern={self.pattern_label}, "
                 f"sparsity={self.sparsity:.1%}")
 
 
@@ -190,6 +260,33 @@ class DiagLinear(_SparseLinear):
     def structure(self) -> torch.Tensor:
         return self.offsets
 
+    def slots(self) -> torch.Tensor:
+        return self.offsets[None, :]
+
+    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+        return self.values.detach().float().norm(dim=1)[None, :]  # a diagonal's L2 norm
+
+    @property
+    def num_candidates(self) -> int:
+        return patterns.diag_geometry(self.out_features, self.in_features)[0]
+
+    def active_units(self, rows: int | None = None) -> int:
+        return self.offsets.numel()
+
+    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
+        return probe_grad.reshape(1, -1)  # the tap leaves every diagonal's gradient norm
+
+    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(1, self.num_candidates, generator=generator).to(self.param.device)
+
+    def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+        self.offsets.copy_(new_active[0])
+        return grown[0][:, None]  # whole diagonals
+
+    def describe(self, rows: int | None = None) -> str:
+        return (f"diag ({self.out_features}, {self.in_features}): {self.offsets.numel()} of "
+                f"{self.num_candidates} diagonals")
+
     def effective_values(self) -> torch.Tensor:
         """``values``, scaled by DynaDiag's gates while ``DST(method="dynadiag")`` trains."""
         if self._importance is None:
@@ -223,7 +320,19 @@ class FanInLinear(_SparseLinear):
 
     @property
     def pattern(self) -> str:
+        return "fanin" if self.nm is None else "nm"
+
+    @property
+    def pattern_label(self) -> str:
         return "fanin" if self.nm is None else f"nm {self.nm[0]}:{self.nm[1]}"
+
+    @property
+    def group_size(self) -> int | None:
+        return None if self.nm is None else self.nm[1]
+
+    @property
+    def grows_from_lists(self) -> bool:  # N:M regrows within groups: all scores needed
+        return self.nm is None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -261,6 +370,37 @@ class FanInLinear(_SparseLinear):
     @property
     def structure(self) -> torch.Tensor:
         return self.indices
+
+    def slots(self) -> torch.Tensor:
+        return self.indices.to(torch.int64)
+
+    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+        return self.values.detach().abs()
+
+    @property
+    def num_candidates(self) -> int:
+        return self.in_features
+
+    def active_units(self, rows: int | None = None) -> int:
+        return (self.out_features if rows is None else rows) * self.indices.shape[1]
+
+    def growth_plan(self, alpha: float, whole_rows: bool = False) -> list[int]:
+        fan_in = self.indices.shape[1]
+        most_per_row = math.ceil(alpha * fan_in)
+        if self.nm is not None:
+            return [0, min(self.nm[0], most_per_row), self.nm[1], 0]
+        if whole_rows:  # a revived row takes its best k columns; the salience counts need
+            return [fan_in, 0, 0, min(math.ceil(alpha * self.indices.numel()),  # the layer
+                                      self.out_features * self.in_features)]     # -wide list
+        return [most_per_row, 0, 0, 0]
+
+    def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+        self.indices.copy_(new_active.to(self.indices.dtype))
+        return grown
+
+    def describe(self, rows: int | None = None) -> str:
+        return (f"{self.pattern_label} ({self.out_features}, {self.in_features}): fan-in "
+                f"{self.indices.shape[1]}, {self.active_units(rows)} entries")
 
     def dense_weight(self) -> torch.Tensor:
         return patterns.fanin_to_dense(self.values.detach(), self.indices, self.in_features)
@@ -306,9 +446,48 @@ class MaskedLinear(_SparseLinear):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self._tap(F.linear(x, self.weight * self.mask, self._bias(bias)), x)
 
+    grows_from_lists = True
+
     @property
     def structure(self) -> torch.Tensor:
         return self.mask
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.weight
+
+    def slots(self) -> torch.Tensor:
+        return self.mask.reshape(1, -1).nonzero()[:, 1][None, :]
+
+    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+        return self.weight.detach().reshape(1, -1).gather(1, active).abs()
+
+    @property
+    def num_candidates(self) -> int:
+        return self.out_features * self.in_features
+
+    def growth_plan(self, alpha: float, whole_rows: bool = False) -> list[int]:
+        return [0, 0, 0, min(math.ceil(alpha * self.stored), self.num_candidates)]
+
+    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
+        return super().growth_scores(probe_grad).reshape(1, -1)
+
+    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+        return super().random_scores(generator).reshape(1, -1)
+
+    def listed_candidates(self, listed: growth.Listed, active: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        return listed.layer_candidates(active, self.in_features)  # layer-wide, flat ids
+
+    def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+        new_mask = torch.zeros_like(self.mask).view(-1).scatter_(
+            0, new_active[0], True).view_as(self.mask)
+        changed = new_mask != self.mask
+        self.mask.copy_(new_mask)
+        return changed
+
+    def describe(self, rows: int | None = None) -> str:
+        return f"unstructured ({self.out_features}, {self.in_features}): {self.stored} elements"
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.mask

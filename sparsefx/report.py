@@ -80,7 +80,7 @@ def report(model: nn.Module) -> Report:
         dense = module.out_features * module.in_features
         runs_dense = isinstance(module, MaskedLinear)  # a masked layer computes densely
         feeds = tuple(sorted(graph.successors(name))) if name in graph else ()
-        rows.append(LayerReport(name, module.out_features, module.in_features, module.pattern,
-                                module.sparsity, dense, module.stored, 2 * dense,
+        rows.append(LayerReport(name, module.out_features, module.in_features,
+                                module.pattern_label, module.sparsity, dense, module.stored, 2 * dense,
                                 2 * (dense if runs_dense else module.stored), feeds=feeds))
     return rows

@@ -56,7 +56,7 @@ def test_transform_rewrites_exactly_the_eligible_layers(case, pattern):
         torch.testing.assert_close(sparsefx.densify(sparse)(x), sparse(x))
     assert not _sparse_names(sparsefx.densify(sparse))
     for name in expected:
-        assert f"pattern={sparse.get_submodule(name).pattern}" in str(sparse)
+        assert f"pattern={sparse.get_submodule(name).pattern_label}" in str(sparse)
 
 
 def test_report_and_densify_see_through_torch_compile():
@@ -137,7 +137,8 @@ def test_options_select_and_shape_the_layers():
         "0": "dense", "4": {"pattern": "nm", "nm": (1, 4)}, r"[2]": 0.5})
     assert _sparse_names(mixed) == {"2", "4"}
     assert mixed.get_submodule("2").sparsity == pytest.approx(0.5, abs=0.04)
-    assert mixed.get_submodule("4").pattern == "nm 1:4"
+    assert mixed.get_submodule("4").pattern == "nm"
+    assert mixed.get_submodule("4").pattern_label == "nm 1:4"
     erk = {r.name: r for r in sparsefx.report(
         sparsefx.transform(model, "fanin", 0.8, distribution="erk"))}
     # within per-row rounding of the 20 % budget; the small output layer gets the most

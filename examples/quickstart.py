@@ -28,9 +28,8 @@ import torch.nn.functional as F
 
 import sparsefx
 from common import accuracy, digits, interleaved_ms, mlp, train
+from sparsefx.registry import PATTERNS
 from vit import vit
-
-DEFAULT_METHOD = {"diag": "dynadiag", "fanin": "srigl", "nm": "rigl", "unstructured": "rigl"}
 
 
 def build(args, seed: int, **width):
@@ -125,10 +124,10 @@ def report_line(what: str, times: dict, pattern: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pattern", choices=list(DEFAULT_METHOD), default="diag")
+    parser.add_argument("--pattern", choices=list(PATTERNS), default="diag")
     parser.add_argument("--method", choices=sparsefx.dst.METHODS, default=None,
-                        help="DST method (default: dynadiag for diag, srigl for fanin, "
-                             "rigl otherwise)")
+                        help="DST method (default: the pattern's own, " + ", ".join(
+                            f"{name} {p.default_method}" for name, p in PATTERNS.items()) + ")")
     parser.add_argument("--sparsity", type=float, default=0.9, help="ignored by nm (2:4)")
     parser.add_argument("--delta-t", type=int, default=None,
                         help="steps between DST updates (default: sparsefx.DST's)")
@@ -148,7 +147,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="speed: interleaved rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    method = args.method or DEFAULT_METHOD[args.pattern]
+    method = args.method or PATTERNS[args.pattern].default_method
     epochs = args.epochs or {"mlp": 15, "vit": 30}[args.model]
     lr = args.lr or {"mlp": 3e-3, "vit": 2e-3}[args.model]
 

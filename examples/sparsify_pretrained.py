@@ -18,7 +18,9 @@ import torch
 import sparsefx
 from common import accuracy, digits, mlp, train  # this folder is on sys.path
 
-PATTERNS = [("diag", {}), ("fanin", {}), ("nm", {"nm": (2, 4)}), ("unstructured", {})]
+from sparsefx.registry import PATTERNS
+
+NM = (2, 4)  # the N:M layers' n of every m
 
 
 def main():
@@ -38,16 +40,18 @@ def main():
     header = "pattern        " + "".join(f"{s:>9.0%}" for s in args.sparsity)
     print("one-shot magnitude sparsification, test accuracy (no retraining)")
     print(header)
-    for pattern, options in PATTERNS:
+    for pattern, spec in PATTERNS.items():
+        options = {"nm": NM} if spec.takes_nm else {}
         cells = []
         for sparsity in args.sparsity:
-            if pattern == "nm":  # N:M fixes its own sparsity: 2:4 is 50 %
+            if spec.takes_nm:  # N:M fixes its own sparsity: 2:4 is 50 %
                 cells.append(f"{accuracy(_sparse(dense, pattern, 0.5, options), data):>9.2%}"
                              if sparsity == args.sparsity[0] else f"{'-':>9}")
                 continue
             sparse = _sparse(dense, pattern, sparsity, options)
             cells.append(f"{accuracy(sparse, data):>9.2%}")
-        name = "nm 2:4 (50 %)" if pattern == "nm" else pattern
+        name = (f"{pattern} {NM[0]}:{NM[1]} ({100 * (1 - NM[0] / NM[1]):.0f} %)"
+                if spec.takes_nm else pattern)
         print(f"{name:15s}" + "".join(cells))
 
     print("\nthe diag model at the highest sparsity, layer by layer:")

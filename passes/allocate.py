@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sparsefx.kernels import patterns
 
 from .sites import Site
 
-__all__ = ["Decision", "allocate", "PATTERNS"]
-
-PATTERNS = ("diag", "fanin", "nm", "unstructured")
+__all__ = ["Decision", "allocate"]
 
 
 @dataclass
@@ -33,18 +32,20 @@ def _check_sparsity(sparsity, where: str) -> None:
         raise ValueError(f"{where}: sparsity={sparsity!r}: expected a fraction in (0, 1)")
 
 
-def _check_pattern(pattern, where: str) -> None:
-    if pattern not in PATTERNS:
-        raise ValueError(f"{where}: pattern={pattern!r}: expected one of {PATTERNS}")
+def _check_pattern(pattern, known: Mapping, where: str) -> None:
+    if pattern not in known:
+        raise ValueError(f"{where}: pattern={pattern!r}: expected one of {tuple(known)}")
 
 
-def allocate(sites: list[Site], site_types: dict[str, type], *, pattern: str, sparsity: float,
+def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, pattern: str,
+             sparsity: float,
              distribution: str = "uniform", nm: tuple[int, int] = (2, 4),
              include: str | None = None, exclude: str | None = None,
              include_types: tuple[type, ...] = (), exclude_types: tuple[type, ...] = (),
              overrides: dict | None = None, keep_first_dense: bool = False,
              keep_last_dense: bool = False) -> list[Decision]:
-    """One ``Decision`` per site, in the order given.
+    """One ``Decision`` per site, in the order given. ``known``: the patterns by name
+    (``sparsefx.registry.PATTERNS``; each says whether it ``takes_nm``).
 
     Filters apply first (``include`` / ``exclude``: regexes on the FQN, full match;
     ``include_types`` / ``exclude_types``: the layer's module type, or for a functional site
@@ -54,14 +55,14 @@ def allocate(sites: list[Site], site_types: dict[str, type], *, pattern: str, sp
     over the remaining sites: ``uniform`` gives each the same, ``erk`` follows
     ``patterns.erk_densities``.
     """
-    _check_pattern(pattern, "transform")
-    if pattern != "nm":
+    _check_pattern(pattern, known, "transform")
+    if not known[pattern].takes_nm:
         _check_sparsity(sparsity, "transform")
     if distribution not in ("uniform", "erk"):
         raise ValueError(f"distribution={distribution!r}: expected 'uniform' or 'erk'")
-    if distribution == "erk" and pattern == "nm":
-        raise ValueError("distribution='erk' with pattern='nm': N:M fixes each layer's "
-                         "density at n/m; use distribution='uniform'")
+    if distribution == "erk" and known[pattern].takes_nm:
+        raise ValueError(f"distribution='erk' with pattern={pattern!r}: N:M fixes each "
+                         "layer's density at n/m; use distribution='uniform'")
     decisions = [Decision(site, None, reason=site.dense_reason) for site in sites]
     eligible = [d for d in decisions if d.reason is None]
     for decision in eligible:
@@ -90,7 +91,7 @@ def allocate(sites: list[Site], site_types: dict[str, type], *, pattern: str, sp
             if decision.site.dense_reason is not None and value != "dense":
                 raise ValueError(f"overrides[{key!r}]: {decision.site.name} must stay dense "
                                  f"({decision.site.dense_reason})")
-            _apply_override(decision, key, value, pattern, nm)
+            _apply_override(decision, key, value, pattern, nm, known)
             overridden.add(id(decision))
 
     rest = [d for d in decisions if d.reason is None and id(d) not in overridden]
@@ -106,7 +107,7 @@ def allocate(sites: list[Site], site_types: dict[str, type], *, pattern: str, sp
         for decision in rest:
             decision.pattern, decision.sparsity = pattern, sparsity
     for decision in decisions:
-        if decision.pattern == "nm":
+        if decision.pattern is not None and known[decision.pattern].takes_nm:
             decision.nm = decision.nm or tuple(nm)
             n, m = decision.nm
             try:
@@ -117,7 +118,8 @@ def allocate(sites: list[Site], site_types: dict[str, type], *, pattern: str, sp
     return decisions
 
 
-def _apply_override(decision: Decision, key: str, value, pattern: str, nm) -> None:
+def _apply_override(decision: Decision, key: str, value, pattern: str, nm,
+                    known: Mapping) -> None:
     where = f"overrides[{key!r}]"
     if value == "dense":
         decision.pattern, decision.reason = None, f"overridden by {where}"
@@ -130,8 +132,8 @@ def _apply_override(decision: Decision, key: str, value, pattern: str, nm) -> No
     if unknown:
         raise ValueError(f"{where} has keys {sorted(unknown)}: expected pattern, sparsity, nm")
     decision.pattern = value.get("pattern", pattern)
-    _check_pattern(decision.pattern, where)
-    if decision.pattern == "nm":
+    _check_pattern(decision.pattern, known, where)
+    if known[decision.pattern].takes_nm:
         decision.nm = tuple(value.get("nm", nm))
     else:
         decision.sparsity = value.get("sparsity")

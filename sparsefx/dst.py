@@ -74,17 +74,18 @@ import torch.nn as nn
 
 from sparsefx import regrow
 from sparsefx.kernels import growth, patterns
-from sparsefx.layers import SPARSE_LAYERS, DiagLinear, FanInLinear, soft_top_k_gates
+from sparsefx.layers import SPARSE_LAYERS, soft_top_k_gates
+from sparsefx.registry import PATTERNS
 
 __all__ = ["DST", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("static", "set", "rigl", "srigl", "dynadiag")
-_KINDS_OF_METHOD = {
-    "static": ("diag", "fanin", "nm", "unstructured"),
-    "set": ("diag", "fanin", "nm", "unstructured"),
-    "rigl": ("diag", "fanin", "nm", "unstructured"),
+_PATTERNS_OF_METHOD = {  # what each method works on
+    "static": tuple(PATTERNS),
+    "set": tuple(PATTERNS),
+    "rigl": tuple(PATTERNS),
     "srigl": ("fanin",),
     "dynadiag": ("diag",),
 }
@@ -555,7 +556,7 @@ def _find_layers(model: nn.Module, method: str) -> list[_Layer]:
     if not layers:
         raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
                          "or MaskedLinear): make it sparse with sparsefx.transform first")
-    allowed = _KINDS_OF_METHOD[method]
+    allowed = _PATTERNS_OF_METHOD[method]
     wrong = [f"{layer.name} ({layer.module.pattern})" for layer in layers
              if layer.module.pattern not in allowed]
     if wrong:

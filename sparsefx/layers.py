@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from sparsefx.kernels import growth, patterns
 
-__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "build_layer",
-           "soft_top_k_gates"]
+__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "soft_top_k_gates"]
 
 _INITS = ("magnitude", "random")
 
@@ -494,21 +493,3 @@ class MaskedLinear(_SparseLinear):
 
 
 SPARSE_LAYERS = (DiagLinear, FanInLinear, MaskedLinear)
-
-
-def build_layer(pattern: str, weight: torch.Tensor, bias: torch.Tensor | None, *,
-                sparsity: float, nm: tuple[int, int] | None = None, init: str = "magnitude",
-                generator: torch.Generator | None = None) -> _SparseLinear:
-    """The sparse layer of ``pattern`` for the dense ``weight [out, in]`` and ``bias``."""
-    if pattern == "diag":
-        return DiagLinear.from_dense(weight, bias, sparsity=sparsity, init=init,
-                                     generator=generator)
-    if pattern == "fanin":
-        return FanInLinear.from_dense(weight, bias, sparsity=sparsity, init=init,
-                                      generator=generator)
-    if pattern == "nm":
-        return FanInLinear.from_dense(weight, bias, nm=nm, init=init, generator=generator)
-    if pattern == "unstructured":
-        return MaskedLinear.from_dense(weight, bias, sparsity=sparsity, init=init,
-                                       generator=generator)
-    raise ValueError(f"pattern={pattern!r}: expected diag, fanin, nm or unstructured")

@@ -8,7 +8,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from sparsefx.layers import SPARSE_LAYERS, build_layer
+from sparsefx.layers import SPARSE_LAYERS
+from sparsefx.registry import PATTERNS, build_layer
 from sparsefx.passes import analyse
 from sparsefx.passes.allocate import allocate
 from sparsefx.passes.rewrite import replace_module, rewrite_functional_sites
@@ -54,7 +55,7 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     site_types = {site.name: type(new.get_submodule(site.name if site.kind == "module"
                                                     else site.name.rpartition(".")[0]))
                   for site in sites}
-    decisions = allocate(sites, site_types, pattern=pattern, sparsity=sparsity,
+    decisions = allocate(sites, site_types, PATTERNS, pattern=pattern, sparsity=sparsity,
                          distribution=distribution, nm=nm, include=include, exclude=exclude,
                          include_types=include_types, exclude_types=exclude_types,
                          overrides=overrides, keep_first_dense=keep_first_dense,

@@ -1,0 +1,59 @@
+"""The patterns sparsefx knows, by the name ``sparsefx.transform(pattern=...)`` takes.
+
+One table, read by transform (which patterns exist, and which take ``nm=(n, m)`` instead of
+a sparsity), ``build_layer``, ``sparsefx.DST`` (which patterns each method works on), the
+report (through the layers) and the examples. A pattern is a layer class in
+``sparsefx.layers`` (which owns what DST needs of it) with its ops in ``sparsefx.kernels``,
+and one entry here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
+
+__all__ = ["Pattern", "PATTERNS", "pattern_named", "build_layer"]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One pattern: its name, the layer that holds it, and what its users need to know."""
+
+    name: str
+    layer: type                 # the sparse layer class (sparsefx.layers)
+    takes_nm: bool              # the density follows from nm=(n, m): no sparsity asked
+    default_method: str         # the DST method it is meant for (the examples' default)
+    summary: str                # one line for help texts and docs
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, *,
+              sparsity: float | None, nm: tuple[int, int] | None, init: str,
+              generator: torch.Generator | None):
+        """The layer of this pattern for the dense ``weight [out, in]`` and ``bias``."""
+        structure = {"nm": nm} if self.takes_nm else {"sparsity": sparsity}
+        return self.layer.from_dense(weight, bias, init=init, generator=generator, **structure)
+
+
+PATTERNS: dict[str, Pattern] = {pattern.name: pattern for pattern in (
+    Pattern("diag", DiagLinear, False, "dynadiag", "K whole wrap-around diagonals (DynaDiag)"),
+    Pattern("fanin", FanInLinear, False, "srigl", "k inputs per output row (SRigL)"),
+    Pattern("nm", FanInLinear, True, "rigl", "n of every m inputs per output row"),
+    Pattern("unstructured", MaskedLinear, False, "rigl",
+            "a dense weight times a 0/1 mask: the accuracy baseline, not accelerated"),
+)}
+
+
+def pattern_named(name: str, where: str = "sparsefx") -> Pattern:
+    """The pattern called ``name``; a ``ValueError`` naming ``where`` if there is none."""
+    if name not in PATTERNS:
+        raise ValueError(f"{where}: pattern={name!r}: expected one of {tuple(PATTERNS)}")
+    return PATTERNS[name]
+
+
+def build_layer(pattern: str, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                sparsity: float | None, nm: tuple[int, int] | None = None,
+                init: str = "magnitude", generator: torch.Generator | None = None):
+    """The sparse layer of ``pattern`` for the dense ``weight [out, in]`` and ``bias``."""
+    return pattern_named(pattern, "build_layer").build(weight, bias, sparsity=sparsity, nm=nm,
+                                                       init=init, generator=generator)

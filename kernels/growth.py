@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from . import patterns
+from .distributed import mean_over_ranks_, world_size
 
 __all__ = ["growth_tap", "probe_size", "listed_candidates", "candidate_scores", "top_ids",
            "Listed", "GRANULARITIES"]
@@ -114,12 +115,6 @@ def _(y, x, probe, structure, granularity, plan):
         raise ValueError(f"sparsefx.growth_tap: granularity={granularity!r}: expected one of "
                          f"{GRANULARITIES}")
     return torch.empty_like(y)
-
-
-def _world_size() -> int:
-    distributed = torch.distributed
-    return (distributed.get_world_size()
-            if distributed.is_available() and distributed.is_initialized() else 1)
 
 
 def top_ids(scores: Tensor, count: int, largest: bool = True, ordered: bool = True,
@@ -193,15 +188,6 @@ def _wide_keys(keys: Tensor, ids: Tensor | None = None) -> Tensor:
     return (keys.to(torch.int64) << 32) | (0xFFFFFFFF - ids)
 
 
-def _mean_over_ranks(dense_grad: Tensor) -> Tensor:
-    """Data parallel: the mean signed gradient of all ranks (in place), as every rank scores."""
-    world = _world_size()
-    if world > 1:
-        torch.distributed.all_reduce(dense_grad)
-        dense_grad /= world
-    return dense_grad
-
-
 def _diag_gradient_norms(grad_rows: Tensor, x_rows: Tensor, block: int = 512) -> Tensor:
     """``[P]``: the L2 norm of ``G = grad_rows.T @ x_rows`` along every candidate diagonal, as
     ``patterns.diag_norms(G)`` gives it, formed and reduced ``block`` diagonal positions at a
@@ -224,13 +210,13 @@ def _diag_gradient_norms(grad_rows: Tensor, x_rows: Tensor, block: int = 512) ->
     squares = left.new_empty(block, num_candidates, dtype=torch.float64)
     sums = squares.new_empty(num_candidates)
     sum_of_squares = torch.zeros(num_candidates, dtype=torch.float64, device=left.device)
-    distributed = _world_size() > 1
+    distributed = world_size() > 1
     for start in range(0, length, block):
         rows = min(block, length - start)
         lhs, rolled = left[:, start:start + rows].T, buffer[:rows]
         head, tail = rolled[:, :num_candidates - start], rolled[:, num_candidates - start:]
         if distributed:  # the all-reduce wants a contiguous tensor
-            part = _mean_over_ranks(lhs @ right)
+            part = mean_over_ranks_(lhs @ right)
             head.copy_(part[:, start:])
             tail[:, :start].copy_(part[:, :start])
         else:
@@ -325,7 +311,7 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     if granularity == "rows":
         return _fanin_scores(grad_rows, x_rows, structure.long(), plan)
     # this layer's only dense matrix; reduced in place from here on
-    scores = _mean_over_ranks(grad_rows.T @ x_rows).abs_()
+    scores = mean_over_ranks_(grad_rows.T @ x_rows).abs_()
     probe_grad, active, row_lists, group_lists, layer_list = _probe_parts(
         scores.shape, int(structure.sum()), plan, scores.device)
     torch.masked_select(scores, structure, out=active)
@@ -372,7 +358,7 @@ def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list
         rows = slice(start, min(start + block, out_features))
         scores = whole[rows] if buffer is None else buffer[:rows.stop - start]
         torch.mm(grad_rows[:, rows].T, x_rows, out=scores)
-        _mean_over_ranks(scores).abs_()
+        mean_over_ranks_(scores).abs_()
         torch.gather(scores, 1, columns[rows], out=active[rows])
         scores.scatter_(1, columns[rows], float("-inf"))  # only inactive ones are listed
         row_best.append(_list_rows(scores, start, plan,

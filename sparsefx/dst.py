@@ -73,15 +73,18 @@ import torch
 import torch.nn as nn
 
 from sparsefx import regrow
-from sparsefx.kernels import growth, patterns
+from sparsefx.kernels import distributed, growth
 from sparsefx.layers import SPARSE_LAYERS, soft_top_k_gates
 from sparsefx.registry import PATTERNS
+from sparsefx.schedule import CosineSchedule
 
 __all__ = ["DST", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("static", "set", "rigl", "srigl", "dynadiag")
+# the layout of DST.state_dict(): 2 adds this key; format 1 (without it) reads the same
+CHECKPOINT_FORMAT = 2
 _PATTERNS_OF_METHOD = {  # what each method works on
     "static": tuple(PATTERNS),
     "set": tuple(PATTERNS),
@@ -154,16 +157,15 @@ class DST:
                  t_end: float = 0.75, gamma_sal: float = 0.3,
                  output_layers: tuple[str, ...] | None = None, temperature: float = 0.25,
                  importance_lr: float = 1e-2, seed: int = 0):
-        _check_arguments(method, total_steps, delta_t, alpha, t_end, gamma_sal, temperature,
-                         importance_lr)
-        self.method, self.total_steps, self.delta_t = method, total_steps, delta_t
-        self.alpha, self.t_end, self.gamma_sal = alpha, t_end, gamma_sal
+        _check_arguments(method, gamma_sal, temperature, importance_lr)
+        self.schedule = CosineSchedule(total_steps, delta_t, alpha, t_end)
+        self.method, self.gamma_sal = method, gamma_sal
         self.temperature, self.importance_lr, self.seed = temperature, importance_lr, seed
         self.optimizer = optimizer
         self.layers = _find_layers(_unwrap(model), method)
         _check_optimizer(self.layers, optimizer)
         _check_same_structure_on_every_rank(self.layers)
-        self._world = _world_size()  # read once: the process group outlives the manager
+        self._world = distributed.world_size()  # read once: the group outlives us
         self._step = 0
         self._holding: list[_Layer] = []  # srigl: the layers with ablated rows
         self._generator = torch.Generator().manual_seed(seed)
@@ -187,20 +189,19 @@ class DST:
 
     # ------------------------------------------------------------------------- schedule
 
-    @property
-    def end_step(self) -> int:
-        """The first step at which no more updates happen."""
-        return int(self.t_end * self.total_steps)
+    total_steps = property(lambda self: self.schedule.total_steps)
+    delta_t = property(lambda self: self.schedule.delta_t)
+    alpha = property(lambda self: self.schedule.alpha)
+    t_end = property(lambda self: self.schedule.t_end)
+    end_step = property(lambda self: self.schedule.end_step,
+                        doc="The first step at which no more updates happen.")
 
     def drop_fraction(self, step: int) -> float:
-        """``alpha / 2 * (1 + cos(pi * step / end_step))``; 0 from ``end_step`` on."""
-        if step >= self.end_step:
-            return 0.0
-        return self.alpha / 2 * (1 + math.cos(math.pi * step / self.end_step))
+        """The fraction of each layer's units the update at ``step`` moves."""
+        return self.schedule.drop_fraction(step)
 
     def is_update_step(self, step: int) -> bool:
-        return (self.method != "static" and step > 0 and step % self.delta_t == 0
-                and step < self.end_step)
+        return self.method != "static" and self.schedule.is_update_step(step)
 
     @property
     def next_update(self) -> int | None:
@@ -435,7 +436,7 @@ class DST:
             grads = [importance.grad for importance in self._importances
                      if importance.grad is not None]
             if self._world > 1:
-                _average_across_ranks(grads)
+                distributed.mean_over_ranks_(*grads)
             if self._one is not None:
                 _importance_adam_step(self._importance_optimizer, self._found_inf, self._one)
             elif all(bool(torch.isfinite(grad).all()) for grad in grads):  # several devices
@@ -462,6 +463,7 @@ class DST:
         """What ``load_state_dict`` needs to continue the same run; the structure itself is in
         the model's state_dict, the values' optimizer state in the optimizer's."""
         state = {
+            "format": CHECKPOINT_FORMAT,
             "step": self._step,
             "config": self._config(),
             "generator": self._generator.get_state(),
@@ -478,6 +480,11 @@ class DST:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        saved_format = state.get("format", 1)  # format 1 (sparsefx 0.1) had no version key
+        if saved_format not in (1, CHECKPOINT_FORMAT):
+            raise ValueError(f"sparsefx.DST.load_state_dict: checkpoint format "
+                             f"{saved_format!r}: this sparsefx reads formats 1 to "
+                             f"{CHECKPOINT_FORMAT} (a checkpoint from a newer sparsefx?)")
         config = self._config()
         if state["config"] != config:
             differ = {key: (state["config"].get(key), value) for key, value in config.items()
@@ -529,19 +536,10 @@ class DST:
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_arguments(method, total_steps, delta_t, alpha, t_end, gamma_sal, temperature,
-                     importance_lr) -> None:
+def _check_arguments(method, gamma_sal, temperature, importance_lr) -> None:
     where = "sparsefx.DST"
     if method not in METHODS:
         raise ValueError(f"{where}: method={method!r}: expected one of {METHODS}")
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"{where}: total_steps={total_steps!r}: expected an int >= 1")
-    if not isinstance(delta_t, int) or delta_t <= 0:
-        raise ValueError(f"{where}: delta_t={delta_t!r}: expected an int > 0")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"{where}: alpha={alpha!r}: expected 0 < alpha <= 1")
-    if not 0 < t_end <= 1:
-        raise ValueError(f"{where}: t_end={t_end!r}: expected 0 < t_end <= 1")
     if not 0 <= gamma_sal <= 1:
         raise ValueError(f"{where}: gamma_sal={gamma_sal!r}: expected 0 <= gamma_sal <= 1")
     if not temperature > 0:
@@ -592,37 +590,19 @@ def _output_layers(model: nn.Module, layers: list[_Layer],
 
 def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
     """Under torch.distributed every rank must start from the same structure (transform with
-    the same seed everywhere): compare a checksum per layer."""
-    distributed = torch.distributed
-    if _world_size() == 1:
+    the same seed everywhere): compare two checksums per layer."""
+    if distributed.world_size() == 1:
         return
-    sums = torch.stack([layer.module.structure.double().sum() for layer in layers])
-    weighted = torch.stack([(layer.module.structure.double().flatten()
-                             * torch.arange(1, layer.module.structure.numel() + 1,
-                                            device=sums.device)).sum() for layer in layers])
-    local = torch.cat([sums, weighted])
-    smallest, largest = local.clone(), local.clone()
-    distributed.all_reduce(smallest, op=distributed.ReduceOp.MIN)
-    distributed.all_reduce(largest, op=distributed.ReduceOp.MAX)
-    differ = [layer.name for i, layer in enumerate(layers)
-              if smallest[i] != largest[i] or smallest[len(layers) + i] != largest[len(layers) + i]]
-    if differ:
-        raise ValueError(f"sparsefx.DST: the ranks hold different structures in {differ}: "
+    local = torch.stack(
+        [layer.module.structure.double().sum() for layer in layers]
+        + [(layer.module.structure.double().flatten()
+            * torch.arange(1, layer.module.structure.numel() + 1,
+                           device=layer.module.structure.device)).sum() for layer in layers])
+    differs = distributed.differs_across_ranks(local).view(2, -1).any(dim=0).tolist()
+    wrong = [layer.name for layer, bad in zip(layers, differs, strict=True) if bad]
+    if wrong:
+        raise ValueError(f"sparsefx.DST: the ranks hold different structures in {wrong}: "
                          "transform the model with the same seed on every rank")
-
-
-def _average_across_ranks(tensors: list[torch.Tensor]) -> None:
-    """Under torch.distributed, replace each tensor by its mean over the ranks (in place)."""
-    world = _world_size()
-    for tensor in tensors if world > 1 else ():
-        torch.distributed.all_reduce(tensor)
-        tensor /= world
-
-
-def _world_size() -> int:
-    distributed = torch.distributed
-    return (distributed.get_world_size()
-            if distributed.is_available() and distributed.is_initialized() else 1)
 
 
 def _layers_with_non_finite_gradients(layers: list[_Layer]) -> list[str]:

@@ -573,6 +573,36 @@ def test_load_state_dict_refuses_other_settings():
         other.load_state_dict(state)
 
 
+def test_checkpoints_carry_a_format_and_the_first_format_still_loads():
+    model = _sparse_mlp("fanin", {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = sparsefx.DST(model, optimizer, method="srigl", total_steps=30, delta_t=5)
+    for _ in range(7):
+        _train_step(model, optimizer, 0, 1.0)
+        dst.step()
+    state = dst.state_dict()
+    assert state["format"] == sparsefx.dst.CHECKPOINT_FORMAT
+    first_format = {key: value for key, value in state.items() if key != "format"}
+    resumed = sparsefx.DST(model, optimizer, method="srigl", total_steps=30, delta_t=5)
+    resumed.load_state_dict(_roundtrip(first_format))
+    assert resumed.step_count == 7 and repr(resumed) == repr(dst)
+    with pytest.raises(ValueError, match=r"checkpoint format 99: this sparsefx reads formats "
+                                         r"1 to \d \(a checkpoint from a newer sparsefx\?\)"):
+        resumed.load_state_dict({**state, "format": 99})
+
+
+def test_the_schedule_moves_a_cosine_fraction_until_t_end():
+    schedule = sparsefx.schedule.CosineSchedule(total_steps=1000, delta_t=100, alpha=0.4,
+                                                t_end=0.5)
+    assert schedule.end_step == 500
+    assert [t for t in range(1001) if schedule.is_update_step(t)] == [100, 200, 300, 400]
+    assert schedule.drop_fraction(0) == pytest.approx(0.4)
+    assert schedule.drop_fraction(250) == pytest.approx(0.2)
+    assert schedule.drop_fraction(500) == 0.0
+    with pytest.raises(ValueError, match=r"sparsefx.DST: t_end=1.5: expected 0 < t_end <= 1"):
+        sparsefx.schedule.CosineSchedule(total_steps=10, t_end=1.5)
+
+
 # ---------------------------------------------------------------------------- safety
 
 

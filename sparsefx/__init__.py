@@ -3,14 +3,16 @@
 Importing sparsefx registers the ops ``torch.ops.sparsefx.diag_linear`` and
 ``torch.ops.sparsefx.fanin_linear`` (see ``sparsefx.kernels``); ``sparsefx.layers`` holds
 the modules that own a sparse weight and call them; ``sparsefx.DST`` trains their
-structure (``sparsefx.dst``).
+structure (``sparsefx.dst``) with a method of ``sparsefx.methods``.
 """
 from sparsefx.kernels import diag_linear, fanin_linear, patterns
 from sparsefx.dst import DST
 from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
+from sparsefx.methods import SET, DynaDiag, RigL, SRigL, Static
 from sparsefx.report import Report, report
 from sparsefx.transform import densify, layer_graph, transform
 
 __version__ = "0.1.0"
-__all__ = ["transform", "DST", "densify", "report", "layer_graph", "Report", "DiagLinear",
-           "FanInLinear", "MaskedLinear", "diag_linear", "fanin_linear", "patterns", "__version__"]
+__all__ = ["transform", "DST", "Static", "SET", "RigL", "SRigL", "DynaDiag", "densify", "report",
+           "layer_graph", "Report", "DiagLinear", "FanInLinear", "MaskedLinear", "diag_linear",
+           "fanin_linear", "patterns", "__version__"]

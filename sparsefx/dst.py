@@ -15,37 +15,14 @@ Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...
 ``f(t) = alpha / 2 * (1 + cos(pi * t / (t_end * total_steps)))`` of each layer's units,
 ``n = round(f(t) * k)`` per row of slots (see ``sparsefx.regrow``). What moves, per method:
 
-``static``    nothing.
-``set``       drop the ``n`` smallest-magnitude units, grow ``n`` at random (seeded) among
-              the units not kept.
-``rigl``      drop as SET; grow the ``n`` not-kept units of largest dense-gradient magnitude.
-              Magnitude of a diagonal is its L2 norm; its growth score the L2 norm of the
-              dense gradient along it. Fan-in and N:M layers move ``n`` entries in every row
-              (N:M regrows within the groups that lost entries); unstructured layers move
-              ``n`` elements over the whole layer.
-``srigl``     fan-in layers only. First the layer-wide RigL sets: keep = the largest
-              ``A k - n_total`` magnitudes over the ``A`` active rows, grow = the ``n_total``
-              best gradient scores among the positions not kept. A row whose salient count
-              (entries in keep or grow) is below ``max(1, floor(gamma_sal * k))`` is ablated:
-              its values are set to zero and held there; an ablated row that becomes salient
-              again returns with its ``k`` best-scoring columns at zero. The output head
-              (``output_layers``, by default the last sparse layer) is never ablated. Then
-              RigL within each active row. ``k`` stays the stored fan-in: the values tensor
-              keeps its shape, so the layer's budget is ``A * k``.
-``dynadiag``  diag layers only. Each layer learns an importance ``a[P]`` over all candidate
-              diagonals; the ``K`` active diagonals compute with values scaled by the soft
-              top-K gates ``sigmoid((a_d - theta) / T)`` (``sparsefx.layers.soft_top_k_gates``,
-              ``theta`` halfway between the K-th and (K+1)-th largest ``a``). ``a`` is trained
-              by Adam (``importance_lr``, torch's fused kernel) on the loss gradient through
-              the gates, every step; ``T`` falls linearly from ``temperature`` to 0 at
-              ``t_end``, where the gates harden to exactly 1 (at ``total_steps`` they are
-              folded into the values and removed, so the trained layer is a plain
-              ``DiagLinear``). At update steps: drop the ``n`` active diagonals of lowest
-              ``a``, grow the ``n`` not-kept candidates of largest dense-gradient norm (how
-              inactive diagonals, which have no gate, re-enter), give grown diagonals the
-              median ``a`` of the diagonals active before the update, and reset every
-              inactive ``a`` to ``min(active a) - 1``. Only the ``K`` active diagonals are
-              stored and computed.
+``static``, ``set`` and ``rigl`` work on every pattern, ``srigl`` on fan-in layers,
+``dynadiag`` on diag layers; each is a strategy object in ``sparsefx.methods`` (one file
+each) with its own options and state: ``DST(model, opt, method=sparsefx.SRigL(gamma_sal=0.3),
+total_steps=T)``, or by name with the options as keywords (``method="srigl",
+gamma_sal=0.3``). The manager keeps the step count, the schedule
+(``sparsefx.schedule.CosineSchedule``), arming the growth taps, skipping updates on
+non-finite gradients, writing a new structure in place and zeroing its optimizer state, and
+the checkpoint.
 
 Under DistributedDataParallel (wrap the model, pass the wrapper or the module): the growth
 scores come from the all-reduced signed dense gradient, DynaDiag's importance gradients are
@@ -64,17 +41,16 @@ update with a warning.
 from __future__ import annotations
 
 import logging
-import math
-import re
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from sparsefx import regrow
+from sparsefx import methods
 from sparsefx.kernels import distributed, growth
-from sparsefx.layers import SPARSE_LAYERS, soft_top_k_gates
+from sparsefx.layers import SPARSE_LAYERS
+from sparsefx.methods import Method
 from sparsefx.registry import PATTERNS
 from sparsefx.schedule import CosineSchedule
 
@@ -82,17 +58,9 @@ __all__ = ["DST", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("static", "set", "rigl", "srigl", "dynadiag")
+METHODS = tuple(methods.METHODS)
 # the layout of DST.state_dict(): 2 adds this key; format 1 (without it) reads the same
 CHECKPOINT_FORMAT = 2
-_PATTERNS_OF_METHOD = {  # what each method works on
-    "static": tuple(PATTERNS),
-    "set": tuple(PATTERNS),
-    "rigl": tuple(PATTERNS),
-    "srigl": ("fanin",),
-    "dynadiag": ("diag",),
-}
-_NEEDS_GRADIENT = ("rigl", "srigl", "dynadiag")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -108,80 +76,66 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Layer:
-    """One sparse layer under the manager, and what the manager keeps about it. What the
-    layer's pattern means for an update (its slots, their magnitudes, the candidates, how a
-    new structure is written) the layer module itself says (``sparsefx.layers``)."""
+    """One sparse layer under the manager. What its pattern means for an update the layer
+    module says (``sparsefx.layers``); what the method keeps about it, the method."""
 
     name: str
     module: nn.Module
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
-    row_active: torch.Tensor | None = None  # srigl: [out] bool, False for ablated rows
-    ablated_rows: torch.Tensor | None = None  # srigl: ids of the False rows; None if none
-    ablate: bool = False  # srigl: may rows of this layer be ablated?
 
     @property
     def param(self) -> torch.Tensor:
         return self.module.param
 
-    def budget(self) -> int:
-        """Active units: diagonals, entries or elements (SRigL: of the live rows)."""
-        rows = None if self.row_active is None else int(self.row_active.sum())
-        return self.module.active_units(rows)
-
 
 class DST:
     """Dynamic sparse training of every sparse layer of ``model`` (see the module docstring
-    for each method's exact rule).
+    and ``sparsefx.methods`` for each method's exact rule).
 
     Args:
         model: a model holding ``DiagLinear`` / ``FanInLinear`` / ``MaskedLinear`` layers
             (from ``sparsefx.transform``), or its ``torch.compile`` / DDP wrapper.
         optimizer: the optimizer that trains the sparse layers' values; its state for grown
             units is zeroed at updates.
-        method: ``"static"``, ``"set"``, ``"rigl"``, ``"srigl"`` (fan-in layers) or
-            ``"dynadiag"`` (diag layers).
+        method: a ``sparsefx.methods.Method`` (``Static()``, ``SET(seed)``, ``RigL()``,
+            ``SRigL(gamma_sal, output_layers)``, ``DynaDiag(temperature, importance_lr)``)
+            or its name: ``"static"``, ``"set"``, ``"rigl"``, ``"srigl"``, ``"dynadiag"``.
         total_steps: how many times ``step()`` will be called in the whole run.
         delta_t: steps between structure updates.
         alpha: the fraction moved at step 0 of the cosine schedule, in (0, 1].
         t_end: fraction of ``total_steps`` after which the structure is frozen.
-        gamma_sal: srigl's salience threshold, as a fraction of the fan-in.
-        output_layers: srigl: layer names (regexes) whose rows are never ablated; default
-            the last sparse layer; ``()`` protects none.
-        temperature, importance_lr: dynadiag's initial gate temperature and the Adam learning
-            rate of its per-diagonal importance.
-        seed: seeds SET's random growth.
+        gamma_sal, output_layers, temperature, importance_lr, seed: with a method name,
+            the options of the method that takes them (``None``: its default); others are
+            left aside. With a method object, leave them out.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, method: str = "rigl",
-                 *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
-                 t_end: float = 0.75, gamma_sal: float = 0.3,
-                 output_layers: tuple[str, ...] | None = None, temperature: float = 0.25,
-                 importance_lr: float = 1e-2, seed: int = 0):
-        _check_arguments(method, gamma_sal, temperature, importance_lr)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 method: str | Method = "rigl", *, total_steps: int, delta_t: int = 100,
+                 alpha: float = 0.3, t_end: float = 0.75, gamma_sal: float | None = None,
+                 output_layers: tuple[str, ...] | None = None,
+                 temperature: float | None = None, importance_lr: float | None = None,
+                 seed: int | None = None):
+        options = dict(gamma_sal=gamma_sal, output_layers=output_layers,
+                       temperature=temperature, importance_lr=importance_lr, seed=seed)
+        if isinstance(method, Method):
+            given = [key for key, value in options.items() if value is not None]
+            if given:
+                raise ValueError(f"sparsefx.DST: {', '.join(given)} given with a method "
+                                 f"object {method!r}: pass them to the method instead")
+        else:
+            method = methods.method_named(method, options)
+        self.method = method
         self.schedule = CosineSchedule(total_steps, delta_t, alpha, t_end)
-        self.method, self.gamma_sal = method, gamma_sal
-        self.temperature, self.importance_lr, self.seed = temperature, importance_lr, seed
         self.optimizer = optimizer
-        self.layers = _find_layers(_unwrap(model), method)
+        self.model = _unwrap(model)
+        self.layers = _find_layers(self.model, method)
         _check_optimizer(self.layers, optimizer)
         _check_same_structure_on_every_rank(self.layers)
-        self._world = distributed.world_size()  # read once: the group outlives us
+        self.world = distributed.world_size()  # read once: the group outlives the manager
         self._step = 0
-        self._holding: list[_Layer] = []  # srigl: the layers with ablated rows
-        self._generator = torch.Generator().manual_seed(seed)
         self._skipped_updates = 0
-        if method == "srigl":
-            heads = _output_layers(_unwrap(model), self.layers, output_layers)
-            for layer in self.layers:
-                layer.row_active = torch.ones(layer.module.out_features, dtype=torch.bool,
-                                              device=layer.param.device)
-                layer.ablate = layer.name not in heads
-        self._importance_optimizer = None
-        self._importances: list[torch.Tensor] = []  # dynadiag: each layer's importance
-        self._temperatures: list[torch.Tensor] = []  # dynadiag: the gates' temperature
-        if method == "dynadiag":
-            self._attach_importance()
-        if method in _NEEDS_GRADIENT:
+        method.attach(self)
+        if method.needs_gradient:
             for layer in self.layers:
                 self._attach_probe(layer)
         self._armed: bool | None = None  # what the layers' growth probes are set to
@@ -201,7 +155,7 @@ class DST:
         return self.schedule.drop_fraction(step)
 
     def is_update_step(self, step: int) -> bool:
-        return self.method != "static" and self.schedule.is_update_step(step)
+        return self.method.moves and self.schedule.is_update_step(step)
 
     @property
     def next_update(self) -> int | None:
@@ -217,36 +171,32 @@ class DST:
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``. Returns whether the structure changed."""
         self._step += 1
-        # most steps: no update on this step or the next and no importance to train, so
-        # nothing to do but hold srigl's ablated rows at zero (this is most of the run)
-        if (self._importance_optimizer is None and (self._step + 1) % self.delta_t > 1
+        # most steps: no update on this step or the next and nothing the method does every
+        # step, so only its cheap part (SRigL holds its ablated rows at zero)
+        if (not self.method.works_every_step and (self._step + 1) % self.delta_t > 1
                 and self._step != self.total_steps):
-            if self._holding:
-                with torch.no_grad():
-                    self._hold_ablated_rows()
+            self.method.between_updates(self)
             return False
         return self._step_with_work()
 
     @torch.no_grad()
     def _step_with_work(self) -> bool:
-        if self._importance_optimizer is not None:
-            self._train_importance()
-        self._hold_ablated_rows()
+        self.method.every_step(self)
         changed = False
         if self.is_update_step(self._step):
             changed = self._update(self.drop_fraction(self._step))
         if self._armed:
             for layer in self.layers:
                 layer.probe.grad = None
-        if self._step == self.total_steps and self._importance_optimizer is not None:
-            self._release_gates()
+        if self._step == self.total_steps:
+            self.method.finish(self)
         self._arm()
         return changed
 
     def _arm(self) -> None:
         """Route the next step's backward through the growth tap iff it ends in an update
         (the layers are touched only when that changes: twice per update)."""
-        armed = self.method in _NEEDS_GRADIENT and self.is_update_step(self._step + 1)
+        armed = self.method.needs_gradient and self.is_update_step(self._step + 1)
         if armed != self._armed:
             for layer in self.layers:
                 layer.module._growth_probe = layer.probe if armed else None
@@ -261,12 +211,12 @@ class DST:
             return False
         changed = False
         for layer in self.layers:
-            if self.method in _NEEDS_GRADIENT and layer.probe.grad is None:
+            if self.method.needs_gradient and layer.probe.grad is None:
                 warnings.warn(f"sparsefx.DST: step {self._step}: layer {layer.name} got no "
                               "gradient this step (not used in the forward?); its structure "
                               "is left as it is", stacklevel=3)
                 continue
-            changed |= self._update_layer(layer, fraction)
+            changed |= self.method.update_layer(self, layer, fraction)
         logger.info("sparsefx.DST: step %d: structure update, fraction %.4f", self._step,
                     fraction)
         return changed
@@ -279,204 +229,52 @@ class DST:
         if max(out_features, in_features) >= 2**24:  # ids travel as float32
             raise ValueError(f"sparsefx.DST: layer {layer.name} is ({out_features}, "
                              f"{in_features}): expected both dimensions < 2**24")
-        plan = module.growth_plan(self.alpha, whole_rows=layer.ablate)
+        plan = module.growth_plan(self.alpha, whole_rows=self.method.whole_rows(layer))
         size = growth.probe_size(out_features, in_features, module.growth_granularity, plan,
-                                 layer.budget())
+                                 self.budget(layer))
         # only the shape matters (scores arrive as its gradient): one element of storage
         storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
         layer.probe = storage.expand(size).requires_grad_(True)
         module._growth_plan = plan
 
-    def _growth_scores(self, layer: _Layer) -> torch.Tensor:
-        """``[R, C]`` growth scores over every candidate: uniform noise (SET), the gradient
-        norm of every diagonal, or (N:M) the listed ``|G|`` with ``-inf`` elsewhere. One
-        layer's worth at a time."""
-        if self.method == "set":
-            return layer.module.random_scores(self._generator)
-        return layer.module.growth_scores(layer.probe.grad)
+    # ------------------------------------------------------------ what methods call
 
-    def _listed(self, layer: _Layer, active: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
+    def budget(self, layer: _Layer) -> int:
+        """Active units of ``layer``: diagonals, entries or elements (of its live rows)."""
+        return layer.module.active_units(self.method.live_rows(layer))
+
+    def listed(self, layer: _Layer, active: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
         """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots,
-        then the inactive candidates the growth tap listed (fan-in: per row; unstructured:
-        layer-wide, as flat ids); and the parsed lists."""
+        then the inactive candidates the growth tap listed; and the parsed lists."""
         module = layer.module
         listed = growth.listed_candidates(layer.probe.grad, module.structure,
                                           module.growth_granularity, module._growth_plan,
                                           module.out_features, module.in_features)
         return (*module.listed_candidates(listed, active), listed)
 
-    def _update_layer(self, layer: _Layer, fraction: float) -> bool:
-        module = layer.module
-        active = module.slots()
-        if self.method == "srigl":
-            return self._update_srigl(layer, active, fraction)
-        magnitude = (module._importance[active] if self.method == "dynadiag"
-                     else module.unit_magnitudes(active))
-        num_moved = min(round(fraction * active.shape[1]),
-                        module.num_candidates - active.shape[1])
-        if self.method == "rigl" and module.grows_from_lists:
-            candidate_ids, scores, _ = self._listed(layer, active)
-            new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
-                                                     candidate_ids=candidate_ids)
-        else:
-            new_active, grown = regrow.drop_and_grow(active, magnitude,
-                                                     self._growth_scores(layer), num_moved,
-                                                     module.group_size)
-        if not bool(grown.any()):
-            return False
-        self._write(layer, active, new_active, grown)
-        return True
-
-    def _update_srigl(self, layer: _Layer, active: torch.Tensor, fraction: float) -> bool:
-        row_active, fan_in = layer.row_active, active.shape[1]
-        magnitude = layer.module.unit_magnitudes(active)
-        candidate_ids, scores, listed = self._listed(layer, active)
-        num_moved_row = min(round(fraction * fan_in), layer.module.num_candidates - fan_in)
-        new_row_active = row_active.clone()
-        salient_minimum = max(1, math.floor(self.gamma_sal * fan_in))
-        total_moved = round(fraction * int(row_active.sum()) * fan_in)
-        # with no row ablated, the salience counts matter only if some row could fall below
-        # the minimum: a cheap test rules that out most of the time
-        if layer.ablate and (layer.ablated_rows is not None or not regrow.keeps_at_least(
-                magnitude, total_moved, salient_minimum)):
-            listed_scores, listed_rows, _ = listed.layer_wide
-            salient = regrow.layerwise_salience(magnitude, row_active, listed.active,
-                                                listed_rows, listed_scores, total_moved)
-            new_row_active = salient >= salient_minimum
-            if not bool(new_row_active.any()):  # never ablate a whole layer
-                new_row_active = row_active.clone()
-        new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved_row,
-                                                 candidate_ids=candidate_ids)
-        stay = row_active & new_row_active
-        new_active = torch.where(stay[:, None], new_active, active)
-        grown = grown & stay[:, None]
-        revived = new_row_active & ~row_active
-        if bool(revived.any()):  # its best k columns, from its slots and its listed ones
-            best = growth.top_ids(scores[revived], fan_in, ordered=False)
-            new_active[revived] = candidate_ids[revived].gather(1, best)
-            grown[revived] = True
-        ablated = row_active & ~new_row_active
-        changed = bool(grown.any()) or bool(ablated.any())
-        if changed:
-            self._write(layer, active, new_active, grown)
-            self._set_row_active(layer, new_row_active)
-            if layer.ablated_rows is not None:
-                layer.module.values.index_fill_(0, layer.ablated_rows, 0)
-        return changed
-
-    def _write(self, layer: _Layer, active: torch.Tensor, new_active: torch.Tensor,
-               grown: torch.Tensor) -> None:
+    def write(self, layer: _Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
         """Store the new structure in place; zero the grown units and their optimizer state."""
-        _zero_units(self.optimizer, layer.param, layer.module.write_structure(new_active, grown))
-        if self.method == "dynadiag":
-            self._reset_importance(layer, active[0], new_active[0], grown[0])
+        where = layer.module.write_structure(new_active, grown)
+        layer.param.masked_fill_(where, 0)
+        self.zero_state(self.optimizer, layer.param, where)
 
-    # -------------------------------------------------------------------------- srigl
-
-    def _hold_ablated_rows(self) -> None:
-        """Ablated rows stay exactly zero, whatever the optimizer did to them: every step,
-        one write of those rows per layer that has some. (Their optimizer state may drift
-        meanwhile; a row that comes back is grown, which zeroes its state.)"""
-        for layer in self._holding:
-            layer.module.values.index_fill_(0, layer.ablated_rows, 0)
-
-    def _set_row_active(self, layer: _Layer, row_active: torch.Tensor) -> None:
-        layer.row_active.copy_(row_active)
-        ablated = (~layer.row_active).nonzero()[:, 0]
-        layer.ablated_rows = ablated if ablated.numel() else None
-        self._holding = [layer for layer in self.layers if layer.ablated_rows is not None]
-
-    # ----------------------------------------------------------------------- dynadiag
-
-    def _attach_importance(self) -> None:
-        importances, temperatures = [], {}
-        for layer in self.layers:
-            module = layer.module
-            device = module.values.device
-            importance = torch.zeros(module.num_candidates, dtype=torch.float32, device=device)
-            importance[module.offsets] = 1.0
-            importance.requires_grad_(True)
-            module._importance = importance
-            # one temperature tensor per device, shared by the layers: one write per step
-            if device not in temperatures:
-                temperatures[device] = torch.tensor(self.temperature, dtype=torch.float32,
-                                                    device=device)
-            module._temperature = temperatures[device]
-            importances.append(importance)
-        self._importances, self._temperatures = importances, list(temperatures.values())
-        # scratch for _importance_adam_step, which holds when all layers share a device
-        self._found_inf = self._one = None
-        if len(temperatures) == 1:
-            self._found_inf = torch.zeros((), device=importances[0].device)
-            self._one = torch.ones((), device=importances[0].device)
-        # holds the state (and its checkpoint format); _importance_adam_step takes the steps
-        self._importance_optimizer = torch.optim.Adam(importances, lr=self.importance_lr,
-                                                      fused=True)
-
-    def _release_gates(self) -> None:
-        """At the last step the gates are exactly 1 (``T = 0`` from ``t_end`` on): drop them so
-        the trained model computes its plain sparse op, as ``densify`` and a state_dict
-        loaded elsewhere do."""
-        for layer in self.layers:
-            gates = soft_top_k_gates(layer.module._importance, layer.module.offsets,
-                                     layer.module._temperature)
-            layer.module.values.mul_(gates[:, None].to(layer.module.values.dtype))
-            layer.module._importance = layer.module._temperature = None
-        self._importance_optimizer = None
-        self._importances, self._temperatures = [], []
-
-    def _temperature_at(self, step: int) -> float:
-        return self.temperature * max(0.0, 1.0 - step / self.end_step)
-
-    def _train_importance(self) -> None:
-        """One Adam step on the importances (skipped if a gradient is not finite), then the
-        temperature of the next step. Runs every step, so kept to a few small ops."""
-        if self._step <= self.end_step:
-            grads = [importance.grad for importance in self._importances
-                     if importance.grad is not None]
-            if self._world > 1:
-                distributed.mean_over_ranks_(*grads)
-            if self._one is not None:
-                _importance_adam_step(self._importance_optimizer, self._found_inf, self._one)
-            elif all(bool(torch.isfinite(grad).all()) for grad in grads):  # several devices
-                self._importance_optimizer.step()
-        for importance in self._importances:
-            importance.grad = None
-        temperature = self._temperature_at(self._step)
-        for tensor in self._temperatures:
-            tensor.fill_(temperature)
-
-    def _reset_importance(self, layer: _Layer, old_offsets: torch.Tensor,
-                          offsets: torch.Tensor, grown: torch.Tensor) -> None:
-        importance = layer.module._importance
-        importance[offsets[grown]] = importance[old_offsets].median()
-        _zero_state(self._importance_optimizer, importance,
-                    torch.zeros_like(importance, dtype=torch.bool).index_fill_(
-                        0, offsets[grown], True))
-        inactive = torch.ones_like(importance, dtype=torch.bool).index_fill_(0, offsets, False)
-        importance[inactive] = importance[offsets].min() - 1.0
+    @staticmethod
+    def zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                   where: torch.Tensor) -> None:
+        """Zero every state tensor of ``optimizer`` shaped like ``param`` where ``where``
+        holds (momentum, exp_avg, exp_avg_sq, ...); scalar state (Adam's step) stays."""
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.masked_fill_(where, 0)
 
     # ---------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
         """What ``load_state_dict`` needs to continue the same run; the structure itself is in
         the model's state_dict, the values' optimizer state in the optimizer's."""
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": self._step,
-            "config": self._config(),
-            "generator": self._generator.get_state(),
-            "skipped_updates": self._skipped_updates,
-            "row_active": {layer.name: layer.row_active.clone() for layer in self.layers
-                           if layer.row_active is not None},
-            "importance": {layer.name: layer.module._importance.detach().clone()
-                           for layer in self.layers
-                           if getattr(layer.module, "_importance", None) is not None},
-        }
-        if self._importance_optimizer is not None:
-            state["importance_optimizer"] = self._importance_optimizer.state_dict()
-        return state
+        return {"format": CHECKPOINT_FORMAT, "step": self._step, "config": self._config(),
+                "skipped_updates": self._skipped_updates, **self.method.state_dict()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -486,79 +284,56 @@ class DST:
                              f"{saved_format!r}: this sparsefx reads formats 1 to "
                              f"{CHECKPOINT_FORMAT} (a checkpoint from a newer sparsefx?)")
         config = self._config()
-        if state["config"] != config:
-            differ = {key: (state["config"].get(key), value) for key, value in config.items()
-                      if state["config"].get(key) != value}
+        # format 1 recorded every method's options; compare those this method has
+        saved = {key: state["config"].get(key) for key in config}
+        if saved != config:
+            differ = {key: (saved[key], value) for key, value in config.items()
+                      if saved[key] != value}
             raise ValueError(f"sparsefx.DST.load_state_dict: the checkpoint was made with other "
                              f"settings (saved, current): {differ}")
         names = {layer.name for layer in self.layers}
-        saved = set(state["row_active"]) | set(state["importance"])
-        if not saved <= names:
-            raise ValueError(f"sparsefx.DST.load_state_dict: layers {sorted(saved - names)} "
+        mentioned = set(state.get("row_active", {})) | set(state.get("importance", {}))
+        if not mentioned <= names:
+            raise ValueError(f"sparsefx.DST.load_state_dict: layers {sorted(mentioned - names)} "
                              f"are not in this model's sparse layers {sorted(names)}")
-        gated = self._importance_optimizer is not None
-        if state["importance"] and not gated:
-            self._attach_importance()
-        elif self.method == "dynadiag" and gated and not state["importance"]:
-            self._release_gates()  # saved after the run finished
         self._step = state["step"]
-        self._generator.set_state(state["generator"])
         self._skipped_updates = state["skipped_updates"]
-        for layer in self.layers:
-            if layer.name in state["row_active"]:
-                self._set_row_active(layer, state["row_active"][layer.name])
-            if layer.name in state["importance"]:
-                layer.module._importance.copy_(state["importance"][layer.name])
-                layer.module._temperature.fill_(self._temperature_at(self._step))
-        if self._importance_optimizer is not None:
-            self._importance_optimizer.load_state_dict(state["importance_optimizer"])
+        self.method.load_state_dict(self, state)
         self._arm()
 
     def _config(self) -> dict:
-        return {"method": self.method, "total_steps": self.total_steps,
+        return {"method": self.method.name, "total_steps": self.total_steps,
                 "delta_t": self.delta_t, "alpha": self.alpha, "t_end": self.t_end,
-                "gamma_sal": self.gamma_sal, "temperature": self.temperature,
-                "importance_lr": self.importance_lr, "seed": self.seed,
-                "layers": [layer.name for layer in self.layers]}
+                **self.method.options(), "layers": [layer.name for layer in self.layers]}
 
     def __repr__(self) -> str:
         upcoming = self.next_update
-        lines = [f"DST(method={self.method}, step={self._step}/{self.total_steps}, "
+        lines = [f"DST(method={self.method.name}, step={self._step}/{self.total_steps}, "
                  f"next update={'none' if upcoming is None else upcoming}"
                  + ("" if upcoming is None else f" (fraction {self.drop_fraction(upcoming):.3f})")
                  + f", delta_t={self.delta_t}, alpha={self.alpha}, updates until step "
                  f"{self.end_step})"]
         for layer in self.layers:
-            lines.append(f"  {layer.name}: {_budget_text(layer)}")
+            rows = self.method.live_rows(layer)
+            lines.append(f"  {layer.name}: {layer.module.describe(rows)}"
+                         f"{self.method.describe(layer)}")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_arguments(method, gamma_sal, temperature, importance_lr) -> None:
-    where = "sparsefx.DST"
-    if method not in METHODS:
-        raise ValueError(f"{where}: method={method!r}: expected one of {METHODS}")
-    if not 0 <= gamma_sal <= 1:
-        raise ValueError(f"{where}: gamma_sal={gamma_sal!r}: expected 0 <= gamma_sal <= 1")
-    if not temperature > 0:
-        raise ValueError(f"{where}: temperature={temperature!r}: expected > 0")
-    if not importance_lr > 0:
-        raise ValueError(f"{where}: importance_lr={importance_lr!r}: expected > 0")
-
-
-def _find_layers(model: nn.Module, method: str) -> list[_Layer]:
+def _find_layers(model: nn.Module, method: Method) -> list[_Layer]:
     layers = [_Layer(name, module) for name, module in model.named_modules()
               if isinstance(module, SPARSE_LAYERS)]
     if not layers:
         raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
                          "or MaskedLinear): make it sparse with sparsefx.transform first")
-    allowed = _PATTERNS_OF_METHOD[method]
+    allowed = tuple(PATTERNS) if method.patterns is None else method.patterns
     wrong = [f"{layer.name} ({layer.module.pattern})" for layer in layers
              if layer.module.pattern not in allowed]
     if wrong:
-        raise ValueError(f"sparsefx.DST: method={method!r} works on {', '.join(allowed)} "
+        raise ValueError(f"sparsefx.DST: method={method.name!r} works on {', '.join(allowed)} "
                          f"layers; these are not: {', '.join(wrong)}")
     return layers
 
@@ -570,22 +345,6 @@ def _check_optimizer(layers: list[_Layer], optimizer: torch.optim.Optimizer) -> 
         raise ValueError(f"sparsefx.DST: the optimizer does not train the weights of "
                          f"{', '.join(missing)}: build it from model.parameters() after "
                          "sparsefx.transform")
-
-
-def _output_layers(model: nn.Module, layers: list[_Layer],
-                   patterns_given: tuple[str, ...] | None) -> set[str]:
-    names = [layer.name for layer in layers]
-    if patterns_given is None:
-        order = [name for name in getattr(model, "_sparsefx_order", names) if name in names]
-        return {order[-1] if order else names[-1]}
-    if not patterns_given:
-        return set()
-    chosen = {name for name in names for pattern in patterns_given
-              if re.fullmatch(pattern, name)}
-    if not chosen:
-        raise ValueError(f"sparsefx.DST: output_layers={patterns_given!r} match none of the "
-                         f"sparse layers {names}")
-    return chosen
 
 
 def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
@@ -618,61 +377,3 @@ def _layers_with_non_finite_gradients(layers: list[_Layer]) -> list[str]:
         return []
     finite = torch.stack(extremes).isfinite().all(dim=1).tolist()
     return list(dict.fromkeys(name for name, ok in zip(names, finite, strict=True) if not ok))
-
-
-def _zero_units(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                where: torch.Tensor) -> None:
-    """Zero ``param`` and every optimizer state tensor shaped like it where ``where`` holds
-    (momentum, exp_avg, exp_avg_sq, ...); scalar state such as Adam's step is left alone."""
-    param.masked_fill_(where, 0)
-    _zero_state(optimizer, param, where)
-
-
-def _zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                where: torch.Tensor) -> None:
-    for value in optimizer.state.get(param, {}).values():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            value.masked_fill_(where, 0)
-
-
-def _importance_adam_step(optimizer: torch.optim.Adam, found_inf: torch.Tensor,
-                          one: torch.Tensor) -> None:
-    """``optimizer.step()`` for DynaDiag's importances, ``optimizer`` an ``Adam(fused=True)``
-    (one group; no weight decay, amsgrad or maximize): the same fused kernel on the same
-    state, without Adam's bookkeeping around it. This runs every step, right after the
-    model's optimizer, when each op costs far more than its arithmetic (its code and data
-    are out of cache): here three ops and a read of one number. A step whose gradients are
-    not all finite is skipped. Parameters without a gradient are skipped, as Adam does.
-    ``found_inf`` (0-dim, zero) and ``one`` are scratch tensors kept by the caller."""
-    group = optimizer.param_groups[0]
-    params = [param for param in group["params"] if param.grad is not None]
-    if not params:
-        return
-    grads = [param.grad for param in params]
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)  # grads * 1
-    if found_inf.item():
-        found_inf.zero_()
-        return
-    states = []
-    for param in params:
-        state = optimizer.state[param]
-        if not state:  # as Adam(fused=True)'s first step creates it
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        states.append(state)
-    steps = [state["step"] for state in states]
-    torch._foreach_add_(steps, one, alpha=1.0)
-    torch._fused_adam_(params, grads, [state["exp_avg"] for state in states],
-                       [state["exp_avg_sq"] for state in states], [], steps, amsgrad=False,
-                       lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                       weight_decay=0.0, eps=group["eps"], maximize=False, grad_scale=None,
-                       found_inf=None)
-
-
-def _budget_text(layer: _Layer) -> str:
-    rows = None if layer.row_active is None else int(layer.row_active.sum())
-    text = layer.module.describe(rows)
-    if layer.row_active is not None:
-        text += f", {int((~layer.row_active).sum())} rows ablated"
-    return text

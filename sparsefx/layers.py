@@ -16,6 +16,7 @@ initialisation. ``dense_weight()`` / ``to_dense()`` go back. The structure math 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -224,9 +225,9 @@ class DiagLinear(_SparseLinear):
         patterns.check_diag_offsets(offsets, out_features, in_features)
         self.values = nn.Parameter(values.detach().clone())
         self.register_buffer("offsets", offsets.detach().to(torch.int64).clone())
-        # set by DST(method="dynadiag"): per-candidate importance [P] and gate temperature
-        self._importance: torch.Tensor | None = None
-        self._temperature: torch.Tensor | None = None
+        # values -> the values the op computes with, while a DST method wants that (DynaDiag's
+        # gates, sparsefx.methods.dynadiag.Gates); None: the values themselves
+        self.value_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -287,11 +288,10 @@ class DiagLinear(_SparseLinear):
                 f"{self.num_candidates} diagonals")
 
     def effective_values(self) -> torch.Tensor:
-        """``values``, scaled by DynaDiag's gates while ``DST(method="dynadiag")`` trains."""
-        if self._importance is None:
+        """``values`` through ``value_transform`` (DynaDiag's gates while it trains)."""
+        if self.value_transform is None:
             return self.values
-        gates = soft_top_k_gates(self._importance, self.offsets, self._temperature)
-        return self.values * gates.to(self.values.dtype)[:, None]
+        return self.value_transform(self.values)
 
     def dense_weight(self) -> torch.Tensor:
         return patterns.diag_to_dense(self.effective_values().detach(), self.offsets,

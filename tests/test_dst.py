@@ -123,9 +123,12 @@ class DSTMachine(RuleBasedStateMachine):
         return self._active_rows(i) * layer.indices.shape[1]
 
     def _active_rows(self, i: int) -> int:
-        record = self.dst.layers[i]
-        return self.layers[i].out_features if record.row_active is None else int(
-            record.row_active.sum())
+        rows = self._row_active(i)
+        return self.layers[i].out_features if rows is None else int(rows.sum())
+
+    def _row_active(self, i: int) -> torch.Tensor | None:
+        """SRigL's live rows of layer ``i`` (``None`` under other methods)."""
+        return getattr(self.dst.method, "row_active", {}).get(self.dst.layers[i].name)
 
     @rule(seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 10.0]))
     def train(self, seed, scale):
@@ -135,15 +138,15 @@ class DSTMachine(RuleBasedStateMachine):
         states = [{key: value.clone() for key, value in self.optimizer.state[_param(layer)].items()
                    if torch.is_tensor(value) and value.shape == _param(layer).shape}
                   for layer in self.layers]
-        rows_before = [None if r.row_active is None else r.row_active.clone()
-                       for r in self.dst.layers]
+        rows_before = [None if self._row_active(i) is None else self._row_active(i).clone()
+                       for i in range(len(self.layers))]
         changed = self.dst.step()
         step = self.dst.step_count
         is_update = step % self.dst.delta_t == 0 and step < self.dst.end_step
         moved = [not torch.equal(b, _structure(layer))
                  for b, layer in zip(before, self.layers, strict=True)]
-        ablation_changed = [r.row_active is not None and not torch.equal(b, r.row_active)
-                            for b, r in zip(rows_before, self.dst.layers, strict=True)]
+        ablation_changed = [b is not None and not torch.equal(b, self._row_active(i))
+                            for i, b in enumerate(rows_before)]
         assert changed == (any(moved) or any(ablation_changed))
         if not is_update or self.method == "static":
             assert not changed, f"structure changed at step {step}, not an update step"
@@ -165,10 +168,10 @@ class DSTMachine(RuleBasedStateMachine):
                                    value[stayed]), f"optimizer {key} of kept units changed"
 
     def _active_mask(self, i, rows_before) -> torch.Tensor:
-        record = self.dst.layers[i]
-        if record.row_active is None:
+        rows = self._row_active(i)
+        if rows is None:
             return torch.ones(1, 1, dtype=torch.bool)
-        return (record.row_active & rows_before)[:, None]
+        return (rows & rows_before)[:, None]
 
     @rule()
     def forward_without_backward(self):
@@ -189,13 +192,12 @@ class DSTMachine(RuleBasedStateMachine):
                     patterns.check_fanin_indices(layer.indices, layer.in_features)
                 else:
                     patterns.check_nm_indices(layer.indices, layer.in_features, *layer.nm)
-                record = self.dst.layers[i]
+                rows = self._row_active(i)
                 assert self._budget(i) == self._active_rows(i) * layer.indices.shape[1]
-                if record.row_active is not None:
-                    assert torch.all(layer.values[~record.row_active] == 0), \
-                        "ablated rows hold zeros"
-                    if not record.ablate:
-                        assert bool(record.row_active.all()), "the output head is never ablated"
+                if rows is not None:
+                    assert torch.all(layer.values[~rows] == 0), "ablated rows hold zeros"
+                    if not self.dst.method.may_ablate(self.dst.layers[i]):
+                        assert bool(rows.all()), "the output head is never ablated"
             else:
                 assert int(layer.mask.sum()) == self.budgets[i]
                 assert torch.all(layer.weight[~layer.mask] == 0)
@@ -280,7 +282,7 @@ def test_planted_diag_dynadiag_drops_lowest_importance():
     n = _moved(dst, old.numel())
     assert n == 2
     with torch.no_grad():  # importances far apart: one Adam step (lr 1e-2) cannot reorder them
-        layer._importance[old] = torch.tensor([5.0, 1.0, 6.0, 7.0, 2.0, 8.0])
+        layer.value_transform.importance[old] = torch.tensor([5.0, 1.0, 6.0, 7.0, 2.0, 8.0])
         layer.values.fill_(1.0)
     inactive = [d for d in range(24) if d not in old.tolist()]
     planted = [inactive[0], inactive[-1]]
@@ -291,7 +293,7 @@ def test_planted_diag_dynadiag_drops_lowest_importance():
     assert set(layer.offsets.tolist()) == set(kept) | set(planted)
     grown = torch.isin(layer.offsets, torch.tensor(planted))
     assert torch.all(layer.values[grown] == 0)
-    importance = layer._importance.detach()
+    importance = layer.value_transform.importance.detach()
     assert torch.all(importance[layer.offsets[grown]] == 5.0), "median of the old active set"
     inactive_now = torch.ones(24, dtype=torch.bool)
     inactive_now[layer.offsets] = False
@@ -345,7 +347,7 @@ def test_planted_srigl_ablates_the_row_without_salient_entries():
     _plant_row_2_without_salient_entries(model)
     optimizer.step()
     assert dst.step()
-    row_active = dst.layers[0].row_active
+    row_active = dst.method.row_active["0"]
     assert row_active.tolist() == [True, True, False, True, True, True]
     assert torch.all(layer.values[2] == 0)
     assert "1 rows ablated" in repr(dst)
@@ -357,7 +359,7 @@ def test_planted_srigl_never_ablates_the_output_head():
     _plant_row_2_without_salient_entries(model)
     optimizer.step()
     assert dst.step()
-    assert bool(dst.layers[0].row_active.all())
+    assert bool(dst.method.row_active["0"].all())
 
 
 def test_srigl_ablated_row_comes_back_at_zero():
@@ -369,14 +371,14 @@ def test_srigl_ablated_row_comes_back_at_zero():
     _plant_row_2_without_salient_entries(model)
     optimizer.step()
     dst.step()
-    assert dst.layers[0].row_active.tolist() == [True, True, False, True, True, True]
+    assert dst.method.row_active["0"].tolist() == [True, True, False, True, True, True]
     optimizer.zero_grad()
     dense_grad = torch.zeros(6, 16)
     dense_grad[2, :] = 10.0 + torch.arange(16.0)  # row 2 now wins all the growth
     _planted_backward(model, dense_grad)
     optimizer.step()
     assert dst.step()
-    assert bool(dst.layers[0].row_active[2])
+    assert bool(dst.method.row_active["0"][2])
     assert sorted(layer.indices[2].tolist()) == list(range(8, 16)), "its best 8 columns"
     assert torch.all(layer.values[2] == 0)
 
@@ -573,6 +575,39 @@ def test_load_state_dict_refuses_other_settings():
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize("name,method", [
+    ("srigl", lambda: sparsefx.SRigL(gamma_sal=0.5, output_layers=())),
+    ("dynadiag", lambda: sparsefx.DynaDiag(temperature=0.5, importance_lr=0.05)),
+    ("set", lambda: sparsefx.SET(seed=3)),
+])
+def test_a_method_object_trains_as_its_name_with_the_same_options(name, method):
+    pattern = "fanin" if name == "srigl" else "diag"
+    options = {"srigl": dict(gamma_sal=0.5, output_layers=()),
+               "dynadiag": dict(temperature=0.5, importance_lr=0.05),
+               "set": dict(seed=3)}[name]
+    states = []
+    for how in (name, method()):
+        model = _sparse_mlp(pattern, {})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        dst = sparsefx.DST(model, optimizer, method=how, total_steps=12, delta_t=3,
+                           **(options if isinstance(how, str) else {}))
+        for seed in range(12):
+            _train_step(model, optimizer, seed)
+            dst.step()
+        states.append(model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_method_options_go_to_the_method_object():
+    model = _sparse_mlp("fanin", {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"gamma_sal given with a method object SRigL\("):
+        sparsefx.DST(model, optimizer, method=sparsefx.SRigL(), gamma_sal=0.5, total_steps=5)
+    with pytest.raises(ValueError, match=r"gamma_sal=1.5: expected 0 <= gamma_sal <= 1"):
+        sparsefx.SRigL(gamma_sal=1.5)
+
+
 def test_checkpoints_carry_a_format_and_the_first_format_still_loads():
     model = _sparse_mlp("fanin", {})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -582,7 +617,12 @@ def test_checkpoints_carry_a_format_and_the_first_format_still_loads():
         dst.step()
     state = dst.state_dict()
     assert state["format"] == sparsefx.dst.CHECKPOINT_FORMAT
+    # what sparsefx 0.1 wrote: no format key, every method's options in the config, and
+    # every method's state (SET's generator, DynaDiag's importances) whatever the method
     first_format = {key: value for key, value in state.items() if key != "format"}
+    first_format["config"] = {**state["config"], "temperature": 0.25, "importance_lr": 1e-2,
+                              "seed": 0}
+    first_format.update(generator=torch.Generator().get_state(), importance={})
     resumed = sparsefx.DST(model, optimizer, method="srigl", total_steps=30, delta_t=5)
     resumed.load_state_dict(_roundtrip(first_format))
     assert resumed.step_count == 7 and repr(resumed) == repr(dst)
@@ -681,14 +721,12 @@ def test_dynadiag_gates_harden_to_exactly_one_at_t_end():
     x = torch.randn(5, 12)
     for seed in range(6):
         with torch.no_grad():
-            soft = [sparsefx.layers.soft_top_k_gates(m._importance, m.offsets, m._temperature)
-                    for m in _layers(model)]
+            soft = [m.value_transform.gates() for m in _layers(model)]
         assert all(bool((g < 1).all()) for g in soft), "soft before t_end"
         _train_step(model, optimizer, seed)
         dst.step()
     for layer in _layers(model):
-        gates = sparsefx.layers.soft_top_k_gates(layer._importance, layer.offsets,
-                                                 layer._temperature)
+        gates = layer.value_transform.gates()
         assert torch.equal(gates, torch.ones_like(gates))
     dense = sparsefx.densify(model)
     torch.testing.assert_close(dense(x), model(x))
@@ -702,12 +740,12 @@ def test_dynadiag_gates_are_folded_away_at_the_last_step():
     for seed in range(7):
         _train_step(model, optimizer, seed)
         dst.step()
-    assert all(layer._importance is not None for layer in _layers(model))
+    assert all(layer.value_transform is not None for layer in _layers(model))
     _train_step(model, optimizer, 7)
     with torch.no_grad():
         before = model(x)
     dst.step()
-    assert all(layer._importance is None for layer in _layers(model))
+    assert all(layer.value_transform is None for layer in _layers(model))
     with torch.no_grad():
         assert torch.equal(model(x), before)
     assert dst.state_dict()["importance"] == {}
@@ -720,7 +758,7 @@ def test_dynadiag_importances_follow_fused_adam_exactly():
     """The importance step skips Adam's bookkeeping, not its arithmetic: the same numbers
     and state as torch.optim.Adam(fused=True), a non-finite step skipped, a layer without a
     gradient left alone (its step count included)."""
-    from sparsefx.dst import _importance_adam_step
+    from sparsefx.methods.dynadiag import _importance_adam_step
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(size, generator=generator).requires_grad_() for size in (7, 64, 33)]
     theirs = [tensor.detach().clone().requires_grad_() for tensor in ours]

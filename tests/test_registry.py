@@ -40,13 +40,13 @@ def test_generic_methods_train_every_pattern(pattern, method):
                                **_options(pattern))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     dst = sparsefx.DST(model, optimizer, method=method, total_steps=8, delta_t=2, alpha=0.5)
-    budgets = [layer.budget() for layer in dst.layers]
+    budgets = [dst.budget(layer) for layer in dst.layers]
     for _ in range(8):
         optimizer.zero_grad()
         F.cross_entropy(model(torch.randn(4, 16)), torch.randint(0, 8, (4,))).backward()
         optimizer.step()
         dst.step()
-    assert [layer.budget() for layer in dst.layers] == budgets
+    assert [dst.budget(layer) for layer in dst.layers] == budgets
     assert all(pattern in line for line in repr(dst).splitlines()[1:])
 
 

@@ -1,0 +1,105 @@
+"""What every DST method is to the manager (``sparsefx.dst.DST``), and the drop-and-grow
+update most of them share."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from sparsefx import regrow
+
+if TYPE_CHECKING:
+    from sparsefx.dst import DST, _Layer
+
+
+class Method:
+    """A DST method. Subclasses are dataclasses of their options and keep their own state.
+
+    The manager calls, in a run: ``attach`` once; every step ``between_updates`` (the cheap
+    path) or, on steps with work, ``every_step`` then ``update_layer`` per layer on update
+    steps; ``finish`` at the last step. ``state_dict`` / ``load_state_dict`` go into the
+    manager's checkpoint.
+    """
+
+    name: ClassVar[str]
+    option_names: ClassVar[tuple[str, ...]] = ()
+    patterns: ClassVar[tuple[str, ...] | None] = None  # what it works on; None: every one
+    moves: ClassVar[bool] = True           # static: the structure never changes
+    needs_gradient: ClassVar[bool] = False  # dense-gradient growth: the tap is armed
+
+    def options(self) -> dict:
+        """The method's settings, as the checkpoint records them."""
+        return {name: getattr(self, name) for name in self.option_names}
+
+    def attach(self, dst: DST) -> None:
+        """Set up the method's state for ``dst.layers``."""
+
+    @property
+    def works_every_step(self) -> bool:
+        """Whether ``every_step`` must run on every step (not only around updates)."""
+        return False
+
+    def between_updates(self, dst: DST) -> None:
+        """The cheap path of most steps."""
+
+    def every_step(self, dst: DST) -> None:
+        """Before an update (and, if ``works_every_step``, on every step)."""
+        self.between_updates(dst)
+
+    def whole_rows(self, layer: _Layer) -> bool:
+        """Whether the layer's growth tap lists whole rows and the layer-wide set (SRigL)."""
+        return False
+
+    def live_rows(self, layer: _Layer) -> int | None:
+        """Output rows that still compute (SRigL's ablation); ``None``: all."""
+        return None
+
+    def magnitudes(self, layer: _Layer, active: torch.Tensor) -> torch.Tensor:
+        """``[R, k]``: what drop ranks (smallest dropped)."""
+        return layer.module.unit_magnitudes(active)
+
+    def growth_scores(self, dst: DST, layer: _Layer) -> torch.Tensor:
+        """``[R, C]`` scores over every candidate: what growth ranks (largest grown)."""
+        return layer.module.growth_scores(layer.probe.grad)
+
+    def grows_from_lists(self, layer: _Layer) -> bool:
+        """Whether growth ranks the tap's listed candidates instead of every candidate."""
+        return False
+
+    def update_layer(self, dst: DST, layer: _Layer, fraction: float) -> bool:
+        """Move ``fraction`` of the layer's units; whether anything moved."""
+        module = layer.module
+        active = module.slots()
+        num_moved = min(round(fraction * active.shape[1]),
+                        module.num_candidates - active.shape[1])
+        magnitude = self.magnitudes(layer, active)
+        if self.grows_from_lists(layer):
+            candidate_ids, scores, _ = dst.listed(layer, active)
+            new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
+                                                     candidate_ids=candidate_ids)
+        else:
+            new_active, grown = regrow.drop_and_grow(active, magnitude,
+                                                     self.growth_scores(dst, layer), num_moved,
+                                                     module.group_size)
+        if not bool(grown.any()):
+            return False
+        dst.write(layer, new_active, grown)
+        self.after_write(dst, layer, active, new_active, grown)
+        return True
+
+    def after_write(self, dst: DST, layer: _Layer, active: torch.Tensor,
+                    new_active: torch.Tensor, grown: torch.Tensor) -> None:
+        """What the method keeps about a layer whose structure just changed."""
+
+    def finish(self, dst: DST) -> None:
+        """At the last step."""
+
+    def describe(self, layer: _Layer) -> str:
+        """What ``repr(dst)`` adds to the layer's line."""
+        return ""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, dst: DST, state: dict) -> None:
+        """``state``: the manager's checkpoint (this method's keys among others)."""

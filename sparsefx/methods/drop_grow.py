@@ -1,0 +1,54 @@
+"""The drop-and-grow methods that work on every pattern: ``static`` (no change), ``SET``
+(grow at random) and ``RigL`` (grow where the dense gradient is largest). Each drops the
+``n`` smallest-magnitude units of a row of slots (see ``sparsefx.regrow``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Method
+
+
+@dataclass
+class Static(Method):
+    """The structure never changes (a fixed-structure baseline under the same manager)."""
+
+    name = "static"
+    moves = False
+
+
+@dataclass
+class SET(Method):
+    """Grow ``n`` units at random among those not kept, drawn from ``seed`` (the same draws on
+    every rank of a data-parallel run)."""
+
+    seed: int = 0
+    name = "set"
+    option_names = ("seed",)
+    _generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def growth_scores(self, dst, layer) -> torch.Tensor:
+        return layer.module.random_scores(self._generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, dst, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+
+
+@dataclass
+class RigL(Method):
+    """Grow the ``n`` units not kept whose dense gradient is largest (a diagonal's: the L2
+    norm of the gradient along it). Fan-in and unstructured layers rank the candidates the
+    growth tap listed; N:M regrows within the groups that lost entries."""
+
+    name = "rigl"
+    needs_gradient = True
+
+    def grows_from_lists(self, layer) -> bool:
+        return layer.module.grows_from_lists

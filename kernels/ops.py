@@ -27,6 +27,8 @@ under ``TRITON_INTERPRET=1``, for tests); ``SPARSEFX_CPU_KERNELS`` sets the init
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
 import os
 import warnings
@@ -95,28 +97,46 @@ def _bias_grad(grad_out: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------- Python kernels
-# The kernels CUDA tensors run (Triton), and CPU tensors where the native library is not
-# used: the same checks as the C++ ones, then the Triton or PyTorch kernel of ``kernel``.
+# What CUDA tensors run (the Triton kernels), and CPU tensors where the native library is not
+# used (the PyTorch kernels of ``cpu.py``, or Triton under the interpreter for tests): the
+# same checks as the C++ ones, then one pattern's kernels, bound per device at registration.
 
-_python_cpu_kernels = "torch"  # what the Python CPU kernels run: "torch" or "triton"
+
+class _TritonKernels:
+    """A pattern's Triton kernels (its ``*_triton`` module, imported on first use: Triton is
+    only needed where they run), called on contiguous operands."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, kernel: str):
+        function = getattr(importlib.import_module(f".{self._module}", __package__), kernel)
+        return lambda *operands, **params: function(*(t.contiguous() for t in operands),
+                                                    **params)
 
 
-def _run_kernel(kernel: str, *operands, **params) -> Tensor:
-    """Run ``kernel`` (a function of the same name in the Triton module of its pattern and in
-    ``cpu``) on ``operands``; the first operand's dtype is the result's. Triton gets
-    contiguous tensors; the PyTorch kernels get float operands upcast to fp32 (fp64 stays)."""
-    lead = operands[0]
-    if lead.is_cuda or _python_cpu_kernels == "triton":
-        if kernel.startswith("diag"):
-            from . import diag_triton as triton_kernels
-        else:
-            from . import fanin_triton as triton_kernels
-        return getattr(triton_kernels, kernel)(*(t.contiguous() for t in operands), **params)
-    compute = _compute_dtype(lead.dtype)
-    if lead.dtype != compute:
-        operands = [t.to(compute) if t.is_floating_point() else t for t in operands]
-        return getattr(cpu, kernel)(*operands, **params).to(lead.dtype)
-    return getattr(cpu, kernel)(*operands, **params)
+class _TorchKernels:
+    """The PyTorch kernels of ``cpu.py``: float operands upcast to fp32 (fp64 stays), the
+    result in the first operand's dtype."""
+
+    def __getattr__(self, kernel: str):
+        function = getattr(cpu, kernel)
+
+        def run(*operands, **params):
+            lead = operands[0]
+            compute = _compute_dtype(lead.dtype)
+            if lead.dtype == compute:
+                return function(*operands, **params)
+            operands = [t.to(compute) if t.is_floating_point() else t for t in operands]
+            return function(*operands, **params).to(lead.dtype)
+        return run
+
+
+# each backend's kernels, per pattern
+_BACKENDS = {
+    "triton": {"diag": _TritonKernels("diag_triton"), "fanin": _TritonKernels("fanin_triton")},
+    "torch": {"diag": _TorchKernels(), "fanin": _TorchKernels()},
+}
 
 
 def _check_rows_match(op: str, grad_out: Tensor, x: Tensor) -> None:
@@ -131,7 +151,7 @@ def _check_last_dim(op: str, name: str, tensor: Tensor, expected: int, what: str
                          f"dimension {expected} ({what})")
 
 
-def _diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
+def _diag_linear(kernels, x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
                  bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W.T + bias`` for the diagonal-sparse ``W[out_features, in_features]`` that keeps
     diagonals ``offsets[K]`` with entries ``values[K, L]`` (convention: ``kernels.patterns``)."""
@@ -139,12 +159,12 @@ def _diag_linear(x: Tensor, values: Tensor, offsets: Tensor, out_features: int,
     _require_supported_device(op, "x", x)
     check_diag(op, x, "x", values, offsets, out_features, _features(x), bias)
     in_features = x.shape[-1]
-    y = _run_kernel("diag_apply", x.reshape(-1, in_features), values, offsets,
+    y = kernels.diag_apply(x.reshape(-1, in_features), values, offsets,
                     mod=max(out_features, in_features), gather=out_features < in_features)
     return _add_bias(y, bias).reshape(*_leading(x), out_features)
 
 
-def _diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
+def _diag_linear_grad_input(kernels, grad_out: Tensor, values: Tensor, offsets: Tensor,
                             in_features: int) -> Tensor:
     """``grad_out @ W``: the transpose of a diagonal matrix is diagonal, so this is the
     forward kernel with the gather and scatter forms swapped."""
@@ -152,7 +172,7 @@ def _diag_linear_grad_input(grad_out: Tensor, values: Tensor, offsets: Tensor,
     _require_supported_device(op, "grad_out", grad_out)
     out_features = _features(grad_out)
     check_diag(op, grad_out, "grad_out", values, offsets, out_features, in_features)
-    grad_x = _run_kernel("diag_apply", grad_out.reshape(-1, out_features), values, offsets,
+    grad_x = kernels.diag_apply(grad_out.reshape(-1, out_features), values, offsets,
                          mod=max(out_features, in_features), gather=out_features >= in_features)
     return grad_x.reshape(*_leading(grad_out), in_features)
 
@@ -164,7 +184,7 @@ def _check_diag_values_grad(op, grad_out, x, values, offsets, structure):
     _check_rows_match(op, grad_out, x)
 
 
-def _diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
+def _diag_linear_grad_values(kernels, grad_out: Tensor, x: Tensor, values: Tensor,
                              offsets: Tensor) -> Tensor:
     """Gradient of ``values[K, L]``: the kept diagonals of ``grad_out.T @ x`` only."""
     op = "sparsefx.diag_linear_grad_values"
@@ -174,17 +194,17 @@ def _diag_linear_grad_values(grad_out: Tensor, x: Tensor, values: Tensor,
     grad_rows, x_rows = grad_out.reshape(-1, out_features), x.reshape(-1, in_features)
     # wide (out < in): grad[k, t] = sum grad_out[:, t] * x[:, (t + d) % in]; tall: the reverse
     a, b = (grad_rows, x_rows) if out_features < in_features else (x_rows, grad_rows)
-    return _run_kernel("diag_values_grad", a, b, offsets, mod=max(out_features, in_features))
+    return kernels.diag_values_grad(a, b, offsets, mod=max(out_features, in_features))
 
 
-def _fanin_linear(x: Tensor, values: Tensor, indices: Tensor,
+def _fanin_linear(kernels, x: Tensor, values: Tensor, indices: Tensor,
                   bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W.T + bias`` for the constant fan-in ``W[out, in]`` whose row ``o`` holds
     ``values[o, j]`` at column ``indices[o, j]``. N:M layers use this op too."""
     op = "sparsefx.fanin_linear"
     _require_supported_device(op, "x", x)
     check_fanin(op, x, "x", values, indices, _features(x), bias)
-    y = _run_kernel("fanin_forward", x.reshape(-1, x.shape[-1]), values, indices)
+    y = kernels.fanin_forward(x.reshape(-1, x.shape[-1]), values, indices)
     return _add_bias(y, bias).reshape(*_leading(x), values.shape[0])
 
 
@@ -193,13 +213,13 @@ def _check_fanin_grad_input(op, grad_out, values, indices, in_features, structur
     _check_last_dim(op, "grad_out", grad_out, values.shape[0], "out features, rows of values")
 
 
-def _fanin_linear_grad_input(grad_out: Tensor, values: Tensor, indices: Tensor,
+def _fanin_linear_grad_input(kernels, grad_out: Tensor, values: Tensor, indices: Tensor,
                              in_features: int) -> Tensor:
     """``grad_out @ W`` for the fan-in ``W``."""
     op = "sparsefx.fanin_linear_grad_input"
     _require_supported_device(op, "grad_out", grad_out)
     _check_fanin_grad_input(op, grad_out, values, indices, in_features, structure=True)
-    grad_x = _run_kernel("fanin_input_grad", grad_out.reshape(-1, grad_out.shape[-1]), values,
+    grad_x = kernels.fanin_input_grad(grad_out.reshape(-1, grad_out.shape[-1]), values,
                          indices, in_features=in_features)
     return grad_x.reshape(*_leading(grad_out), in_features)
 
@@ -212,26 +232,32 @@ def _check_fanin_values_grad(op, grad_out, x, indices, structure):
     _check_rows_match(op, grad_out, x)
 
 
-def _fanin_linear_grad_values(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+def _fanin_linear_grad_values(kernels, grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
     """Gradient of ``values[out, k]``: ``grad_out.T @ x`` read at the stored entries only."""
     op = "sparsefx.fanin_linear_grad_values"
     _require_supported_device(op, "x", x)
     _check_fanin_values_grad(op, grad_out, x, indices, structure=True)
-    return _run_kernel("fanin_values_grad", grad_out.reshape(-1, grad_out.shape[-1]),
+    return kernels.fanin_values_grad(grad_out.reshape(-1, grad_out.shape[-1]),
                        x.reshape(-1, x.shape[-1]), indices)
 
 
-_PYTHON_KERNELS = {
-    "diag_linear": _diag_linear,
-    "diag_linear_grad_input": _diag_linear_grad_input,
-    "diag_linear_grad_values": _diag_linear_grad_values,
-    "fanin_linear": _fanin_linear,
-    "fanin_linear_grad_input": _fanin_linear_grad_input,
-    "fanin_linear_grad_values": _fanin_linear_grad_values,
+_PYTHON_KERNELS = {  # op -> (its Python function, its pattern)
+    "diag_linear": (_diag_linear, "diag"),
+    "diag_linear_grad_input": (_diag_linear_grad_input, "diag"),
+    "diag_linear_grad_values": (_diag_linear_grad_values, "diag"),
+    "fanin_linear": (_fanin_linear, "fanin"),
+    "fanin_linear_grad_input": (_fanin_linear_grad_input, "fanin"),
+    "fanin_linear_grad_values": (_fanin_linear_grad_values, "fanin"),
 }
 
-for _name, _kernel in _PYTHON_KERNELS.items():
-    _LIB.impl(_name, _kernel, "CUDA")
+
+def _register(lib: torch.library.Library, backend: str, device: str) -> None:
+    """Register every op's Python function with ``backend``'s kernels for ``device``."""
+    for name, (function, pattern) in _PYTHON_KERNELS.items():
+        lib.impl(name, functools.partial(function, _BACKENDS[backend][pattern]), device)
+
+
+_register(_LIB, "triton", "CUDA")
 
 
 # ---------------------------------------------------------------------------------- fakes
@@ -322,11 +348,12 @@ def _fanin_backward(ctx, grad_out):
 # ----------------------------------------------------------------------- CPU kernels
 
 _NATIVE = cpu.load_native() is not None
-_cpu_override: torch.library.Library | None = None  # Python CPU kernels over the native ones
+_BASE_CPU = "native" if _NATIVE else "torch"  # what _LIB registers for CPU tensors
+_cpu_override: torch.library.Library | None = None  # another choice, registered over it
+_cpu_choice = _BASE_CPU
 
 if not _NATIVE:
-    for _name, _kernel in _PYTHON_KERNELS.items():
-        _LIB.impl(_name, _kernel, "CPU")
+    _register(_LIB, "torch", "CPU")
     torch.library.register_autograd("sparsefx::diag_linear", _diag_backward,
                                     setup_context=_diag_setup_context, lib=_LIB)
     torch.library.register_autograd("sparsefx::fanin_linear", _fanin_backward,
@@ -336,13 +363,11 @@ if not _NATIVE:
 def cpu_kernels() -> str:
     """Which kernels the ops run for CPU tensors now: ``"native"``, ``"torch"`` or
     ``"triton"``."""
-    if _NATIVE and _cpu_override is None:
-        return "native"
-    return _python_cpu_kernels
+    return _cpu_choice
 
 
 def _select_cpu_kernels(name: str) -> None:
-    global _cpu_override, _python_cpu_kernels
+    global _cpu_override, _cpu_choice
     if name not in CPU_KERNELS:
         raise ValueError(f"CPU kernels {name!r}: expected one of {CPU_KERNELS}")
     if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -351,18 +376,17 @@ def _select_cpu_kernels(name: str) -> None:
     if name == "native" and not _NATIVE:
         raise ValueError("the native CPU kernels failed to build (see the warning logged at "
                          "import): expected 'torch' or 'triton'")
-    if name != "native":
-        _python_cpu_kernels = name
-    wants_override = _NATIVE and name != "native"
-    if wants_override and _cpu_override is None:
+    if name == _cpu_choice:
+        return
+    if _cpu_override is not None:
+        _cpu_override._destroy()  # back to _LIB's CPU kernels
+        _cpu_override = None
+    if name != _BASE_CPU:
         _cpu_override = torch.library.Library("sparsefx", "IMPL")
         with warnings.catch_warnings():  # "Overriding a previously registered kernel"
             warnings.simplefilter("ignore")
-            for op_name, kernel in _PYTHON_KERNELS.items():
-                _cpu_override.impl(op_name, kernel, "CPU")
-    elif not wants_override and _cpu_override is not None:
-        _cpu_override._destroy()  # the native kernels are back
-        _cpu_override = None
+            _register(_cpu_override, name, "CPU")
+    _cpu_choice = name
 
 
 @contextlib.contextmanager
@@ -379,7 +403,7 @@ def use_cpu_kernels(name: str) -> Iterator[None]:
 
 
 _initial = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
-_select_cpu_kernels("torch" if _initial == "native" and not _NATIVE else _initial)
+_select_cpu_kernels(_BASE_CPU if _initial == "native" else _initial)
 
 
 # ---------------------------------------------------------------------------------- flops

@@ -17,6 +17,12 @@ Conventions (weight ``W`` of shape ``(out, in)``, ``y = x @ W.T + b``):
   ``indices[out, k]`` (column ids, distinct within a row).
 * **nm** -- fanin where each row holds exactly ``n`` entries in every group of ``m``
   consecutive inputs, so ``k = n * in / m``.
+* **blockdiag** -- diag whose kept diagonals are whole cosets of the subgroup ``g Z_P``:
+  for ``g`` dividing both ``out`` and ``in``, the ``P / g`` diagonals ``r, r + g, r + 2g,
+  ...`` form coset ``r``; a layer keeps ``c`` whole cosets (``K = c * P / g``, density
+  ``c / g``). Grouping rows and columns by their residue mod ``g`` turns ``W`` into a
+  ``g x g`` grid of dense ``(out / g) x (in / g)`` blocks, ``c`` per block-row
+  (``blockdiag_block_shifts``). Stored exactly as diag: ``values[K, L]``, ``offsets[K]``.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ __all__ = [
     "check_fanin_indices",
     "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
     "unstructured_num_kept", "erk_densities", "is_integer_dtype",
+    "blockdiag_groups", "blockdiag_num_cosets", "blockdiag_offsets", "blockdiag_cosets",
+    "check_blockdiag_offsets", "blockdiag_block_shifts",
 ]
 
 # (1 - 0.7) * 10 == 3.0000000000000004: round products to this many digits before ceil/floor,
@@ -152,6 +160,97 @@ def check_diag_offsets(offsets: torch.Tensor, out_features: int, in_features: in
     if bool(repeated.any()):
         raise ValueError(
             f"{name} repeats offset {int(ordered[1:][repeated][0])}: expected distinct diagonals")
+
+
+# ---------------------------------------------------------------------------- blockdiag
+
+
+# blockdiag_groups prefers larger blocks while the density is within this of the target
+_BLOCKDIAG_DENSITY_TOLERANCE = 0.10
+
+
+def _check_groups(out_features: int, in_features: int, groups: int) -> None:
+    diag_geometry(out_features, in_features)
+    if not isinstance(groups, int) or groups < 1 or out_features % groups or \
+            in_features % groups:
+        raise ValueError(f"groups={groups!r}: expected a positive divisor of both "
+                         f"out_features={out_features} and in_features={in_features}")
+
+
+def blockdiag_num_cosets(groups: int, sparsity: float) -> int:
+    """``c = max(1, round((1 - sparsity) * g))`` cosets kept of ``g``."""
+    _check_sparsity(sparsity)
+    return max(1, min(groups, round(round((1.0 - sparsity) * groups, _FLOAT_NOISE_DIGITS))))
+
+
+def blockdiag_groups(out_features: int, in_features: int, sparsity: float,
+                     min_block: int = 16) -> int:
+    """The ``g`` for a layer: a common divisor of ``out`` and ``in`` whose blocks have both
+    sides at least ``min_block`` (what ``tl.dot`` and a CPU GEMM want). Of those, the
+    largest blocks (smallest ``g``) whose density ``c / g`` is within 10 % of
+    ``1 - sparsity``, else the density closest to it. If no divisor gives such blocks, the
+    one giving the largest blocks that still leaves any sparsity (``g >= 2``); ``1``
+    (dense) only if ``out`` and ``in`` are coprime."""
+    diag_geometry(out_features, in_features)
+    _check_sparsity(sparsity)
+    common = math.gcd(out_features, in_features)
+    divisors = [g for g in range(1, common + 1) if common % g == 0]
+    fitting = [g for g in divisors
+               if min(out_features, in_features) // g >= min_block and g >= 2]
+    if not fitting:
+        return min((g for g in divisors if g >= 2), default=1)
+    density = 1.0 - sparsity
+    error = {g: abs(blockdiag_num_cosets(g, sparsity) / g - density) / density for g in fitting}
+    close = [g for g in fitting if error[g] <= _BLOCKDIAG_DENSITY_TOLERANCE]
+    return min(close) if close else min(fitting, key=lambda g: (error[g], g))
+
+
+def blockdiag_offsets(out_features: int, in_features: int, groups: int,
+                      cosets: torch.Tensor) -> torch.Tensor:
+    """The sorted int64 offsets of the kept ``cosets`` (distinct residues in ``[0, g)``): each
+    coset ``r`` contributes ``r, r + g, ..., P - g + r``."""
+    _check_groups(out_features, in_features, groups)
+    cosets = cosets.reshape(-1).to(torch.int64)
+    if cosets.numel() == 0 or bool(((cosets < 0) | (cosets >= groups)).any()) or \
+            torch.unique(cosets).numel() != cosets.numel():
+        raise ValueError(f"cosets={cosets.tolist()}: expected distinct residues in "
+                         f"[0, {groups})")
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    steps = torch.arange(0, num_candidates, groups, device=cosets.device)
+    return torch.sort((cosets[:, None] + steps[None, :]).reshape(-1)).values
+
+
+def blockdiag_cosets(offsets: torch.Tensor, groups: int) -> torch.Tensor:
+    """The sorted distinct residues ``offsets mod g`` (the kept cosets)."""
+    return torch.unique(offsets.reshape(-1).to(torch.int64) % groups)
+
+
+def check_blockdiag_offsets(offsets: torch.Tensor, out_features: int, in_features: int,
+                            groups: int, name: str = "offsets") -> None:
+    """Raise ``ValueError`` unless ``offsets`` are valid diag offsets forming whole cosets."""
+    _check_groups(out_features, in_features, groups)
+    check_diag_offsets(offsets, out_features, in_features, name)
+    num_candidates, _ = diag_geometry(out_features, in_features)
+    residues = offsets.reshape(-1).to(torch.int64) % groups
+    counts = torch.bincount(residues, minlength=groups)
+    partial = (counts != 0) & (counts != num_candidates // groups)
+    if bool(partial.any()):
+        residue = int(partial.nonzero()[0])
+        raise ValueError(f"{name} holds {int(counts[residue])} of the {num_candidates // groups} "
+                         f"diagonals of coset {residue} (mod g = {groups}): expected whole "
+                         "cosets")
+
+
+def blockdiag_block_shifts(out_features: int, in_features: int, groups: int,
+                           cosets: torch.Tensor) -> torch.Tensor:
+    """For the kept ``cosets``, the block shifts ``s`` such that, rows and columns grouped
+    by residue mod ``g`` (row ``i`` to block-row ``i mod g``, column ``t`` to block-column
+    ``t mod g``), block ``(R, T)`` is dense exactly when ``(R - T) mod g`` is one of them:
+    ``r`` itself when ``out >= in`` (diagonal ``d`` joins row ``t + d`` to column ``t``),
+    ``-r mod g`` when ``out < in`` (it joins row ``t`` to column ``t + d``)."""
+    _check_groups(out_features, in_features, groups)
+    cosets = cosets.reshape(-1).to(torch.int64)
+    return cosets if out_features >= in_features else (-cosets) % groups
 
 
 # -------------------------------------------------------------------------------- fanin

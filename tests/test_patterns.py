@@ -184,3 +184,81 @@ def test_erk_by_hand():
     assert small == 1.0 and large == pytest.approx((5050 - 100) / 10000)
     with pytest.raises(ValueError, match="shapes is empty"):
         patterns.erk_densities([], 0.9)
+
+
+# ---------------------------------------------------------------------------- blockdiag
+
+
+@st.composite
+def blockdiag_layers(draw):
+    """A shape with a common divisor g, and c distinct kept cosets of the g."""
+    groups = draw(st.integers(1, 8))
+    out_features = groups * draw(st.integers(1, 6))
+    in_features = groups * draw(st.integers(1, 6))
+    cosets = draw(st.lists(st.integers(0, groups - 1), min_size=1, max_size=groups,
+                           unique=True))
+    return out_features, in_features, groups, torch.tensor(cosets)
+
+
+@given(blockdiag_layers())
+def test_blockdiag_is_dense_blocks_after_grouping_by_residue(layer):
+    out_features, in_features, groups, cosets = layer
+    offsets = patterns.blockdiag_offsets(out_features, in_features, groups, cosets)
+    num_candidates, length = patterns.diag_geometry(out_features, in_features)
+    assert offsets.numel() == len(cosets) * num_candidates // groups
+    patterns.check_blockdiag_offsets(offsets, out_features, in_features, groups)
+    assert patterns.blockdiag_cosets(offsets, groups).tolist() == sorted(cosets.tolist())
+    # materialise W with nonzero values and regroup rows and columns by residue mod g
+    values = torch.rand(offsets.numel(), length) + 1.0
+    weight = patterns.diag_to_dense(values, offsets, out_features, in_features)
+    rows = torch.arange(out_features).reshape(-1, groups).T.reshape(-1)  # i -> (i % g, i // g)
+    cols = torch.arange(in_features).reshape(-1, groups).T.reshape(-1)
+    blocks = weight[rows][:, cols].reshape(groups, out_features // groups, groups,
+                                           in_features // groups).transpose(1, 2)
+    shifts = set(patterns.blockdiag_block_shifts(out_features, in_features, groups,
+                                                 cosets).tolist())
+    for block_row in range(groups):
+        for block_col in range(groups):
+            block = blocks[block_row, block_col]
+            if (block_row - block_col) % groups in shifts:
+                assert bool((block != 0).all()), "a kept block is entirely dense"
+            else:
+                assert bool((block == 0).all()), "every other block is zero"
+
+
+def test_blockdiag_refuses_partial_cosets_and_bad_groups():
+    offsets = patterns.blockdiag_offsets(12, 8, 4, torch.tensor([1]))  # P = 12: 1, 5, 9
+    assert offsets.tolist() == [1, 5, 9]
+    with pytest.raises(ValueError, match=r"2 of the 3 diagonals of coset 1 \(mod g = 4\)"):
+        patterns.check_blockdiag_offsets(offsets[:2], 12, 8, 4)
+    with pytest.raises(ValueError, match=r"groups=5: expected a positive divisor of both"):
+        patterns.blockdiag_offsets(12, 8, 5, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"cosets=\[4\]: expected distinct residues in"):
+        patterns.blockdiag_offsets(12, 8, 4, torch.tensor([4]))
+
+
+@given(out_blocks=st.integers(1, 64), in_blocks=st.integers(1, 64),
+       common=st.sampled_from([1, 2, 3, 16, 48, 64]),
+       sparsity=st.sampled_from([0.5, 0.8, 0.9, 0.95]))
+def test_blockdiag_groups_divide_the_shape_and_keep_blocks_large(out_blocks, in_blocks,
+                                                                 common, sparsity):
+    out_features, in_features = common * out_blocks, common * in_blocks
+    groups = patterns.blockdiag_groups(out_features, in_features, sparsity)
+    assert out_features % groups == 0 and in_features % groups == 0
+    cosets = patterns.blockdiag_num_cosets(groups, sparsity)
+    assert 1 <= cosets <= groups
+    side = min(out_features, in_features) // groups
+    fits = [g for g in range(2, math.gcd(out_features, in_features) + 1)
+            if out_features % g == 0 and in_features % g == 0
+            and min(out_features, in_features) // g >= 16]
+    if fits:
+        assert side >= 16
+
+
+def test_blockdiag_groups_at_model_widths():
+    # 90 %: blocks of 24 at 768 (density 3/32), 128 at 4096; 95 % at 4096: 64
+    assert patterns.blockdiag_groups(768, 768, 0.9) == 32
+    assert patterns.blockdiag_groups(3072, 768, 0.9) == 32
+    assert patterns.blockdiag_groups(4096, 4096, 0.9) == 32
+    assert patterns.blockdiag_groups(4096, 4096, 0.95) == 64
+    assert patterns.blockdiag_num_cosets(32, 0.9) == 3

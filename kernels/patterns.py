@@ -207,8 +207,8 @@ def blockdiag_groups(out_features: int, in_features: int, sparsity: float,
 
 def blockdiag_offsets(out_features: int, in_features: int, groups: int,
                       cosets: torch.Tensor) -> torch.Tensor:
-    """The sorted int64 offsets of the kept ``cosets`` (distinct residues in ``[0, g)``): each
-    coset ``r`` contributes ``r, r + g, ..., P - g + r``."""
+    """The int64 offsets of the kept ``cosets`` (distinct residues in ``[0, g)``), coset by
+    coset in the order given: coset ``r`` contributes ``r, r + g, ..., P - g + r``."""
     _check_groups(out_features, in_features, groups)
     cosets = cosets.reshape(-1).to(torch.int64)
     if cosets.numel() == 0 or bool(((cosets < 0) | (cosets >= groups)).any()) or \
@@ -217,7 +217,7 @@ def blockdiag_offsets(out_features: int, in_features: int, groups: int,
                          f"[0, {groups})")
     num_candidates, _ = diag_geometry(out_features, in_features)
     steps = torch.arange(0, num_candidates, groups, device=cosets.device)
-    return torch.sort((cosets[:, None] + steps[None, :]).reshape(-1)).values
+    return (cosets[:, None] + steps[None, :]).reshape(-1)
 
 
 def blockdiag_cosets(offsets: torch.Tensor, groups: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from sparsefx.kernels import growth, patterns
 
-__all__ = ["DiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS", "soft_top_k_gates"]
+__all__ = ["DiagLinear", "BlockDiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS",
+           "soft_top_k_gates"]
 
 _INITS = ("magnitude", "random")
 
@@ -298,6 +299,98 @@ class DiagLinear(_SparseLinear):
                                       self.out_features, self.in_features)
 
 
+class BlockDiagLinear(DiagLinear):
+    """A ``DiagLinear`` whose diagonals are ``c`` whole cosets of ``g Z_P`` (the blockdiag
+    pattern of ``sparsefx.kernels.patterns``): after grouping rows and columns by residue
+    mod ``g``, ``c`` dense ``(out/g) x (in/g)`` blocks per block-row. ``offsets`` are laid out
+    coset by coset (``P / g`` diagonals each), so a coset is a slot of ``P / g`` value rows;
+    DST moves whole cosets."""
+
+    pattern = "blockdiag"
+
+    def __init__(self, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
+                 in_features: int, groups: int, bias: torch.Tensor | None = None):
+        patterns.check_blockdiag_offsets(offsets, out_features, in_features, groups)
+        super().__init__(values, offsets, out_features, in_features, bias)
+        self.groups = groups
+        per_coset = patterns.diag_geometry(out_features, in_features)[0] // groups
+        firsts = self.offsets.view(-1, per_coset)
+        if not bool((firsts == firsts[:, :1] + groups * torch.arange(
+                per_coset, device=firsts.device)).all()):
+            raise ValueError("offsets: expected whole cosets laid out one after another "
+                             "(r, r + g, ..., as patterns.blockdiag_offsets gives them)")
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   sparsity: float, groups: int | None = None, init: str = "magnitude",
+                   generator: torch.Generator | None = None) -> BlockDiagLinear:
+        """Keep ``c = blockdiag_num_cosets(g, sparsity)`` cosets of ``weight``'s diagonals:
+        those of largest L2 norm (``init="magnitude"``) or drawn at random
+        (``init="random"``). ``groups`` (``g``): default ``blockdiag_groups(out, in,
+        sparsity)``."""
+        _check_init(init)
+        out_features, in_features = weight.shape
+        if groups is None:
+            groups = patterns.blockdiag_groups(out_features, in_features, sparsity)
+        num_cosets = patterns.blockdiag_num_cosets(groups, sparsity)
+        if init == "magnitude":
+            norms = patterns.diag_norms(weight.detach()).view(-1, groups).square().sum(0)
+            cosets = torch.argsort(-norms, stable=True)[:num_cosets]
+        else:
+            cosets = torch.randperm(groups, generator=generator)[:num_cosets]
+        cosets = torch.sort(cosets).values.to(weight.device)
+        offsets = patterns.blockdiag_offsets(out_features, in_features, groups, cosets)
+        rows, cols = patterns.diag_coordinates(offsets, out_features, in_features)
+        return cls(weight.detach()[rows, cols], offsets, out_features, in_features, groups,
+                   bias)
+
+    @property
+    def _per_coset(self) -> int:
+        return self.offsets.numel() // self.num_cosets
+
+    @property
+    def num_cosets(self) -> int:
+        return self.offsets.numel() * self.groups // self.num_diagonals
+
+    @property
+    def num_diagonals(self) -> int:
+        return patterns.diag_geometry(self.out_features, self.in_features)[0]
+
+    def slots(self) -> torch.Tensor:
+        return (self.offsets.view(-1, self._per_coset)[:, 0] % self.groups)[None, :]
+
+    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+        squares = self.values.detach().float().square().sum(dim=1)
+        return squares.view(-1, self._per_coset).sum(dim=1).sqrt()[None, :]
+
+    @property
+    def num_candidates(self) -> int:
+        return self.groups
+
+    def active_units(self, rows: int | None = None) -> int:
+        return self.num_cosets
+
+    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
+        # the tap leaves every diagonal's gradient norm; a coset's is the norm over its own
+        return probe_grad.square().view(-1, self.groups).sum(dim=0).sqrt()[None, :]
+
+    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(1, self.groups, generator=generator).to(self.param.device)
+
+    def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+        self.offsets.copy_(patterns.blockdiag_offsets(self.out_features, self.in_features,
+                                                      self.groups, new_active[0]))
+        return grown[0].repeat_interleave(self._per_coset)[:, None]  # a coset's value rows
+
+    def describe(self, rows: int | None = None) -> str:
+        return (f"blockdiag ({self.out_features}, {self.in_features}): {self.num_cosets} of "
+                f"{self.groups} cosets, blocks {self.out_features // self.groups}x"
+                f"{self.in_features // self.groups}")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", groups={self.groups}"
+
+
 class FanInLinear(_SparseLinear):
     """``y = x @ W.T + b`` with every output row keeping ``k`` inputs: ``values [out, k]``
     (a parameter) at ``indices [out, k]`` (a buffer, rewritten in place by DST). With
@@ -492,4 +585,4 @@ class MaskedLinear(_SparseLinear):
         return self.weight.detach() * self.mask
 
 
-SPARSE_LAYERS = (DiagLinear, FanInLinear, MaskedLinear)
+SPARSE_LAYERS = (DiagLinear, FanInLinear, MaskedLinear)  # BlockDiagLinear is a DiagLinear

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
+from sparsefx.layers import BlockDiagLinear, DiagLinear, FanInLinear, MaskedLinear
 
 __all__ = ["Pattern", "PATTERNS", "pattern_named", "build_layer"]
 
@@ -37,6 +37,8 @@ class Pattern:
 
 PATTERNS: dict[str, Pattern] = {pattern.name: pattern for pattern in (
     Pattern("diag", DiagLinear, False, "dynadiag", "K whole wrap-around diagonals (DynaDiag)"),
+    Pattern("blockdiag", BlockDiagLinear, False, "rigl",
+            "whole cosets of diagonals: c dense blocks per block-row after a fixed permutation"),
     Pattern("fanin", FanInLinear, False, "srigl", "k inputs per output row (SRigL)"),
     Pattern("nm", FanInLinear, True, "rigl", "n of every m inputs per output row"),
     Pattern("unstructured", MaskedLinear, False, "rigl",

@@ -1,0 +1,94 @@
+"""The blockdiag pattern end to end: the layer against its dense reference, and DST moving
+whole cosets (the generic methods), with the invariants the other patterns keep."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import sparsefx
+from sparsefx.kernels import patterns
+from sparsefx.layers import BlockDiagLinear
+
+
+@settings(deadline=None, max_examples=30)
+@given(groups=st.sampled_from([1, 2, 3, 4, 8]), out_blocks=st.integers(1, 5),
+       in_blocks=st.integers(1, 5), sparsity=st.sampled_from([0.5, 0.75, 0.9]),
+       init=st.sampled_from(["magnitude", "random"]), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_the_layer_computes_its_dense_weight(groups, out_blocks, in_blocks, sparsity, init,
+                                             bias, seed):
+    torch.manual_seed(seed)
+    out_features, in_features = groups * out_blocks, groups * in_blocks
+    weight = torch.randn(out_features, in_features)
+    layer = BlockDiagLinear.from_dense(weight, torch.randn(out_features) if bias else None,
+                                       sparsity=sparsity, groups=groups, init=init)
+    assert layer.num_cosets == patterns.blockdiag_num_cosets(groups, sparsity)
+    patterns.check_blockdiag_offsets(layer.offsets, out_features, in_features, groups)
+    x = torch.randn(2, 3, in_features, requires_grad=True)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dense_weight(), layer.bias))
+    if init == "magnitude":  # the kept cosets are those of largest norm
+        norms = patterns.diag_norms(weight).square().view(-1, groups).sum(0)
+        kept = set(layer.slots()[0].tolist())
+        assert min(norms[list(kept)]) >= max([norms[r] for r in range(groups)
+                                              if r not in kept], default=-1.0)
+
+
+def test_transform_chooses_the_blocks_and_densify_round_trips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    sparse = sparsefx.transform(model, pattern="blockdiag", sparsity=0.75)
+    layer = sparse.get_submodule("0")
+    assert isinstance(layer, BlockDiagLinear)
+    assert layer.groups == patterns.blockdiag_groups(128, 64, 0.75)
+    assert layer.in_features // layer.groups >= 16
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(sparsefx.densify(sparse)(x), sparse(x))
+    assert "blockdiag" in str(sparsefx.report(sparse))
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_dst_moves_whole_cosets(method):
+    torch.manual_seed(0)
+    # g = 8, 3 cosets kept: room for updates to move some (transform's choice of g keeps
+    # blocks of 16 or more, so layers this small would get 1 coset)
+    layers = [BlockDiagLinear.from_dense(torch.randn(out_features, in_features) / 6,
+                                         torch.zeros(out_features), sparsity=0.625, groups=8,
+                                         init="random")
+              for out_features, in_features in [(64, 32), (32, 64)]]
+    sparse = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), nn.Linear(32, 10))
+    assert [layer.num_cosets for layer in layers] == [3, 3]
+    optimizer = torch.optim.AdamW(sparse.parameters(), lr=0.05)
+    dst = sparsefx.DST(sparse, optimizer, method=method, total_steps=40, delta_t=4, alpha=0.5,
+                       t_end=0.9)
+    counts = [layer.num_cosets for layer in layers]
+    moved = 0
+    for step in range(40):
+        optimizer.zero_grad()
+        F.cross_entropy(sparse(torch.randn(8, 32)), torch.randint(0, 10, (8,))).backward()
+        optimizer.step()
+        before = [(layer.slots().clone(), layer.values.detach().clone()) for layer in layers]
+        changed = dst.step()
+        moved += changed
+        for layer, (slots, values) in zip(layers, before, strict=True):
+            patterns.check_blockdiag_offsets(layer.offsets, layer.out_features,
+                                             layer.in_features, layer.groups)
+            assert layer.num_cosets == counts[layers.index(layer)]
+            new = (layer.slots() != slots)[0].repeat_interleave(layer._per_coset)
+            assert torch.all(layer.values[new] == 0), "grown cosets start at zero"
+            for state in optimizer.state[layer.values].values():
+                if torch.is_tensor(state) and state.shape == layer.values.shape:
+                    assert torch.all(state[new] == 0)
+            assert torch.equal(layer.values[~new], values[~new]), "kept cosets keep values"
+    assert moved >= 2, "the run must cross structure updates that move cosets"
+    assert "cosets" in repr(dst)
+
+
+def test_dynadiag_is_for_diag_layers_only():
+    model = sparsefx.transform(nn.Sequential(nn.Linear(32, 32)), pattern="blockdiag",
+                               sparsity=0.5)
+    with pytest.raises(ValueError, match="dynadiag.*works on diag layers.*blockdiag"):
+        sparsefx.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), method="dynadiag",
+                     total_steps=10)

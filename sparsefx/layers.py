@@ -264,6 +264,14 @@ class DiagLinear(_SparseLinear):
     def slots(self) -> torch.Tensor:
         return self.offsets[None, :]
 
+    def unit_ids(self) -> torch.Tensor:
+        """The active units' ids ``[K]`` (DynaDiag gates one per unit)."""
+        return self.offsets
+
+    def unit_rows(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """A value per active unit, spread over the value rows (a diagonal is one row)."""
+        return per_unit
+
     def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
         return self.values.detach().float().norm(dim=1)[None, :]  # a diagonal's L2 norm
 
@@ -357,7 +365,13 @@ class BlockDiagLinear(DiagLinear):
         return patterns.diag_geometry(self.out_features, self.in_features)[0]
 
     def slots(self) -> torch.Tensor:
-        return (self.offsets.view(-1, self._per_coset)[:, 0] % self.groups)[None, :]
+        return self.unit_ids()[None, :]
+
+    def unit_ids(self) -> torch.Tensor:
+        return self.offsets.view(-1, self._per_coset)[:, 0] % self.groups  # the cosets
+
+    def unit_rows(self, per_unit: torch.Tensor) -> torch.Tensor:
+        return per_unit.repeat_interleave(self._per_coset)  # a coset's P / g diagonals
 
     def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
         squares = self.values.detach().float().square().sum(dim=1)

@@ -49,7 +49,7 @@ def test_transform_chooses_the_blocks_and_densify_round_trips():
     assert "blockdiag" in str(sparsefx.report(sparse))
 
 
-@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("method", ["set", "rigl", "dynadiag"])
 def test_dst_moves_whole_cosets(method):
     torch.manual_seed(0)
     # g = 8, 3 cosets kept: room for updates to move some (transform's choice of g keeps
@@ -86,9 +86,29 @@ def test_dst_moves_whole_cosets(method):
     assert "cosets" in repr(dst)
 
 
-def test_dynadiag_is_for_diag_layers_only():
-    model = sparsefx.transform(nn.Sequential(nn.Linear(32, 32)), pattern="blockdiag",
-                               sparsity=0.5)
-    with pytest.raises(ValueError, match="dynadiag.*works on diag layers.*blockdiag"):
-        sparsefx.DST(model, torch.optim.SGD(model.parameters(), lr=0.1), method="dynadiag",
-                     total_steps=10)
+def test_dynadiag_gates_whole_cosets_and_folds_them_away():
+    torch.manual_seed(0)
+    layer = BlockDiagLinear.from_dense(torch.randn(64, 32) / 6, None, sparsity=0.625,
+                                       groups=8, init="random")
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    dst = sparsefx.DST(model, optimizer, method="dynadiag", total_steps=12, delta_t=3)
+    x = torch.randn(5, 32)
+    for step in range(12):
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 32)), torch.randint(0, 10, (8,))).backward()
+        optimizer.step()
+        if step == 4:  # the importances have moved apart by now
+            with torch.no_grad():
+                gates = layer.value_transform.gates().view(3, -1)
+            assert gates.shape[1] == 64 // 8 and len(set(gates[:, 0].tolist())) > 1
+            assert torch.equal(gates, gates[:, :1].expand_as(gates)), \
+                "one gate per coset, on all of its diagonals"
+        if step == 11:
+            with torch.no_grad():
+                before = model(x)
+        dst.step()
+    assert layer.value_transform is None, "the gates are folded into the values at the end"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+    patterns.check_blockdiag_offsets(layer.offsets, 64, 32, 8)

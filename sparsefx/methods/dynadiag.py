@@ -1,4 +1,5 @@
-"""DynaDiag on diag layers. Each layer learns an importance ``a[P]`` over all candidate
+"""DynaDiag on diag layers (and blockdiag ones, whose units are whole cosets: read "coset"
+for "diagonal" below). Each layer learns an importance ``a[P]`` over all candidate
 diagonals; the ``K`` active diagonals compute with values scaled by the soft top-K gates
 ``sigmoid((a_d - theta) / T)`` (``sparsefx.layers.soft_top_k_gates``, ``theta`` halfway
 between the K-th and (K+1)-th largest ``a``), set on the layer through its generic
@@ -24,15 +25,17 @@ from .base import Method
 
 
 class Gates:
-    """A diag layer's ``value_transform`` under DynaDiag: values times the soft top-K gates
-    of ``importance`` at ``temperature`` (both tensors the method updates in place)."""
+    """A layer's ``value_transform`` under DynaDiag: values times the soft top-K gates of
+    ``importance`` at ``temperature`` (tensors the method updates in place), one gate per
+    active unit (a diagonal; a blockdiag coset), spread over its value rows by the layer."""
 
-    def __init__(self, importance: torch.Tensor, offsets: torch.Tensor,
-                 temperature: torch.Tensor):
-        self.importance, self.offsets, self.temperature = importance, offsets, temperature
+    def __init__(self, importance: torch.Tensor, layer, temperature: torch.Tensor):
+        self.importance, self.layer, self.temperature = importance, layer, temperature
 
     def gates(self) -> torch.Tensor:
-        return soft_top_k_gates(self.importance, self.offsets, self.temperature)
+        """One gate per value row."""
+        return self.layer.unit_rows(soft_top_k_gates(self.importance, self.layer.unit_ids(),
+                                                     self.temperature))
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         return values * self.gates().to(values.dtype)[:, None]
@@ -44,7 +47,7 @@ class DynaDiag(Method):
     importance_lr: float = 1e-2  # Adam's learning rate for the importances
     name = "dynadiag"
     option_names = ("temperature", "importance_lr")
-    patterns = ("diag",)
+    patterns = ("diag", "blockdiag")
     needs_gradient = True
     gates: dict[str, Gates] = field(init=False, repr=False)  # by layer name, while gated
     _optimizer: torch.optim.Adam | None = field(init=False, default=None, repr=False)
@@ -67,13 +70,13 @@ class DynaDiag(Method):
             module = layer.module
             device = module.values.device
             importance = torch.zeros(module.num_candidates, dtype=torch.float32, device=device)
-            importance[module.offsets] = 1.0
+            importance[module.unit_ids()] = 1.0
             importance.requires_grad_(True)
             # one temperature tensor per device, shared by the layers: one write per step
             if device not in temperatures:
                 temperatures[device] = torch.tensor(self.temperature, dtype=torch.float32,
                                                     device=device)
-            self.gates[layer.name] = Gates(importance, module.offsets, temperatures[device])
+            self.gates[layer.name] = Gates(importance, module, temperatures[device])
             module.value_transform = self.gates[layer.name]
         self._temperatures = list(temperatures.values())
         importances = [gates.importance for gates in self.gates.values()]

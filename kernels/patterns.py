@@ -39,7 +39,7 @@ __all__ = [
     "nm_num_kept", "dense_to_nm", "random_nm_indices", "check_nm_indices",
     "unstructured_num_kept", "erk_densities", "is_integer_dtype",
     "blockdiag_groups", "blockdiag_num_cosets", "blockdiag_offsets", "blockdiag_cosets",
-    "check_blockdiag_offsets", "blockdiag_block_shifts",
+    "check_blockdiag_offsets", "check_blockdiag_groups", "blockdiag_block_shifts",
 ]
 
 # (1 - 0.7) * 10 == 3.0000000000000004: round products to this many digits before ceil/floor,
@@ -169,7 +169,8 @@ def check_diag_offsets(offsets: torch.Tensor, out_features: int, in_features: in
 _BLOCKDIAG_DENSITY_TOLERANCE = 0.10
 
 
-def _check_groups(out_features: int, in_features: int, groups: int) -> None:
+def check_blockdiag_groups(out_features: int, in_features: int, groups: int) -> None:
+    """Raise ``ValueError`` unless ``groups`` divides both dimensions."""
     diag_geometry(out_features, in_features)
     if not isinstance(groups, int) or groups < 1 or out_features % groups or \
             in_features % groups:
@@ -209,7 +210,7 @@ def blockdiag_offsets(out_features: int, in_features: int, groups: int,
                       cosets: torch.Tensor) -> torch.Tensor:
     """The int64 offsets of the kept ``cosets`` (distinct residues in ``[0, g)``), coset by
     coset in the order given: coset ``r`` contributes ``r, r + g, ..., P - g + r``."""
-    _check_groups(out_features, in_features, groups)
+    check_blockdiag_groups(out_features, in_features, groups)
     cosets = cosets.reshape(-1).to(torch.int64)
     if cosets.numel() == 0 or bool(((cosets < 0) | (cosets >= groups)).any()) or \
             torch.unique(cosets).numel() != cosets.numel():
@@ -228,7 +229,7 @@ def blockdiag_cosets(offsets: torch.Tensor, groups: int) -> torch.Tensor:
 def check_blockdiag_offsets(offsets: torch.Tensor, out_features: int, in_features: int,
                             groups: int, name: str = "offsets") -> None:
     """Raise ``ValueError`` unless ``offsets`` are valid diag offsets forming whole cosets."""
-    _check_groups(out_features, in_features, groups)
+    check_blockdiag_groups(out_features, in_features, groups)
     check_diag_offsets(offsets, out_features, in_features, name)
     num_candidates, _ = diag_geometry(out_features, in_features)
     residues = offsets.reshape(-1).to(torch.int64) % groups
@@ -248,7 +249,7 @@ def blockdiag_block_shifts(out_features: int, in_features: int, groups: int,
     ``t mod g``), block ``(R, T)`` is dense exactly when ``(R - T) mod g`` is one of them:
     ``r`` itself when ``out >= in`` (diagonal ``d`` joins row ``t + d`` to column ``t``),
     ``-r mod g`` when ``out < in`` (it joins row ``t`` to column ``t + d``)."""
-    _check_groups(out_features, in_features, groups)
+    check_blockdiag_groups(out_features, in_features, groups)
     cosets = cosets.reshape(-1).to(torch.int64)
     return cosets if out_features >= in_features else (-cosets) % groups
 

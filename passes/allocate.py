@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sparsefx.kernels import patterns
 
@@ -21,6 +21,7 @@ class Decision:
     sparsity: float = 0.0
     nm: tuple[int, int] | None = None
     reason: str | None = None    # why it stays dense
+    options: dict = field(default_factory=dict)  # the pattern's own per-layer options
 
 
 def _matches(key: str, name: str) -> bool:
@@ -50,7 +51,8 @@ def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, 
     Filters apply first (``include`` / ``exclude``: regexes on the FQN, full match;
     ``include_types`` / ``exclude_types``: the layer's module type, or for a functional site
     the type of the module owning the weight), then keep-first/last, then ``overrides``
-    (FQN or regex -> ``"dense"``, a sparsity, or ``dict(pattern=..., sparsity=..., nm=...)``;
+    (FQN or regex -> ``"dense"``, a sparsity, or ``dict(pattern=..., sparsity=..., nm=...)``
+    plus the pattern's own ``options``, e.g. blockdiag's ``groups``;
     an override that names no site is an error), then ``distribution`` spreads ``sparsity``
     over the remaining sites: ``uniform`` gives each the same, ``erk`` follows
     ``patterns.erk_densities``.
@@ -128,11 +130,15 @@ def _apply_override(decision: Decision, key: str, value, pattern: str, nm,
         value = {"sparsity": value}
     if not isinstance(value, dict):
         raise ValueError(f"{where}={value!r}: expected 'dense', a sparsity or a dict")
-    unknown = set(value) - {"pattern", "sparsity", "nm"}
-    if unknown:
-        raise ValueError(f"{where} has keys {sorted(unknown)}: expected pattern, sparsity, nm")
     decision.pattern = value.get("pattern", pattern)
     _check_pattern(decision.pattern, known, where)
+    layer_options = tuple(known[decision.pattern].options)  # e.g. blockdiag's groups
+    allowed = ("pattern", "sparsity", "nm") + layer_options
+    unknown = set(value) - set(allowed)
+    if unknown:
+        raise ValueError(f"{where} has keys {sorted(unknown)}: expected {', '.join(allowed)} "
+                         f"(for pattern {decision.pattern!r})")
+    decision.options = {key: value[key] for key in layer_options if key in value}
     if known[decision.pattern].takes_nm:
         decision.nm = tuple(value.get("nm", nm))
     else:

@@ -340,6 +340,7 @@ class BlockDiagLinear(DiagLinear):
         out_features, in_features = weight.shape
         if groups is None:
             groups = patterns.blockdiag_groups(out_features, in_features, sparsity)
+        patterns.check_blockdiag_groups(out_features, in_features, groups)
         num_cosets = patterns.blockdiag_num_cosets(groups, sparsity)
         if init == "magnitude":
             norms = patterns.diag_norms(weight.detach()).view(-1, groups).square().sum(0)

@@ -26,19 +26,27 @@ class Pattern:
     takes_nm: bool              # the density follows from nm=(n, m): no sparsity asked
     default_method: str         # the DST method it is meant for (the examples' default)
     summary: str                # one line for help texts and docs
+    options: tuple[str, ...] = ()  # per-layer options of its from_dense (transform overrides)
 
     def build(self, weight: torch.Tensor, bias: torch.Tensor | None, *,
               sparsity: float | None, nm: tuple[int, int] | None, init: str,
-              generator: torch.Generator | None):
-        """The layer of this pattern for the dense ``weight [out, in]`` and ``bias``."""
+              generator: torch.Generator | None, **options):
+        """The layer of this pattern for the dense ``weight [out, in]`` and ``bias``;
+        ``options``: those of ``self.options`` given."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise ValueError(f"pattern {self.name!r} takes no option {sorted(unknown)}: "
+                             f"expected {self.options or 'none'}")
         structure = {"nm": nm} if self.takes_nm else {"sparsity": sparsity}
-        return self.layer.from_dense(weight, bias, init=init, generator=generator, **structure)
+        return self.layer.from_dense(weight, bias, init=init, generator=generator,
+                                     **structure, **options)
 
 
 PATTERNS: dict[str, Pattern] = {pattern.name: pattern for pattern in (
     Pattern("diag", DiagLinear, False, "dynadiag", "K whole wrap-around diagonals (DynaDiag)"),
     Pattern("blockdiag", BlockDiagLinear, False, "rigl",
-            "whole cosets of diagonals: c dense blocks per block-row after a fixed permutation"),
+            "whole cosets of diagonals: c dense blocks per block-row after a fixed permutation",
+            options=("groups",)),
     Pattern("fanin", FanInLinear, False, "srigl", "k inputs per output row (SRigL)"),
     Pattern("nm", FanInLinear, True, "rigl", "n of every m inputs per output row"),
     Pattern("unstructured", MaskedLinear, False, "rigl",
@@ -55,7 +63,9 @@ def pattern_named(name: str, where: str = "sparsefx") -> Pattern:
 
 def build_layer(pattern: str, weight: torch.Tensor, bias: torch.Tensor | None, *,
                 sparsity: float | None, nm: tuple[int, int] | None = None,
-                init: str = "magnitude", generator: torch.Generator | None = None):
-    """The sparse layer of ``pattern`` for the dense ``weight [out, in]`` and ``bias``."""
+                init: str = "magnitude", generator: torch.Generator | None = None, **options):
+    """The sparse layer of ``pattern`` for the dense ``weight [out, in]`` and ``bias``
+    (``options``: the pattern's own, e.g. blockdiag's ``groups``)."""
     return pattern_named(pattern, "build_layer").build(weight, bias, sparsity=sparsity, nm=nm,
-                                                       init=init, generator=generator)
+                                                       init=init, generator=generator,
+                                                       **options)

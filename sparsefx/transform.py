@@ -76,7 +76,8 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
         decision = chosen[site.name]
         try:
             return build_layer(decision.pattern, weight, bias, sparsity=decision.sparsity,
-                               nm=decision.nm, init=init, generator=generator)
+                               nm=decision.nm, init=init, generator=generator,
+                               **decision.options)
         except ValueError as error:
             raise ValueError(f"layer {site.name}: {error}") from None
 

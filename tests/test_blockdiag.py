@@ -112,3 +112,19 @@ def test_dynadiag_gates_whole_cosets_and_folds_them_away():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
     patterns.check_blockdiag_offsets(layer.offsets, 64, 32, 8)
+
+
+def test_transform_overrides_choose_the_groups():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    sparse = sparsefx.transform(model, pattern="blockdiag", sparsity=0.75, overrides={
+        "0": {"pattern": "blockdiag", "sparsity": 0.75, "groups": 8}})
+    assert sparse.get_submodule("0").groups == 8
+    assert sparse.get_submodule("2").groups == patterns.blockdiag_groups(64, 128, 0.75)
+    with pytest.raises(ValueError, match=r"layer 0: groups=5: expected a positive divisor"):
+        sparsefx.transform(model, pattern="blockdiag", sparsity=0.75,
+                           overrides={"0": {"sparsity": 0.75, "groups": 5}})
+    with pytest.raises(ValueError, match=r"has keys \['groups'\]: expected pattern, sparsity, "
+                                         r"nm \(for pattern 'diag'\)"):
+        sparsefx.transform(model, pattern="diag", sparsity=0.75,
+                           overrides={"0": {"sparsity": 0.75, "groups": 8}})

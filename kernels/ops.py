@@ -109,17 +109,20 @@ class _TritonKernels:
     def __init__(self, module: str):
         self._module = module
 
-    def __getattr__(self, kernel: str):
+    def __getattr__(self, kernel: str):  # first use of ``kernel`` only: then it is cached
         function = getattr(importlib.import_module(f".{self._module}", __package__), kernel)
-        return lambda *operands, **params: function(*(t.contiguous() for t in operands),
-                                                    **params)
+
+        def run(*operands, **params):
+            return function(*(t.contiguous() for t in operands), **params)
+        setattr(self, kernel, run)
+        return run
 
 
 class _TorchKernels:
     """The PyTorch kernels of ``cpu.py``: float operands upcast to fp32 (fp64 stays), the
     result in the first operand's dtype."""
 
-    def __getattr__(self, kernel: str):
+    def __getattr__(self, kernel: str):  # first use of ``kernel`` only: then it is cached
         function = getattr(cpu, kernel)
 
         def run(*operands, **params):
@@ -129,6 +132,7 @@ class _TorchKernels:
                 return function(*operands, **params)
             operands = [t.to(compute) if t.is_floating_point() else t for t in operands]
             return function(*operands, **params).to(lead.dtype)
+        setattr(self, kernel, run)  # later calls find it without __getattr__
         return run
 
 

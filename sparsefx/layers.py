@@ -15,6 +15,7 @@ initialisation. ``dense_weight()`` / ``to_dense()`` go back. The structure math 
 """
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 
@@ -55,7 +56,7 @@ class DenseLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias if bias is None else bias)
 
 
-class _SparseLinear(nn.Module):
+class _SparseLinear(nn.Module, abc.ABC):
     """What the three layers share: shapes, bias, the report numbers and densifying. Each
     layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``.
 
@@ -104,18 +105,18 @@ class _SparseLinear(nn.Module):
         """The trained weights whose optimizer state DST zeroes for grown units."""
         return self.values
 
+    @abc.abstractmethod
     def slots(self) -> torch.Tensor:
         """Active unit ids as rows of slots ``[R, k]`` (int64)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
         """``[R, k]``: what drop ranks for the units ``active`` (``slots()``)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def num_candidates(self) -> int:
         """Candidate units per row of slots."""
-        raise NotImplementedError
 
     def active_units(self, rows: int | None = None) -> int:
         """Active units (diagonals, entries or elements); ``rows``: how many rows are live
@@ -145,15 +146,15 @@ class _SparseLinear(nn.Module):
         the inactive candidates the tap listed."""
         return listed.row_candidates(active)
 
+    @abc.abstractmethod
     def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
         """Store ``new_active [R, k]`` in place; return where (shaped like ``param``) the
         weights and their optimizer state are to be zeroed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, rows: int | None = None) -> str:
         """One line on the structure, as ``DST``'s ``repr`` prints it (``rows``: as for
         ``active_units``)."""
-        raise NotImplementedError
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._growth_probe is None:

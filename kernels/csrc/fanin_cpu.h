@@ -205,6 +205,32 @@ inline void store_columns(float* p, const vfloat* acc, int vectors, int last_lan
   }
 }
 
+// Rows first .. last of a feature-major gather, chunk by chunk (activations and results in
+// chunks of `width` batch columns, see below): dst[r, :] = start(r) + the sum over
+// entries(r) of weight * src[row, :]. The forward gathers by output row, the input gradient
+// by input column. A thread keeps its rows through all chunks; each chunk's `src_rows` rows
+// stay in its cache while its rows' entries stream past.
+template <typename EntriesOf, typename StartOf>
+inline void gather_rows(const float* src, int64_t src_rows, float* dst, int64_t dst_rows,
+                        int64_t batch, int64_t width, int64_t first, int64_t last,
+                        EntriesOf&& entries_of, StartOf&& start_of) {
+  for (int64_t chunk = 0; chunk * width < batch; ++chunk) {
+    const float* src_chunk = src + chunk * src_rows * width;
+    float* dst_chunk = dst + chunk * dst_rows * width;
+    const int64_t columns = std::min(width, batch - chunk * width);
+    for (int64_t r = first; r < last; ++r) {
+      const auto entries = entries_of(r);
+      const float start = start_of(r);
+      for_column_blocks(0, columns, [&](Columns block, int vectors) {
+        vfloat acc[4];
+        sum_columns(src_chunk, width, entries, block, vectors, acc);
+        for (int i = 0; i < vectors; ++i) acc[i] += start;
+        store_columns(dst_chunk + r * width + block.start, acc, vectors, block.last_lanes);
+      });
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------- forward
 //
 // Activations and results are feature-major: [features, batch], or (float32, batches above
@@ -271,25 +297,12 @@ void fanin_forward(const T* xt, const T* values, const I* indices, const T* bias
   if (batch == 0) return;  // an empty batch: nothing to write
   if constexpr (std::is_same_v<T, float>) {
     if (batch > 1) {
-      const int64_t chunks = ceil_div(batch, width);
-      // a thread keeps its output rows through all chunks; each chunk's rows of xt stay in
-      // its cache while its rows' entries stream past
       at::parallel_for(0, out, grain_for(fan_in * batch), [&](int64_t first, int64_t last) {
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          const float* x_chunk = xt + chunk * in * width;
-          float* y_chunk = yt + chunk * out * width;
-          const int64_t columns = std::min(width, batch - chunk * width);
-          for (int64_t o = first; o < last; ++o) {
-            const RowEntries<I> entries{values + o * fan_in, indices + o * fan_in, fan_in};
-            const float start = bias ? bias[o] : 0.f;
-            for_column_blocks(0, columns, [&](Columns block, int vectors) {
-              vfloat acc[4];
-              sum_columns(x_chunk, width, entries, block, vectors, acc);
-              for (int i = 0; i < vectors; ++i) acc[i] += start;
-              store_columns(y_chunk + o * width + block.start, acc, vectors, block.last_lanes);
-            });
-          }
-        }
+        gather_rows(xt, in, yt, out, batch, width, first, last,
+                    [&](int64_t o) {
+                      return RowEntries<I>{values + o * fan_in, indices + o * fan_in, fan_in};
+                    },
+                    [&](int64_t o) { return bias ? bias[o] : 0.f; });
       });
       return;
     }
@@ -376,21 +389,9 @@ void fanin_input_grad_by_columns(const float* dyt, const float* values,
     });
     return;
   }
-  const int64_t chunks = ceil_div(batch, width);
   at::parallel_for(0, in, grain_for(entries_per_column * batch), [&](int64_t first, int64_t last) {
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const float* dy_chunk = dyt + chunk * out * width;
-      float* dx_chunk = dxt + chunk * in * width;
-      const int64_t count = std::min(width, batch - chunk * width);
-      for (int64_t c = first; c < last; ++c) {
-        const ColumnEntries<E> entries = entries_of(c);
-        for_column_blocks(0, count, [&](Columns block, int vectors) {
-          vfloat acc[4];
-          sum_columns(dy_chunk, width, entries, block, vectors, acc);
-          store_columns(dx_chunk + c * width + block.start, acc, vectors, block.last_lanes);
-        });
-      }
-    }
+    gather_rows(dyt, out, dxt, in, batch, width, first, last, entries_of,
+                [](int64_t) { return 0.f; });
   });
 }
 

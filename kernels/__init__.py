@@ -1,19 +1,25 @@
 """sparsefx.kernels: tensors in, tensors out.
 
-Importing this package registers the ``torch.ops.sparsefx`` ops (``ops.py``) and the
-growth-score tap the DST manager reads dense gradients through (``growth.py``). The pattern
-math every layer of sparsefx shares lives in ``patterns.py``; the Triton kernels in
-``diag_triton.py`` / ``fanin_triton.py`` (imported on first use with CUDA tensors); the C++ CPU
-kernels, checks and autograd in ``csrc/`` (loaded by ``cpu.py``, which also holds the
-PyTorch fallback kernels). Nothing here imports ``sparsefx`` or ``sparsefx.passes``.
+Importing this package registers the ``torch.ops.sparsefx`` ops and the growth-score tap the
+DST manager reads dense gradients through (``growth.py``). Each pattern's ops live in their
+own package -- ``diag/``, ``fanin/`` (which N:M layers use too), ``blockdiag/`` -- with their
+schemas, checks, fakes, C++ CPU kernels and autograd, PyTorch fallback and Triton kernels
+together; ``_library.py`` is what they share (the library, device registration, the native
+build, the CPU kernel choice). The pattern math every layer of sparsefx shares lives in
+``patterns.py``. Nothing here imports ``sparsefx`` or ``sparsefx.passes``.
 """
 
 if __name__ == "sparsefx.kernels":
-    from . import growth, patterns
-    from .ops import cpu_kernels, diag_linear, fanin_linear, use_cpu_kernels
+    from . import _library, growth, patterns
+    from ._library import CPU_KERNELS, cpu_kernels, use_cpu_kernels
+    # each pattern's ops (a new pattern's kernel package joins here)
+    from .diag import diag_linear
+    from .fanin import fanin_linear
+
+    _library.load_cpu_kernels()  # once every pattern's ops are defined
 
     __all__ = ["growth", "patterns", "diag_linear", "fanin_linear", "cpu_kernels",
-               "use_cpu_kernels"]
+               "use_cpu_kernels", "CPU_KERNELS"]
 else:
     # Run from the repository root, this folder is also importable as a top-level
     # "kernels", a name other packages probe for (transformers looks for the Hub's

@@ -9,7 +9,8 @@ from hypothesis import example, given, settings, strategies as st
 from helpers import FLOAT_DTYPES, diag_case, fanin_case, sparsities
 
 triton = pytest.importorskip("triton")
-from sparsefx.kernels import diag_triton, fanin_triton  # noqa: E402
+from sparsefx.kernels.diag import triton_kernels as diag_triton  # noqa: E402
+from sparsefx.kernels.fanin import triton_kernels as fanin_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter runs every program in Python: small shapes, fewer examples

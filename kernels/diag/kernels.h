@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "parallel.h"
-#include "simd.h"
+#include "../csrc/parallel.h"
+#include "../csrc/simd.h"
 
 namespace sparsefx {
 

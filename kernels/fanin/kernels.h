@@ -17,8 +17,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "parallel.h"
-#include "simd.h"
+#include "../csrc/parallel.h"
+#include "../csrc/simd.h"
 
 namespace sparsefx {
 
@@ -332,7 +332,7 @@ void fanin_forward(const T* xt, const T* values, const I* indices, const T* bias
 // The structure by input column (compressed sparse columns): for column c, the entries
 // (rows[e], slots[e]) for e in [start[c], start[c + 1]), in increasing row order. The input
 // gradient then sums over a column's entries, as the forward sums over a row's: reads only,
-// no scattered writes. Built once per structure version (ops.cpp caches it). E is uint16
+// no scattered writes. Built once per structure version (fanin_ops.cpp caches it). E is uint16
 // when every row id and slot fits, else int32.
 template <typename E>
 struct FaninColumns {

@@ -92,7 +92,7 @@ def _block(size: int, cap: int) -> int:
 
 def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod: int,
                gather: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply diagonals to the rows of ``x`` (semantics of ``kernels.cpu.diag_apply``)."""
+    """Apply diagonals to the rows of ``x`` (semantics of ``torch_kernels.diag_apply``)."""
     rows, length = x.shape[0], values.shape[1]
     in_len, out_len = (mod, length) if gather else (length, mod)
     if out is None:

@@ -13,12 +13,14 @@ if __name__ == "sparsefx.kernels":
     from . import _library, growth, patterns
     from ._library import CPU_KERNELS, cpu_kernels, use_cpu_kernels
     # each pattern's ops (a new pattern's kernel package joins here)
+    from .blockdiag import blockdiag_linear
     from .diag import diag_linear
     from .fanin import fanin_linear
 
     _library.load_cpu_kernels()  # once every pattern's ops are defined
 
-    __all__ = ["growth", "patterns", "diag_linear", "fanin_linear", "cpu_kernels",
+    __all__ = ["growth", "patterns", "diag_linear", "fanin_linear", "blockdiag_linear",
+               "cpu_kernels",
                "use_cpu_kernels", "CPU_KERNELS"]
 else:
     # Run from the repository root, this folder is also importable as a top-level

@@ -86,8 +86,8 @@ def bias_grad(grad_out: Tensor) -> Tensor:
 
 
 class TritonKernels:
-    """A pattern's Triton kernels (its ``triton_kernels`` module, imported on first use:
-    Triton is only needed where they run), called on contiguous operands."""
+    """A pattern's CUDA kernels (its Triton kernels, imported on first use: Triton is only
+    needed where they run), called on contiguous operands."""
 
     def __init__(self, module: str):
         self._module = module
@@ -128,27 +128,24 @@ class PatternOps:
 
     ``schemas``: op name -> schema. ``functions``: op name -> its Python function, taking the
     pattern's kernels first (the op's CUDA path, and its CPU path without the native library).
-    ``triton``: the module path of its Triton kernels; ``torch_kernels``: its PyTorch kernels.
-    ``flops``: op name -> the position of the operand whose shape is the stored weights (2
-    FLOPs per stored weight per activation row of the first operand). ``autograd``: op name
-    -> ``(backward, setup_context)``, used only where the native library (which has the C++
-    autograd) is missing."""
+    ``cuda``: the module path of the kernels CUDA tensors run (its Triton kernels), imported
+    on first use; ``torch_kernels``: its PyTorch kernels. ``flops``: op name -> the position
+    of the operand whose shape is the stored weights (2 FLOPs per stored weight per
+    activation row of the first operand). ``autograd``: op name -> ``(backward,
+    setup_context)``, used only where the native library (which has the C++ autograd) is
+    missing."""
 
     schemas: dict[str, str]
     functions: dict[str, Callable]
-    triton: str
+    cuda: str
     torch_kernels: ModuleType
     flops: dict[str, int]
     autograd: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
 
-    def kernels(self, backend: str):
-        if backend == "triton":
-            return self._triton
-        return self._torch
-
     def __post_init__(self):
-        self._triton = TritonKernels(self.triton)
-        self._torch = TorchKernels(self.torch_kernels)
+        # each backend's kernels: "triton" the CUDA ones, "torch" the PyTorch ones
+        self.kernels = {"triton": TritonKernels(self.cuda),
+                        "torch": TorchKernels(self.torch_kernels)}
 
 
 _DEFINED: list[PatternOps] = []
@@ -169,7 +166,7 @@ def _register(lib: torch.library.Library, defined: list[PatternOps], backend: st
               device: str) -> None:
     """Register every op's Python function with its pattern's ``backend`` kernels."""
     for ops in defined:
-        kernels = ops.kernels(backend)
+        kernels = ops.kernels[backend]
         for name, function in ops.functions.items():
             lib.impl(name, functools.partial(function, kernels), device)
 

@@ -354,6 +354,12 @@ class BlockDiagLinear(DiagLinear):
         return cls(weight.detach()[rows, cols], offsets, out_features, in_features, groups,
                    bias)
 
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.ops.sparsefx.blockdiag_linear(x, self.effective_values(), self.offsets,
+                                                self.out_features, self.groups,
+                                                self._bias(bias))
+        return self._tap(y, x)
+
     @property
     def _per_coset(self) -> int:
         return self.offsets.numel() // self.num_cosets

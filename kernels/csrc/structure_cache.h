@@ -112,6 +112,12 @@ inline StructureCache& structure_cache() {
   return cache;
 }
 
-enum RecordKind { kDiagOffsets = 1, kFaninIndices = 2, kFaninTranspose = 3 };
+enum RecordKind {
+  kDiagOffsets = 1,
+  kFaninIndices = 2,
+  kFaninTranspose = 3,
+  kBlockdiagCosets = 4,
+  kBlockdiagBlocks = 5
+};
 
 }  // namespace sparsefx

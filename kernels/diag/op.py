@@ -130,7 +130,7 @@ define_ops(PatternOps(
     schemas=SCHEMAS,
     functions={"diag_linear": _diag_linear, "diag_linear_grad_input": _diag_linear_grad_input,
                "diag_linear_grad_values": _diag_linear_grad_values},
-    triton=f"{__package__}.triton_kernels",
+    cuda=f"{__package__}.triton_kernels",
     torch_kernels=torch_kernels,
     flops={"diag_linear": 1, "diag_linear_grad_input": 1, "diag_linear_grad_values": 2},
     autograd={"diag_linear": (_backward, _setup_context)},

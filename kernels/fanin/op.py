@@ -121,7 +121,7 @@ define_ops(PatternOps(
     functions={"fanin_linear": _fanin_linear,
                "fanin_linear_grad_input": _fanin_linear_grad_input,
                "fanin_linear_grad_values": _fanin_linear_grad_values},
-    triton=f"{__package__}.triton_kernels",
+    cuda=f"{__package__}.triton_kernels",
     torch_kernels=torch_kernels,
     flops={"fanin_linear": 1, "fanin_linear_grad_input": 1, "fanin_linear_grad_values": 2},
     autograd={"fanin_linear": (_backward, _setup_context)},

@@ -4,8 +4,8 @@ candidate against its baselines in the same run.
     python benchmarks/bench.py                  # everything, writes benchmarks/results/
                                                 #   (2 cores: calls seconds, layers ~10 min,
                                                 #   models ~40 min, dst ~5 min)
-    python benchmarks/bench.py --only layers    # or calls, models, dst; repeatable or a
-                                                #   comma list
+    python benchmarks/bench.py --only layers    # or calls, blockdiag, models, dst;
+                                                #   repeatable or a comma list
     python benchmarks/bench.py --quick --no-write   # seconds-long smoke run (CI)
     python benchmarks/bench.py --render         # rewrite the Markdown and plot from the JSON
 
@@ -18,6 +18,9 @@ Sections:
   batch 1 to 256, forward and forward+backward; dense ``F.linear``, the sparsefx op (diag and
   fan-in at 80/90/95 %, N:M 2:4) and CSR on the same weights; median ms, speed-up vs dense
   and GB/s. Writes ``layers_cpu.{json,md}`` and ``speedup_vs_batch.png``.
+* blockdiag (``blockdiag_suite.py``): blocked diagonals against diagonals at 90 % (and
+  dense) at the layer shapes, batch 1 and 256, forward and training step. Writes
+  ``blockdiag_cpu.{json,md}``; about a minute.
 * dst (``bench_dst_overhead.py``): what DST's structure updates (every 100 steps) add to
   training a 90 %-sparse MLP, per method. Writes ``dst_overhead_cpu.{json,md}``.
 * models (``model_suite.py``): HF GPT-2 small (decode with a KV cache, prefill, training
@@ -44,12 +47,13 @@ import torch
 from tqdm import tqdm
 
 import bench_dst_overhead
+import blockdiag_suite
 import call_suite
 import layer_suite
 import model_suite
 from common import RESULTS, command_line, configure_compile, machine, machine_line
 
-SECTIONS = ("calls", "layers", "models", "dst")
+SECTIONS = ("calls", "layers", "blockdiag", "models", "dst")
 
 
 def parse_args(argv=None):
@@ -167,8 +171,8 @@ def render(args) -> None:
     """The Markdown (and plot) of each selected section again, from its JSON in ``args.out``:
     the tables always come from the measured numbers and the current formatting code."""
     for section in args.sections:
-        name = {"calls": "calls_cpu", "layers": "layers_cpu", "models": "models_cpu",
-                "dst": "dst_overhead_cpu"}[section]
+        name = {"calls": "calls_cpu", "layers": "layers_cpu", "blockdiag": "blockdiag_cpu",
+                "models": "models_cpu", "dst": "dst_overhead_cpu"}[section]
         path = args.out / f"{name}.json"
         if not path.exists():
             print(f"{section}: no {path}, nothing to render")
@@ -180,6 +184,8 @@ def render(args) -> None:
         elif section == "layers":
             text = layer_suite.markdown(payload, info)
             layer_suite.plot(payload, args.out / "speedup_vs_batch.png")
+        elif section == "blockdiag":
+            text = blockdiag_suite.markdown(payload, info)
         elif section == "models":
             text = model_suite.markdown(payload, info)
         else:
@@ -236,6 +242,18 @@ def main(argv=None) -> None:
             write(args, "layers_cpu", payload, layer_suite.markdown(payload, info))
             layer_suite.plot(payload, args.out / "speedup_vs_batch.png")
             print(f"wrote {args.out / 'speedup_vs_batch.png'}")
+
+    if "blockdiag" in args.sections:
+        section_start = time.perf_counter()
+        block_args = argparse.Namespace(**{**vars(args),
+                                           "min_run_time": args.min_run_time or 0.2})
+        payload = dict(command=command, machine=info,
+                       method=method_line(args, block_args.min_run_time),
+                       rows=blockdiag_suite.run(block_args, print),
+                       seconds=time.perf_counter() - section_start)
+        print(f"blockdiag: {payload['seconds']:.0f} s")
+        if not args.no_write:
+            write(args, "blockdiag_cpu", payload, blockdiag_suite.markdown(payload, info))
 
     if "models" in args.sections:
         section_start = time.perf_counter()

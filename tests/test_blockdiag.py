@@ -128,3 +128,112 @@ def test_transform_overrides_choose_the_groups():
                                          r"nm \(for pattern 'diag'\)"):
         sparsefx.transform(model, pattern="diag", sparsity=0.75,
                            overrides={"0": {"sparsity": 0.75, "groups": 8}})
+
+
+# ------------------------------------------------------------------------------------ ops
+# sparsefx::blockdiag_linear runs batched GEMMs from 128 rows and 64-output blocks, the diag
+# kernels below: both sides of that line, on the native and the PyTorch kernels.
+
+OPS = torch.ops.sparsefx
+
+
+def _op_inputs(groups, out_block, in_block, rows, sparsity, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    out_features, in_features = groups * out_block, groups * in_block
+    cosets = torch.randperm(groups, generator=generator)[
+        :patterns.blockdiag_num_cosets(groups, sparsity)]
+    offsets = patterns.blockdiag_offsets(out_features, in_features, groups, cosets)
+    _, length = patterns.diag_geometry(out_features, in_features)
+    values = torch.randn(offsets.numel(), length, generator=generator, dtype=dtype)
+    x = torch.randn(rows, in_features, generator=generator, dtype=dtype)
+    bias = torch.randn(out_features, generator=generator, dtype=dtype)
+    return x, values, offsets, bias
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+@settings(deadline=None, max_examples=20)
+@given(groups=st.sampled_from([1, 2, 3, 4]), out_block=st.sampled_from([1, 5, 64, 70]),
+       in_block=st.integers(1, 40), rows=st.sampled_from([1, 7, 128, 150]),
+       sparsity=st.sampled_from([0.5, 0.75]), seed=st.integers(0, 2**16))
+def test_the_op_and_its_gradients_match_the_dense_reference(kernels, groups, out_block,
+                                                            in_block, rows, sparsity, seed):
+    x, values, offsets, bias = _op_inputs(groups, out_block, in_block, rows, sparsity,
+                                          torch.float64, seed)
+    out_features, in_features = groups * out_block, groups * in_block
+    x.requires_grad_()
+    values.requires_grad_()
+    with sparsefx.kernels.use_cpu_kernels(kernels):
+        y = OPS.blockdiag_linear(x, values, offsets, out_features, groups, bias)
+        grad_out = torch.randn_like(y)
+        grad_x, grad_values = torch.autograd.grad(y, (x, values), grad_out)
+    weight = patterns.diag_to_dense(values.detach(), offsets, out_features, in_features)
+    weight.requires_grad_()
+    x_dense = x.detach().requires_grad_()
+    reference = F.linear(x_dense, weight, bias)
+    ref_grad_x, ref_grad_weight = torch.autograd.grad(reference, (x_dense, weight), grad_out)
+    rows_ids, cols_ids = patterns.diag_coordinates(offsets, out_features, in_features)
+    torch.testing.assert_close(y, reference)
+    torch.testing.assert_close(grad_x, ref_grad_x)
+    torch.testing.assert_close(grad_values, ref_grad_weight[rows_ids, cols_ids])
+
+
+@pytest.mark.parametrize("groups,out_block,in_block,rows", [(2, 3, 4, 5), (4, 64, 2, 130),
+                                                            (2, 64, 6, 128)])
+def test_opcheck_and_gradcheck(groups, out_block, in_block, rows):
+    x, values, offsets, bias = _op_inputs(groups, out_block, in_block, rows, 0.5)
+    out_features, in_features = groups * out_block, groups * in_block
+    torch.library.opcheck(OPS.blockdiag_linear,
+                          (x.requires_grad_(), values.requires_grad_(), offsets, out_features,
+                           groups, bias))
+    grad_out = torch.randn(rows, out_features)
+    torch.library.opcheck(OPS.blockdiag_linear_grad_input,
+                          (grad_out, values.detach(), offsets, in_features, groups))
+    torch.library.opcheck(OPS.blockdiag_linear_grad_values,
+                          (grad_out, x.detach(), values.detach(), offsets, groups))
+    inputs = [t.detach().double().requires_grad_() for t in (x, values, bias)]
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: OPS.blockdiag_linear(x, v, offsets, out_features, groups, b), inputs)
+
+
+def test_compiled_model_matches_eager_with_no_graph_break():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = sparsefx.transform(nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 8)),
+                               "blockdiag", 0.75, keep_last_dense=True)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(130, 32)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for compiled_grad, param in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(compiled_grad, param.grad)
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_errors_name_groups_and_partial_cosets(kernels):
+    x, values, offsets, bias = _op_inputs(4, 3, 2, 5, 0.5)
+    with sparsefx.kernels.use_cpu_kernels(kernels):
+        with pytest.raises(ValueError, match=r"sparsefx.blockdiag_linear: groups=5: expected a "
+                                             r"positive divisor of both out_features=12"):
+            OPS.blockdiag_linear(x, values, offsets, 12, 5, bias)
+        partial = offsets[1:].clone()  # one diagonal of a coset dropped
+        with pytest.raises(ValueError, match=r"sparsefx.blockdiag_linear: offsets holds 2 of "
+                                             r"the 3 diagonals of coset \d \(mod g = 4\): "
+                                             r"expected whole cosets"):
+            OPS.blockdiag_linear(x, values[1:], partial, 12, 4, bias)
+
+
+def test_flop_counter_counts_stored_multiply_adds():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, values, offsets, bias = _op_inputs(2, 64, 4, 130, 0.5)
+    x.requires_grad_()
+    values.requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        y = OPS.blockdiag_linear(x, values, offsets, 128, 2, bias)
+    assert counter.get_total_flops() == 2 * 130 * values.numel()
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 2 * 2 * 130 * values.numel()

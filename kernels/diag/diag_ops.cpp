@@ -30,7 +30,7 @@ Tensor offsets_in_range(const Tensor& offsets, int64_t mod) {
 }
 
 // y[rows, out_len] = bias (or zeros) + the diagonals applied to the rows of x (see
-// diag_cpu.h), in the compute dtype `dtype`
+// kernels.h), in the compute dtype `dtype`
 Tensor apply_diagonals(const Tensor& x_rows, const Tensor& values, const Tensor& offsets,
                        int64_t mod, bool gather, int64_t out_len, const OptionalTensor& bias,
                        at::ScalarType dtype) {

@@ -57,7 +57,7 @@ void check_ids_in_range(const Tensor& ids, int64_t in) {
 
 // ------------------------------------------------------------------------ fanin: CPU
 
-// Activations for the fan-in kernels: feature-major (see fanin_cpu.h). `rows` [batch,
+// Activations for the fan-in kernels: feature-major (see kernels.h). `rows` [batch,
 // features] in the compute dtype becomes [features, batch] (width = batch), or, float32
 // above one block of columns, [chunks, features, kBlockColumns] (width = kBlockColumns).
 struct FeatureMajor {

@@ -1,13 +1,13 @@
 """The blockdiag section: blocked diagonals against diagonals at the same sparsity (and
-dense ``F.linear``), layer by layer, forward and a training step (forward + both
+dense ``nn.Linear``), layer by layer, forward and a training step (forward + both
 gradients), interleaved, eager. The blocked layer runs its batched GEMMs where its kernel
 takes them (from 128 rows, blocks of at least 64 outputs) and the diagonal kernel below."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from common import Candidate, fmt, interleaved, machine_line, markdown_table, median_ratio, median_time
+from common import (Candidate, fmt, interleaved, machine_line, markdown_table, median_ratio,
+                    median_time)
 from sparsefx.layers import BlockDiagLinear, DiagLinear
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]
@@ -41,7 +41,7 @@ def run(args, progress) -> list[dict]:
                     context = torch.no_grad()
                 else:
                     x.requires_grad_()
-                    fns = {name: _step(layer, x, grad_out, [p for p in layer.parameters()])
+                    fns = {name: _step(layer, x, grad_out, list(layer.parameters()))
                            for name, layer in layers.items()}
                     context = torch.enable_grad()
                 with context:
@@ -53,8 +53,10 @@ def run(args, progress) -> list[dict]:
                            stored=dict(diag=layers["diag"].values.numel(),
                                        blockdiag=blocked.values.numel()),
                            ms={name: 1e3 * median_time(c) for name, c in by_name.items()},
-                           blockdiag_over_diag=median_ratio(by_name["diag"], by_name["blockdiag"]),
-                           blockdiag_over_dense=median_ratio(by_name["dense"], by_name["blockdiag"]),
+                           blockdiag_over_diag=median_ratio(by_name["diag"],
+                                                            by_name["blockdiag"]),
+                           blockdiag_over_dense=median_ratio(by_name["dense"],
+                                                             by_name["blockdiag"]),
                            diag_over_dense=median_ratio(by_name["dense"], by_name["diag"]))
                 rows.append(row)
                 progress(f"{out_features}x{in_features} b{batch} {step}: blockdiag "

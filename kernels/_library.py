@@ -85,7 +85,7 @@ def bias_grad(grad_out: Tensor) -> Tensor:
 # --------------------------------------------------------------------- kernel tables
 
 
-class TritonKernels:
+class CudaKernels:
     """A pattern's CUDA kernels (its Triton kernels, imported on first use: Triton is only
     needed where they run), called on contiguous operands."""
 
@@ -131,20 +131,21 @@ class PatternOps:
     ``cuda``: the module path of the kernels CUDA tensors run (its Triton kernels), imported
     on first use; ``torch_kernels``: its PyTorch kernels. ``flops``: op name -> the position
     of the operand whose shape is the stored weights (2 FLOPs per stored weight per
-    activation row of the first operand). ``autograd``: op name -> ``(backward,
-    setup_context)``, used only where the native library (which has the C++ autograd) is
-    missing."""
+    activation row of the first operand). ``fakes``: op name -> its fake (meta)
+    implementation. ``autograd``: op name -> ``(backward, setup_context)``, used only where
+    the native library (which has the C++ autograd) is missing."""
 
     schemas: dict[str, str]
     functions: dict[str, Callable]
     cuda: str
     torch_kernels: ModuleType
     flops: dict[str, int]
+    fakes: dict[str, Callable]
     autograd: dict[str, tuple[Callable, Callable]] = field(default_factory=dict)
 
     def __post_init__(self):
         # each backend's kernels: "triton" the CUDA ones, "torch" the PyTorch ones
-        self.kernels = {"triton": TritonKernels(self.cuda),
+        self.kernels = {"triton": CudaKernels(self.cuda),
                         "torch": TorchKernels(self.torch_kernels)}
 
 
@@ -152,10 +153,12 @@ _DEFINED: list[PatternOps] = []
 
 
 def define_ops(ops: PatternOps) -> None:
-    """Define ``ops``' schemas, register their CUDA kernels and FLOP formulas; their CPU
-    kernels come with ``load_cpu_kernels``."""
+    """Define ``ops``' schemas, register their fakes, CUDA kernels and FLOP formulas; their
+    CPU kernels come with ``load_cpu_kernels``."""
     for schema in ops.schemas.values():
         LIB.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    for name, fake in ops.fakes.items():
+        torch.library.register_fake(f"sparsefx::{name}", fake, lib=LIB)
     _register(LIB, [ops], "triton", "CUDA")
     for name, stored_position in ops.flops.items():
         _register_flops(getattr(torch.ops.sparsefx, name), stored_position)

@@ -237,3 +237,24 @@ def test_flop_counter_counts_stored_multiply_adds():
     with FlopCounterMode(display=False) as counter:
         y.sum().backward()
     assert counter.get_total_flops() == 2 * 2 * 130 * values.numel()
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_blocks_follow_in_place_changes_to_values_and_structure(kernels):
+    """The kernels keep the values laid out as blocks (and the layout) between calls: an
+    in-place write to either, as an optimizer step or DST makes, is seen by the next call."""
+    x, values, offsets, bias = _op_inputs(4, 64, 8, 130, 0.5)  # blocked: 130 rows, 64 outputs
+
+    def check():
+        weight = patterns.diag_to_dense(values, offsets, 256, 32)
+        with sparsefx.kernels.use_cpu_kernels(kernels):
+            torch.testing.assert_close(OPS.blockdiag_linear(x, values, offsets, 256, 4, bias),
+                                       F.linear(x, weight, bias))
+
+    check()
+    values.mul_(-2.0)  # an optimizer step
+    check()
+    kept = patterns.blockdiag_cosets(offsets, 4)
+    moved = torch.tensor([r for r in range(4) if r not in kept.tolist()][:kept.numel()])
+    offsets.copy_(patterns.blockdiag_offsets(256, 32, 4, moved))  # DST moves the cosets
+    check()

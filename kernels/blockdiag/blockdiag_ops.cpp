@@ -12,6 +12,7 @@
 
 #include "../csrc/checks.h"
 #include "../csrc/common.h"
+#include "../diag/ops.h"
 #include "checks.h"
 #include "kernels.h"
 
@@ -28,25 +29,6 @@ bool blocked(int64_t rows, int64_t out_features, int64_t groups) {
   return rows >= kBlockedMinRows && out_features / groups >= kBlockedMinOutBlock;
 }
 
-using DiagLinearSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt,
-                                   const OptionalTensor&);
-using GradInputSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt);
-using DiagGradValuesSignature = Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&);
-
-const c10::TypedOperatorHandle<DiagLinearSignature>& diag_linear_op() {
-  static auto handle = op_handle<DiagLinearSignature>("sparsefx::diag_linear");
-  return handle;
-}
-const c10::TypedOperatorHandle<GradInputSignature>& diag_grad_input_op() {
-  static auto handle = op_handle<GradInputSignature>("sparsefx::diag_linear_grad_input");
-  return handle;
-}
-const c10::TypedOperatorHandle<DiagGradValuesSignature>& diag_grad_values_op() {
-  static auto handle = op_handle<DiagGradValuesSignature>("sparsefx::diag_linear_grad_values");
-  return handle;
-}
-
 // The layout of `offsets` (checked), built once per structure version.
 std::shared_ptr<const BlockLayout> layout_of(const Tensor& offsets, int64_t out_features,
                                              int64_t in_features, int64_t groups) {
@@ -54,25 +36,22 @@ std::shared_ptr<const BlockLayout> layout_of(const Tensor& offsets, int64_t out_
   const int64_t shape = (out_features << 31) | in_features;
   if (auto found = cache.find(offsets, kBlockdiagBlocks, shape, groups))
     return std::static_pointer_cast<const BlockLayout>(found);
-  Tensor flat = offsets.to(at::kLong).contiguous();
-  const int64_t* data = flat.data_ptr<int64_t>();
-  const int64_t mod = std::max(out_features, in_features);
-  for (int64_t k = 0; k < flat.numel(); ++k) {  // bounds, even for a structure edited via .data
-    TORCH_CHECK_INDEX(data[k] >= 0 && data[k] < mod, "sparsefx blockdiag kernel: offset ",
-                      data[k], " lies outside [0, ", mod, ")");
-  }
-  auto built = std::make_shared<const BlockLayout>(
-      block_layout(data, flat.numel(), out_features, in_features, groups));
+  Tensor flat = offsets_in_range(offsets, std::max(out_features, in_features));
+  auto built = std::make_shared<const BlockLayout>(block_layout(
+      flat.data_ptr<int64_t>(), flat.numel(), out_features, in_features, groups));
   cache.remember(offsets, kBlockdiagBlocks, shape, groups, built);
   return built;
 }
 
-// the stacked blocks [g, c * in/g, out/g] holding `values` (compute dtype, contiguous)
-Tensor blocks_of(const BlockLayout& layout, const Tensor& values) {
+// The stacked blocks [g, c * in/g, out/g] holding `values`, in the compute dtype `dtype`.
+// Laid out on every call: blocks kept with the values (keyed by their version counter) went
+// stale under writes through .data, which gradcheck and user code make.
+Tensor blocks_of(const BlockLayout& layout, const Tensor& values, at::ScalarType dtype) {
+  Tensor compute = as_compute(values, dtype);
   Tensor blocks = at::empty({layout.groups, layout.stacked(), layout.out_block},
-                            values.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsefx_blockdiag_blocks", [&] {
-    move_values(layout, values.data_ptr<scalar_t>(), blocks.data_ptr<scalar_t>(), true);
+                            compute.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_blockdiag_blocks", [&] {
+    move_values(layout, compute.data_ptr<scalar_t>(), blocks.data_ptr<scalar_t>(), true);
   });
   return blocks;
 }
@@ -104,11 +83,12 @@ Tensor blockdiag_linear_cpu(const Tensor& x, const Tensor& values, const Tensor&
   const int64_t in_features = features(x);
   check_blockdiag(op, x, "x", values, offsets, out_features, in_features, groups, bias);
   const int64_t rows = x.numel() / in_features;
-  if (!blocked(rows, out_features, groups)) return diag_linear_op().call(x, values, offsets, out_features, bias);
+  if (!blocked(rows, out_features, groups))
+    return diag_linear_op().call(x, values, offsets, out_features, bias);
   const auto dtype = compute_dtype(x.scalar_type());
   const auto layout = layout_of(offsets, out_features, in_features, groups);
   Tensor products = at::bmm(columns_of(*layout, as_compute(x.reshape({-1, in_features}), dtype)),
-                            blocks_of(*layout, as_compute(values, dtype)));
+                            blocks_of(*layout, values, dtype));
   Tensor b = bias.has_value() ? as_compute(*bias, dtype) : Tensor();
   Tensor y = at::empty({rows, out_features}, products.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_blockdiag_forward", [&] {
@@ -132,7 +112,7 @@ Tensor blockdiag_linear_grad_input_cpu(const Tensor& grad_out, const Tensor& val
   const auto layout = layout_of(offsets, out_features, in_features, groups);
   Tensor grad_rows = as_compute(grad_out.reshape({-1, out_features}), dtype);
   Tensor grad_columns = at::bmm(residue_rows_of(*layout, grad_rows),
-                                blocks_of(*layout, as_compute(values, dtype)).transpose(1, 2));
+                                blocks_of(*layout, values, dtype).transpose(1, 2));
   Tensor grad_x = at::empty({rows, in_features}, grad_columns.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "sparsefx_blockdiag_grad_input", [&] {
     scatter_columns(*layout, grad_columns.data_ptr<scalar_t>(), rows,
@@ -152,7 +132,8 @@ Tensor blockdiag_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x,
              std::nullopt, /*structure=*/false);
   check_rows_match(op, grad_out, x);
   const int64_t rows = x.numel() / in_features;
-  if (!blocked(rows, out_features, groups)) return diag_grad_values_op().call(grad_out, x, values, offsets);
+  if (!blocked(rows, out_features, groups))
+    return diag_grad_values_op().call(grad_out, x, values, offsets);
   const auto dtype = compute_dtype(x.scalar_type());
   const auto layout = layout_of(offsets, out_features, in_features, groups);
   Tensor columns = columns_of(*layout, as_compute(x.reshape({-1, in_features}), dtype));

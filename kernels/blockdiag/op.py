@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import torch_kernels
 from .._checks import check_rows_match
-from .._library import (LIB, PatternOps, add_bias, bias_grad, define_ops, features, leading,
+from .._library import (PatternOps, add_bias, bias_grad, define_ops, features, leading,
                         require_supported_device)
 from ..diag.checks import check_diag
 from .checks import check_blockdiag
@@ -128,11 +128,10 @@ define_ops(PatternOps(
     torch_kernels=torch_kernels,
     flops={"blockdiag_linear": 1, "blockdiag_linear_grad_input": 1,
            "blockdiag_linear_grad_values": 2},
+    fakes={"blockdiag_linear": _fake_blockdiag_linear,
+           "blockdiag_linear_grad_input": _fake_grad_input,
+           "blockdiag_linear_grad_values": _fake_grad_values},
     autograd={"blockdiag_linear": (_backward, _setup_context)},
 ))
-for _name, _fake in [("blockdiag_linear", _fake_blockdiag_linear),
-                     ("blockdiag_linear_grad_input", _fake_grad_input),
-                     ("blockdiag_linear_grad_values", _fake_grad_values)]:
-    torch.library.register_fake(f"sparsefx::{_name}", _fake, lib=LIB)
 
 blockdiag_linear = torch.ops.sparsefx.blockdiag_linear

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import patterns
+from .. import _structure_cache, patterns
 
 __all__ = ["blockdiag_forward", "blockdiag_input_grad", "blockdiag_values_grad"]
 
@@ -16,7 +16,13 @@ __all__ = ["blockdiag_forward", "blockdiag_input_grad", "blockdiag_values_grad"]
 def _layout(offsets: torch.Tensor, out_features: int, in_features: int, groups: int):
     """``(position, columns)``: where each value (flat ``k * L + t``) sits in the stacked
     blocks ``[g, c * in/g, out/g]``, and the input columns ``[g, c * in/g]`` each block-row
-    reads (kept coset after kept coset)."""
+    reads (kept coset after kept coset). Built once per structure version."""
+    return _structure_cache.derived(
+        offsets, ("blockdiag layout", out_features, in_features, groups),
+        lambda: _build_layout(offsets, out_features, in_features, groups))
+
+
+def _build_layout(offsets: torch.Tensor, out_features: int, in_features: int, groups: int):
     offsets = offsets.to(torch.int64)
     residues = offsets % groups
     kept = torch.unique(residues)

@@ -9,25 +9,13 @@
 #include "../csrc/common.h"
 #include "checks.h"
 #include "kernels.h"
+#include "ops.h"
 
 namespace sparsefx {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// int64 offsets, each verified to lie in [0, mod): the kernels index activations with them,
-// and a structure edited behind the version counter (through .data) must not make them read
-// outside their inputs. O(K) per call.
-Tensor offsets_in_range(const Tensor& offsets, int64_t mod) {
-  Tensor flat = offsets.to(at::kLong).contiguous();
-  const int64_t* data = flat.data_ptr<int64_t>();
-  for (int64_t k = 0; k < flat.numel(); ++k) {
-    TORCH_CHECK_INDEX(data[k] >= 0 && data[k] < mod, "sparsefx diag kernel: offset ", data[k],
-                      " lies outside [0, ", mod, ")");
-  }
-  return flat;
-}
 
 // y[rows, out_len] = bias (or zeros) + the diagonals applied to the rows of x (see
 // kernels.h), in the compute dtype `dtype`
@@ -115,26 +103,6 @@ Tensor diag_linear_grad_values_cpu(const Tensor& grad_out, const Tensor& x, cons
 
 
 // --------------------------------------------------------------------------- autograd
-
-using DiagLinearSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt,
-                                   const OptionalTensor&);
-using GradInputSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, c10::SymInt);
-using DiagGradValuesSignature = Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&);
-
-const c10::TypedOperatorHandle<DiagLinearSignature>& diag_linear_op() {
-  static auto handle = op_handle<DiagLinearSignature>("sparsefx::diag_linear");
-  return handle;
-}
-const c10::TypedOperatorHandle<GradInputSignature>& diag_grad_input_op() {
-  static auto handle = op_handle<GradInputSignature>("sparsefx::diag_linear_grad_input");
-  return handle;
-}
-const c10::TypedOperatorHandle<DiagGradValuesSignature>& diag_grad_values_op() {
-  static auto handle = op_handle<DiagGradValuesSignature>("sparsefx::diag_linear_grad_values");
-  return handle;
-}
-
 
 class DiagLinearFunction : public torch::autograd::Function<DiagLinearFunction> {
  public:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import torch_kernels
 from .._checks import check_rows_match
-from .._library import (LIB, PatternOps, add_bias, bias_grad, define_ops, features, leading,
+from .._library import (PatternOps, add_bias, bias_grad, define_ops, features, leading,
                         require_supported_device)
 from .checks import check_diag
 
@@ -133,11 +133,9 @@ define_ops(PatternOps(
     cuda=f"{__package__}.triton_kernels",
     torch_kernels=torch_kernels,
     flops={"diag_linear": 1, "diag_linear_grad_input": 1, "diag_linear_grad_values": 2},
+    fakes={"diag_linear": _fake_diag_linear, "diag_linear_grad_input": _fake_grad_input,
+           "diag_linear_grad_values": _fake_grad_values},
     autograd={"diag_linear": (_backward, _setup_context)},
 ))
-for _name, _fake in [("diag_linear", _fake_diag_linear),
-                     ("diag_linear_grad_input", _fake_grad_input),
-                     ("diag_linear_grad_values", _fake_grad_values)]:
-    torch.library.register_fake(f"sparsefx::{_name}", _fake, lib=LIB)
 
 diag_linear = torch.ops.sparsefx.diag_linear

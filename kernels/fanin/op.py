@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import torch_kernels
 from .._checks import check_float_operands, check_last_dim, check_rows_match
-from .._library import (LIB, PatternOps, add_bias, bias_grad, define_ops, features, leading,
+from .._library import (PatternOps, add_bias, bias_grad, define_ops, features, leading,
                         require_supported_device)
 from .checks import check_fanin
 
@@ -124,11 +124,9 @@ define_ops(PatternOps(
     cuda=f"{__package__}.triton_kernels",
     torch_kernels=torch_kernels,
     flops={"fanin_linear": 1, "fanin_linear_grad_input": 1, "fanin_linear_grad_values": 2},
+    fakes={"fanin_linear": _fake_fanin_linear, "fanin_linear_grad_input": _fake_grad_input,
+           "fanin_linear_grad_values": _fake_grad_values},
     autograd={"fanin_linear": (_backward, _setup_context)},
 ))
-for _name, _fake in [("fanin_linear", _fake_fanin_linear),
-                     ("fanin_linear_grad_input", _fake_grad_input),
-                     ("fanin_linear_grad_values", _fake_grad_values)]:
-    torch.library.register_fake(f"sparsefx::{_name}", _fake, lib=LIB)
 
 fanin_linear = torch.ops.sparsefx.fanin_linear

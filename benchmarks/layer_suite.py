@@ -15,6 +15,7 @@ each moving the weight side once and two activation-sized tensors: 3x the forwar
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class SparseWeight:
     """One pattern's weights for one shape: how the op and CSR each get them."""
 
     label: str                  # "diag 90%", "nm 2:4", ...
-    family: str                 # "diag" | "fanin" | "nm"
+    op: Callable                # (x, values, structure) -> y, the pattern's sparsefx op
     values: torch.Tensor
     structure: torch.Tensor     # diag offsets [K] or fan-in indices [out, k]
     weight_bytes: int           # what the sparsefx kernel must read: values + structure
@@ -46,25 +47,29 @@ class SparseWeight:
 def sparse_weights(out_features: int, in_features: int, generator: torch.Generator
                    ) -> list[SparseWeight]:
     weights = []
+
+    def diag_op(x, values, offsets):
+        return torch.ops.sparsefx.diag_linear(x, values, offsets, out_features)
+
     for sparsity in SPARSITIES:
         num_kept = patterns.diag_num_kept(out_features, in_features, sparsity)
         offsets = patterns.random_diag_offsets(out_features, in_features, num_kept, generator)
         _, length = patterns.diag_geometry(out_features, in_features)
         values = torch.randn(num_kept, length, generator=generator) / num_kept ** 0.5
         weights.append(SparseWeight(
-            f"diag {sparsity:.0%}", "diag", values, offsets,
+            f"diag {sparsity:.0%}", diag_op, values, offsets,
             values.numel() * 4 + offsets.numel() * offsets.element_size(),
             patterns.diag_to_dense(values, offsets, out_features, in_features)))
-    fanins = [(f"fanin {s:.0%}", "fanin",
+    fanins = [(f"fanin {s:.0%}",
                patterns.random_fanin_indices(out_features, in_features,
                                              patterns.fanin_num_kept(in_features, s), generator))
               for s in SPARSITIES]
-    fanins.append(("nm 2:4", "nm",
+    fanins.append(("nm 2:4",
                    patterns.random_nm_indices(out_features, in_features, 2, 4, generator)))
-    for label, family, indices in fanins:
+    for label, indices in fanins:
         values = torch.randn(indices.shape, generator=generator) / indices.shape[1] ** 0.5
         weights.append(SparseWeight(
-            label, family, values, indices,
+            label, torch.ops.sparsefx.fanin_linear, values, indices,
             values.numel() * 4 + indices.numel() * indices.element_size(),
             patterns.fanin_to_dense(values, indices, in_features)))
     return weights
@@ -143,11 +148,7 @@ def candidates(layer: Layer, batch: int, pass_name: str, compile_labels: set[str
 
     rows = both("dense F.linear", F.linear, [layer.dense], "dense", layer.dense.numel() * 4)
     for weight in layer.sparse:
-        if weight.family == "diag":
-            op = lambda x, v, o: torch.ops.sparsefx.diag_linear(x, v, o, out_features)
-        else:
-            op = lambda x, v, i: torch.ops.sparsefx.fanin_linear(x, v, i)
-        rows += both(f"{weight.label}: sparsefx", op, [weight.values, weight.structure],
+        rows += both(f"{weight.label}: sparsefx", weight.op, [weight.values, weight.structure],
                      weight.label, weight.weight_bytes)
         # CSR stays eager: torch.compile does not take sparse tensors ("Attempted to wrap
         # sparse Tensor")

@@ -38,6 +38,7 @@ import sparsefx
 from common import Candidate, fmt, interleaved, machine_line, markdown_table, median_ratio, \
     median_time
 from ideal_sparse import IdealSparseLinear, ideal_sparse, sparsified_layers
+from sparsefx.registry import pattern_named
 
 # (pattern, sparsity, DST method): each pattern's own method (SRigL is fan-in only, so N:M
 # trains with RigL)
@@ -61,8 +62,13 @@ class Variant:
     training_state: dict = field(default_factory=dict)  # optimizer and DST, built once
 
 
-def _label(pattern: str, sparsity: float) -> str:
-    return f"{pattern} 2:4" if pattern == "nm" else f"{pattern} {sparsity:.0%}"
+def _takes_nm(key: str) -> bool:
+    return pattern_named(PATTERNS[key][0]).takes_nm
+
+
+def _label(key: str) -> str:
+    pattern, sparsity, _ = PATTERNS[key]
+    return f"{pattern} 2:4" if _takes_nm(key) else f"{pattern} {sparsity:.0%}"
 
 
 def build_variants(dense: nn.Module, patterns: list[str], **transform_options) -> list[Variant]:
@@ -75,7 +81,7 @@ def build_variants(dense: nn.Module, patterns: list[str], **transform_options) -
         model = sparsefx.transform(dense, pattern=pattern, sparsity=sparsity,
                                    **transform_options)
         layers = sparsified_layers(model)
-        variant = Variant(_label(pattern, sparsity), "sparse", model, pattern=key,
+        variant = Variant(_label(key), "sparse", model, pattern=key,
                           dst_method=method)
         sparse.append(variant)
         groups.setdefault(tuple(sorted(layers.items())), (layers, model, []))[2].append(variant)
@@ -334,8 +340,9 @@ def run(args, progress) -> dict:
             def skip(variant: Variant, mode: str, workload=workload) -> str:
                 if mode == "compiled" and compile_skip:
                     return compile_skip
-                nm_only = variant.pattern == "nm" or (variant.kind == "ideal" and all(
-                    v.pattern == "nm" for v in variants if v.ideal == variant.label))
+                nm_only = (variant.pattern and _takes_nm(variant.pattern)) or (
+                    variant.kind == "ideal" and all(_takes_nm(v.pattern) for v in variants
+                                                    if v.ideal == variant.label))
                 if workload.heavy and nm_only and not args.nm_everywhere:
                     return ("N:M left out of the slow workloads to save time "
                             "(--nm-everywhere)")

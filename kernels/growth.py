@@ -12,7 +12,7 @@ needs. ``G`` exists only inside this one layer's backward and is reduced before 
 so the dense gradients of a model never exist at once and what is kept is about the size of
 the sparse layer:
 
-* ``"diag"`` (``structure`` = offsets): ``probe [P]``, the L2 norm of ``G`` along each
+* ``"diagonals"`` (``structure`` = offsets): ``probe [P]``, the L2 norm of ``G`` along each
   candidate diagonal.
 * ``"rows"`` (``structure`` = fan-in ``indices [out, k]``), ``plan = [per_row, per_group,
   group_size, layer_wide]``: ``|G|`` at the ``out * k`` active entries, then candidate lists
@@ -55,7 +55,7 @@ from .distributed import mean_over_ranks_, world_size
 __all__ = ["growth_tap", "probe_size", "listed_candidates", "candidate_scores", "top_ids",
            "Listed", "GRANULARITIES"]
 
-GRANULARITIES = ("diag", "rows", "elements")
+GRANULARITIES = ("diagonals", "rows", "elements")
 
 
 def _active_count(structure: Tensor, granularity: str) -> int:
@@ -71,7 +71,7 @@ def _list_lengths(out_features: int, in_features: int, plan: list[int]) -> list[
 def probe_size(out_features: int, in_features: int, granularity: str, plan: list[int],
                active: int) -> int:
     """Length of the probe for a layer with ``active`` active weights (diag: ``P``)."""
-    if granularity == "diag":
+    if granularity == "diagonals":
         return patterns.diag_geometry(out_features, in_features)[0]
     return active + 3 * sum(_list_lengths(out_features, in_features, plan))
 
@@ -90,7 +90,7 @@ def _check(y: Tensor, x: Tensor, probe: Tensor, structure: Tensor, granularity: 
     if len(plan) != 4 or min(plan) < 0:
         raise ValueError(f"{op}: plan={plan}: expected 4 counts >= 0")
     out_features, in_features = y.shape[-1], x.shape[-1]
-    if granularity == "diag":
+    if granularity == "diagonals":
         expected = probe_size(out_features, in_features, granularity, plan, 0)
     else:
         expected = probe_size(out_features, in_features, granularity, plan,
@@ -306,7 +306,7 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     """The float32 probe gradient ``growth_tap`` hands back: see the module docstring."""
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).float()
     x_rows = x.reshape(-1, x.shape[-1]).float()
-    if granularity == "diag":
+    if granularity == "diagonals":
         return _diag_gradient_norms(grad_rows, x_rows)
     if granularity == "rows":
         return _fanin_scores(grad_rows, x_rows, structure.long(), plan)

@@ -189,9 +189,12 @@ def blockdiag_groups(out_features: int, in_features: int, sparsity: float,
     """The ``g`` for a layer: a common divisor of ``out`` and ``in`` whose blocks have both
     sides at least ``min_block`` (what ``tl.dot`` and a CPU GEMM want). Of those, the
     largest blocks (smallest ``g``) whose density ``c / g`` is within 10 % of
-    ``1 - sparsity``, else the density closest to it. If no divisor gives such blocks, the
-    one giving the largest blocks that still leaves any sparsity (``g >= 2``); ``1``
-    (dense) only if ``out`` and ``in`` are coprime."""
+    ``1 - sparsity``, else the density closest to it, and at equal density the most cosets
+    (largest ``g``): a block-row with one coset reads one block-column, and stacked
+    one-coset layers never mix their residue classes (a 256-64-256 MLP at 90 % then reads
+    16 of 64 pixels per hidden unit). If no divisor gives such blocks, the one giving the
+    largest blocks that still leaves any sparsity (``g >= 2``); ``1`` (dense) only if
+    ``out`` and ``in`` are coprime."""
     diag_geometry(out_features, in_features)
     _check_sparsity(sparsity)
     common = math.gcd(out_features, in_features)
@@ -203,7 +206,7 @@ def blockdiag_groups(out_features: int, in_features: int, sparsity: float,
     density = 1.0 - sparsity
     error = {g: abs(blockdiag_num_cosets(g, sparsity) / g - density) / density for g in fitting}
     close = [g for g in fitting if error[g] <= _BLOCKDIAG_DENSITY_TOLERANCE]
-    return min(close) if close else min(fitting, key=lambda g: (error[g], g))
+    return min(close) if close else min(fitting, key=lambda g: (error[g], -g))
 
 
 def blockdiag_offsets(out_features: int, in_features: int, groups: int,

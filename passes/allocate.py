@@ -93,8 +93,8 @@ def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, 
             if decision.site.dense_reason is not None and value != "dense":
                 raise ValueError(f"overrides[{key!r}]: {decision.site.name} must stay dense "
                                  f"({decision.site.dense_reason})")
-            _apply_override(decision, key, value, pattern, nm, known)
-            overridden.add(id(decision))
+            if _apply_override(decision, key, value, pattern, nm, known):
+                overridden.add(id(decision))
 
     rest = [d for d in decisions if d.reason is None and id(d) not in overridden]
     if distribution == "erk" and rest:
@@ -102,12 +102,15 @@ def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, 
         for decision, density in zip(rest, patterns.erk_densities(shapes, sparsity),
                                      strict=True):
             if density >= 1.0:
-                decision.reason = "ERK gives this layer density 1"
+                decision.pattern, decision.reason = None, "ERK gives this layer density 1"
             else:
-                decision.pattern, decision.sparsity = pattern, 1.0 - density
+                decision.pattern = decision.pattern or pattern
+                decision.sparsity = 1.0 - density
     else:
         for decision in rest:
-            decision.pattern, decision.sparsity = pattern, sparsity
+            decision.pattern, decision.sparsity = decision.pattern or pattern, sparsity
+            if not known[decision.pattern].takes_nm:  # e.g. a diag override under nm
+                _check_sparsity(sparsity, "transform")
     for decision in decisions:
         if decision.pattern is not None and known[decision.pattern].takes_nm:
             decision.nm = decision.nm or tuple(nm)
@@ -121,11 +124,14 @@ def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, 
 
 
 def _apply_override(decision: Decision, key: str, value, pattern: str, nm,
-                    known: Mapping) -> None:
+                    known: Mapping) -> bool:
+    """Apply one override to ``decision``; True when it fixes the layer's sparsity (a dict
+    without ``sparsity`` sets the pattern or its options and leaves the layer its share of
+    ``distribution``)."""
     where = f"overrides[{key!r}]"
     if value == "dense":
         decision.pattern, decision.reason = None, f"overridden by {where}"
-        return
+        return True
     if isinstance(value, (int, float)):
         value = {"sparsity": value}
     if not isinstance(value, dict):
@@ -139,9 +145,12 @@ def _apply_override(decision: Decision, key: str, value, pattern: str, nm,
         raise ValueError(f"{where} has keys {sorted(unknown)}: expected {', '.join(allowed)} "
                          f"(for pattern {decision.pattern!r})")
     decision.options = {key: value[key] for key in layer_options if key in value}
+    decision.reason = None
     if known[decision.pattern].takes_nm:
         decision.nm = tuple(value.get("nm", nm))
-    else:
-        decision.sparsity = value.get("sparsity")
-        _check_sparsity(decision.sparsity, where)
-    decision.reason = None
+        return True
+    if "sparsity" not in value:
+        return False
+    decision.sparsity = value["sparsity"]
+    _check_sparsity(decision.sparsity, where)
+    return True

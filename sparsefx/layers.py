@@ -219,7 +219,7 @@ class DiagLinear(_SparseLinear):
     parameter) on ``offsets [K]`` (an int64 buffer, rewritten in place by DST)."""
 
     pattern = "diag"
-    growth_granularity = "diag"
+    growth_granularity = "diagonals"
 
     def __init__(self, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
                  in_features: int, bias: torch.Tensor | None = None):

@@ -39,7 +39,7 @@ def _tap_gradient(out_features, in_features, structure, granularity, plan, seed)
        seed=st.integers(0, 2**16))
 def test_diag_scores_are_gradient_norms_along_every_candidate(out_features, in_features, seed):
     offsets = torch.tensor([0])
-    scores, dense = _tap_gradient(out_features, in_features, offsets, "diag", [0, 0, 0, 0], seed)
+    scores, dense = _tap_gradient(out_features, in_features, offsets, "diagonals", [0, 0, 0, 0], seed)
     torch.testing.assert_close(scores, patterns.diag_norms(dense), rtol=1e-5, atol=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_the_lists_are_about_the_size_of_the_sparse_layer():
 
 
 @pytest.mark.parametrize("granularity,structure,plan", [
-    ("diag", torch.tensor([0, 3]), [0, 0, 0, 0]),
+    ("diagonals", torch.tensor([0, 3]), [0, 0, 0, 0]),
     ("rows", torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16), [1, 0, 0, 2]),
     ("elements", torch.tensor([[True, False, False, True]] * 3), [0, 0, 0, 2]),
 ])
@@ -190,7 +190,7 @@ def test_bad_probe_raises():
     probe = torch.zeros(5, requires_grad=True)
     with pytest.raises(ValueError, match="probe has 5 elements: expected 4"):
         torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
-                                      torch.tensor([0]), "diag", [0, 0, 0, 0])
+                                      torch.tensor([0]), "diagonals", [0, 0, 0, 0])
     with pytest.raises(ValueError, match="granularity='rowz'"):
         torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
                                       torch.tensor([0]), "rowz", [0, 0, 0, 0])

@@ -258,8 +258,9 @@ def test_blockdiag_groups_divide_the_shape_and_keep_blocks_large(out_blocks, in_
     close = [g for g in fits if error(g) <= 0.10]
     if close:  # the largest blocks whose density is within 10 % of the target
         assert groups == min(close)
-    else:      # else the closest density
+    else:      # else the closest density, with the most cosets among equals
         assert error(groups) == min(error(g) for g in fits)
+        assert groups == max(g for g in fits if error(g) == error(groups))
 
 
 def test_blockdiag_groups_at_model_widths():
@@ -269,3 +270,6 @@ def test_blockdiag_groups_at_model_widths():
     assert patterns.blockdiag_groups(4096, 4096, 0.9) == 32
     assert patterns.blockdiag_groups(4096, 4096, 0.95) == 64
     assert patterns.blockdiag_num_cosets(32, 0.9) == 3
+    # 256x256 at 90 %: g = 8 and g = 16 both give density 1/8; two cosets of 16x16 blocks
+    assert patterns.blockdiag_groups(256, 256, 0.9) == 16
+    assert patterns.blockdiag_num_cosets(16, 0.9) == 2

@@ -145,6 +145,17 @@ def test_options_select_and_shape_the_layers():
     assert sum(r.params for r in erk.values()) == pytest.approx(
         0.2 * sum(r.dense_params for r in erk.values()), rel=0.1)
     assert erk["4"].sparsity < erk["0"].sparsity < erk["2"].sparsity
+    # a dict without "sparsity" sets the pattern or its options and leaves the layer its
+    # share of the distribution
+    for distribution in ("uniform", "erk"):
+        plain = {r.name: r for r in sparsefx.report(
+            sparsefx.transform(model, "diag", 0.8, distribution=distribution))}
+        shaped = sparsefx.transform(model, "diag", 0.8, distribution=distribution,
+                                    overrides={"2": {"pattern": "blockdiag", "groups": 4}})
+        assert shaped.get_submodule("2").groups == 4
+        got = {r.name: r.sparsity for r in sparsefx.report(shaped)}
+        assert got["0"] == plain["0"].sparsity and got["4"] == plain["4"].sparsity
+        assert got["2"] == pytest.approx(plain["2"].sparsity, abs=0.13)  # 1 coset of 4
     cnn, _, _ = _build("cnn")
     typed = sparsefx.transform(cnn, "diag", 0.5, exclude_types=(nn.Linear,))
     assert typed is cnn  # nothing left to sparsify: unchanged, with a warning

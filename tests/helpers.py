@@ -92,6 +92,21 @@ def diag_case(out_features, in_features, sparsity, dtype, generator):
     return values, offsets, DenseCheck(weight, stored, terms=num_kept, terms_grad_x=num_kept)
 
 
+def blockdiag_case(groups, out_block, in_block, sparsity, dtype, generator):
+    """Random whole cosets (``g`` of them, blocks ``out_block x in_block``) at ``sparsity``
+    with their dense reference."""
+    out_features, in_features = groups * out_block, groups * in_block
+    cosets = torch.randperm(groups, generator=generator)[
+        :patterns.blockdiag_num_cosets(groups, sparsity)]
+    offsets = patterns.blockdiag_offsets(out_features, in_features, groups, cosets)
+    _, length = patterns.diag_geometry(out_features, in_features)
+    values = torch.randn(offsets.numel(), length, generator=generator).to(dtype)
+    weight = patterns.diag_to_dense(values, offsets, out_features, in_features)
+    stored = patterns.diag_coordinates(offsets, out_features, in_features)
+    terms = offsets.numel()  # c * max(out, in) / g: at least a row's and a column's count
+    return values, offsets, DenseCheck(weight, stored, terms=terms, terms_grad_x=terms)
+
+
 def fanin_case(out_features, in_features, sparsity, dtype, generator):
     fan_in = patterns.fanin_num_kept(in_features, sparsity)
     indices = patterns.random_fanin_indices(out_features, in_features, fan_in, generator)

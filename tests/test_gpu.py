@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import diag_case, fanin_case
+from helpers import blockdiag_case, diag_case, fanin_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -36,6 +36,30 @@ def test_cuda_ops_match_dense(out_features, in_features, rows, sparsity, dtype, 
     check.stored = tuple(t.cuda() for t in check.stored)
     indices = indices.cuda()
     check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices, b),
+                  x.cuda(), values.cuda(), _cuda(bias), seed)
+
+
+@settings(max_examples=40)
+@given(groups=st.sampled_from([1, 2, 4, 8, 32]), out_block=st.sampled_from([1, 16, 24, 96, 130]),
+       in_block=st.sampled_from([1, 16, 24, 96, 130]),
+       rows=st.sampled_from([0, 1, 15, 16, 256, 300]),
+       sparsity=st.sampled_from([0.5, 0.9]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cuda_blockdiag_matches_dense(groups, out_block, in_block, rows, sparsity, dtype,
+                                      with_bias, seed):
+    """The tensor-core kernels (from 16 rows) and the diag kernels below."""
+    generator = torch.Generator().manual_seed(seed)
+    values, offsets, check = blockdiag_case(groups, out_block, in_block, sparsity, dtype,
+                                            generator)
+    out_features = groups * out_block
+    x = torch.randn(rows, groups * in_block, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    check.weight = check.weight.cuda()
+    check.stored = tuple(t.cuda() for t in check.stored)
+    offsets = offsets.cuda()
+    check.compare(lambda x, v, b: torch.ops.sparsefx.blockdiag_linear(x, v, offsets, out_features,
+                                                                      groups, b),
                   x.cuda(), values.cuda(), _cuda(bias), seed)
 
 

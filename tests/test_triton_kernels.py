@@ -6,11 +6,12 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from helpers import FLOAT_DTYPES, diag_case, fanin_case, sparsities
+from helpers import FLOAT_DTYPES, blockdiag_case, diag_case, fanin_case, sparsities
 
 triton = pytest.importorskip("triton")
 from sparsefx.kernels.diag import triton_kernels as diag_triton  # noqa: E402
 from sparsefx.kernels.fanin import triton_kernels as fanin_triton  # noqa: E402
+from sparsefx.kernels.blockdiag import triton_kernels as blockdiag_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter runs every program in Python: small shapes, fewer examples
@@ -115,6 +116,56 @@ def test_triton_fanin_kernels(out_features, in_features, rows, sparsity, dtype, 
                   seed)
 
 
+class TritonBlockdiag(torch.autograd.Function):
+    """blockdiag_linear wired straight to the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, values, offsets, out_features, groups):
+        ctx.save_for_backward(x, values, offsets)
+        ctx.groups = groups
+        return blockdiag_triton.blockdiag_forward(x, values, offsets, out_features, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = blockdiag_triton.blockdiag_input_grad(grad_out, values, offsets, x.shape[1],
+                                                       ctx.groups)
+        grad_values = blockdiag_triton.blockdiag_values_grad(grad_out, x, offsets, ctx.groups)
+        return grad_x, grad_values, None, None, None
+
+
+@pytest.fixture
+def poisoned_blockdiag_buffers(monkeypatch):
+    """Every buffer the blocked kernels fill starts as NaN: a missed store fails."""
+    def empty(like, *shape):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    monkeypatch.setattr(blockdiag_triton, "_empty", empty)
+
+
+@triton_settings
+@given(groups=st.sampled_from([1, 2, 3, 8]), out_block=st.sampled_from([1, 5, 16, 24, 33]),
+       in_block=st.sampled_from([1, 7, 16, 40]), rows=st.sampled_from([0, 1, 15, 16, 40, 70]),
+       sparsity=st.sampled_from([0.5, 0.75]),
+       dtype=st.sampled_from(FLOAT_DTYPES + [torch.float64]), seed=st.integers(0, 2**31 - 1))
+@example(groups=8, out_block=24, in_block=40, rows=70, sparsity=0.75, dtype=torch.bfloat16,
+         seed=0)  # tensor-core tiles over several k steps, masked edges, 2 cosets
+@example(groups=3, out_block=33, in_block=16, rows=16, sparsity=0.5, dtype=torch.float32,
+         seed=1)
+def test_triton_blockdiag_kernels(poisoned_blockdiag_buffers, groups, out_block, in_block,
+                                  rows, sparsity, dtype, seed):
+    """Both sides of BLOCKED_MIN_ROWS (the diag kernels below it, and for float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    values, offsets, check = blockdiag_case(groups, out_block, in_block, sparsity, dtype,
+                                            generator)
+    x = torch.randn(rows, groups * in_block, generator=generator).to(dtype)
+    check.weight = check.weight.to(DEVICE)
+    offsets = offsets.to(DEVICE)
+    out_features = groups * out_block
+    check.compare(lambda x, v, b: TritonBlockdiag.apply(x, v, offsets, out_features, groups),
+                  x.to(DEVICE), values.to(DEVICE), None, seed)
+
+
 def test_triton_fanin_masks_out_of_range_ids():
     """An id outside [0, in) must never be read: the kernels mask it off."""
     x = torch.randn(4, 6, device=DEVICE)
@@ -149,4 +200,25 @@ def test_ops_on_triton_kernels(triton_cpu_kernels, out_features, in_features, le
                   x, values, bias, seed)
     values, indices, check = fanin_case(out_features, in_features, sparsity, dtype, generator)
     check.compare(lambda x, v, b: torch.ops.sparsefx.fanin_linear(x, v, indices, b),
+                  x, values, bias, seed)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the ops on Triton in test_gpu.py")
+@triton_settings
+@given(groups=st.sampled_from([1, 2, 4]), out_block=st.sampled_from([3, 16, 20]),
+       in_block=st.sampled_from([2, 16, 17]), leading=st.sampled_from([(5,), (2, 9), (20,)]),
+       sparsity=st.sampled_from([0.5, 0.75]), dtype=st.sampled_from(FLOAT_DTYPES),
+       with_bias=st.booleans(), seed=st.integers(0, 999))
+def test_blockdiag_op_on_triton_kernels(triton_cpu_kernels, groups, out_block, in_block,
+                                        leading, sparsity, dtype, with_bias, seed):
+    """sparsefx::blockdiag_linear end to end on the Triton kernels, blocked (18 and 20 rows)
+    and not (5)."""
+    generator = torch.Generator().manual_seed(seed)
+    values, offsets, check = blockdiag_case(groups, out_block, in_block, sparsity, dtype,
+                                            generator)
+    out_features = groups * out_block
+    x = torch.randn(*leading, groups * in_block, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    check.compare(lambda x, v, b: torch.ops.sparsefx.blockdiag_linear(x, v, offsets,
+                                                                      out_features, groups, b),
                   x, values, bias, seed)

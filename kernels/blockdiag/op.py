@@ -124,7 +124,7 @@ define_ops(PatternOps(
     functions={"blockdiag_linear": _blockdiag_linear,
                "blockdiag_linear_grad_input": _blockdiag_linear_grad_input,
                "blockdiag_linear_grad_values": _blockdiag_linear_grad_values},
-    cuda=f"{__package__}.torch_kernels",  # cuBLAS batched GEMMs; Triton kernels: to come
+    cuda=f"{__package__}.triton_kernels",
     torch_kernels=torch_kernels,
     flops={"blockdiag_linear": 1, "blockdiag_linear_grad_input": 1,
            "blockdiag_linear_grad_values": 2},

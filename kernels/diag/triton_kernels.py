@@ -11,7 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["diag_apply", "diag_values_grad"]
+from ..triton_variants import Variant, pick_tile, signature
+
+__all__ = ["diag_apply", "diag_values_grad", "launch_variants"]
+
+# the launch choices (launch_variants lists every combination)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ROW_TILES, POSITION_TILES = (16, 32), (32, 128)
 
 
 @triton.jit
@@ -86,8 +92,6 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(1, size))))
 
 
 def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod: int,
@@ -99,11 +103,12 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
         out = x.new_empty(rows, out_len)
     if rows == 0 or out_len == 0:
         return out.zero_()
-    block_rows, block_pos = _block(rows, 32), _block(out_len, 128)
+    block_rows, block_pos = pick_tile(rows, ROW_TILES), pick_tile(out_len, POSITION_TILES)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(out_len, block_pos))
-    _diag_apply_kernel[grid](x, values, offsets, out, rows, values.shape[0], length, mod,
-                             in_len, out_len, GATHER=gather, ACC_DTYPE=_acc_dtype(x.dtype),
-                             BLOCK_ROWS=block_rows, BLOCK_POS=block_pos)
+    _diag_apply_kernel[grid](x, values, offsets.to(torch.int64), out, rows, values.shape[0],
+                             length, mod, in_len, out_len, GATHER=gather,
+                             ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
+                             BLOCK_POS=block_pos)
     return out
 
 
@@ -115,9 +120,28 @@ def diag_values_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, mo
         out = a.new_empty(offsets.shape[0], length)
     if out.numel() == 0:
         return out
-    block_pos = _block(length, 128)
+    block_pos = pick_tile(length, POSITION_TILES)
     grid = (offsets.shape[0], triton.cdiv(length, block_pos))
-    _diag_values_grad_kernel[grid](a, b, offsets, out, rows, length, mod,
-                                   ACC_DTYPE=_acc_dtype(a.dtype), BLOCK_ROWS=_block(rows, 32),
+    _diag_values_grad_kernel[grid](a, b, offsets.to(torch.int64), out, rows, length, mod,
+                                   ACC_DTYPE=_acc_dtype(a.dtype),
+                                   BLOCK_ROWS=pick_tile(rows, ROW_TILES),
                                    BLOCK_POS=block_pos)
     return out
+
+
+def launch_variants():
+    """Every specialisation the launchers above can make (see ``..triton_variants``)."""
+    for dtype in DTYPES:
+        pointers = dict(x_ptr=dtype, values_ptr=dtype, y_ptr=dtype, a_ptr=dtype, b_ptr=dtype,
+                        grad_ptr=dtype, offsets_ptr=torch.int64)
+        for block_rows in ROW_TILES:
+            for block_pos in POSITION_TILES:
+                tiles = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,
+                             BLOCK_POS=block_pos)
+                for gather in (True, False):
+                    constexprs = dict(GATHER=gather, **tiles)
+                    yield Variant(_diag_apply_kernel,
+                                  signature(_diag_apply_kernel, pointers, constexprs),
+                                  constexprs)
+                yield Variant(_diag_values_grad_kernel,
+                              signature(_diag_values_grad_kernel, pointers, tiles), tiles)

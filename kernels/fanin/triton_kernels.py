@@ -13,7 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fanin_forward", "fanin_input_grad", "fanin_values_grad"]
+from ..triton_variants import Variant, pick_tile, signature
+
+__all__ = ["fanin_forward", "fanin_input_grad", "fanin_values_grad", "launch_variants"]
+
+# the launch choices (launch_variants lists every combination)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int16, torch.int32)  # patterns.fanin_index_dtype; others become int32
+ROW_TILES, OUTPUT_TILES, ENTRY_TILES = (16, 32), (64,), (128,)
 
 
 @triton.jit
@@ -110,8 +117,8 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(1, size))))
+def _ids(indices: torch.Tensor) -> torch.Tensor:
+    return indices if indices.dtype in INDEX_DTYPES else indices.to(torch.int32)
 
 
 def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -123,9 +130,9 @@ def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
         out = x.new_empty(rows, num_out)
     if out.numel() == 0:
         return out
-    block_rows, block_out = _block(rows, 32), _block(num_out, 64)
+    block_rows, block_out = pick_tile(rows, ROW_TILES), pick_tile(num_out, OUTPUT_TILES)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(num_out, block_out))
-    _fanin_forward_kernel[grid](x, values, indices, out, rows, num_out, fan_in, in_features,
+    _fanin_forward_kernel[grid](x, values, _ids(indices), out, rows, num_out, fan_in, in_features,
                                 ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
                                 BLOCK_OUT=block_out)
     return out
@@ -140,9 +147,9 @@ def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torc
     grad_x = torch.zeros(rows, in_features, dtype=acc_dtype, device=grad_out.device)
     if rows == 0 or num_out == 0:
         return grad_x.to(grad_out.dtype)
-    block_rows, block_out = _block(rows, 32), _block(num_out, 64)
+    block_rows, block_out = pick_tile(rows, ROW_TILES), pick_tile(num_out, OUTPUT_TILES)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(num_out, block_out))
-    _fanin_input_grad_kernel[grid](grad_out, values, indices, grad_x, rows, num_out, fan_in,
+    _fanin_input_grad_kernel[grid](grad_out, values, _ids(indices), grad_x, rows, num_out, fan_in,
                                    in_features, BLOCK_ROWS=block_rows, BLOCK_OUT=block_out)
     return grad_x.to(grad_out.dtype)
 
@@ -157,9 +164,32 @@ def fanin_values_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Te
     if out.numel() == 0:
         return out
     entries = num_out * fan_in
-    block_entries = _block(entries, 128)
+    block_entries = pick_tile(entries, ENTRY_TILES)
     grid = (triton.cdiv(entries, block_entries),)
-    _fanin_values_grad_kernel[grid](grad_out, x, indices, out, rows, num_out, fan_in,
+    _fanin_values_grad_kernel[grid](grad_out, x, _ids(indices), out, rows, num_out, fan_in,
                                     in_features, ACC_DTYPE=_acc_dtype(x.dtype),
-                                    BLOCK_ROWS=_block(rows, 32), BLOCK_ENTRIES=block_entries)
+                                    BLOCK_ROWS=pick_tile(rows, ROW_TILES),
+                                    BLOCK_ENTRIES=block_entries)
     return out
+
+
+def launch_variants():
+    """Every specialisation the launchers above can make (see ``..triton_variants``)."""
+    for dtype in DTYPES:
+        accumulator = torch.float64 if dtype == torch.float64 else torch.float32
+        for index_dtype in INDEX_DTYPES:
+            pointers = dict(x_ptr=dtype, values_ptr=dtype, y_ptr=dtype, grad_out_ptr=dtype,
+                            grad_ptr=dtype, grad_x_ptr=accumulator, indices_ptr=index_dtype)
+            for block_rows in ROW_TILES:
+                for block_out in OUTPUT_TILES:
+                    tiles = dict(BLOCK_ROWS=block_rows, BLOCK_OUT=block_out)
+                    forward = dict(ACC_DTYPE=_acc_dtype(dtype), **tiles)
+                    yield Variant(_fanin_forward_kernel,
+                                  signature(_fanin_forward_kernel, pointers, forward), forward)
+                    yield Variant(_fanin_input_grad_kernel,
+                                  signature(_fanin_input_grad_kernel, pointers, tiles), tiles)
+                for block_entries in ENTRY_TILES:
+                    grad = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,
+                                BLOCK_ENTRIES=block_entries)
+                    yield Variant(_fanin_values_grad_kernel,
+                                  signature(_fanin_values_grad_kernel, pointers, grad), grad)

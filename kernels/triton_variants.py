@@ -1,0 +1,170 @@
+"""Every Triton kernel variant the ops can launch, compiled ahead of time for a GPU that need
+not be present: ``triton.compile`` on an ``ASTSource`` for ``GPUTarget("cuda", 80 | 90, 32)``
+gives the cubin, and the ``cuobjdump`` that ships with Triton reads its registers per thread,
+stack and local memory (spills) and shared memory. ``tests/test_triton_compile.py`` fails on
+a compile error or a spill; ``python -m sparsefx.kernels.triton_variants`` prints the table.
+
+Each pattern's ``triton_kernels`` lists its variants (``launch_variants()``) from the same
+constants its launchers choose from, so the list and the launches cannot drift apart.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Variant", "Resources", "signature", "every_variant", "compile_variant",
+           "compile_every_variant", "pick_tile", "TARGETS"]
+
+TARGETS = (80, 90)  # Ampere (A100) and Hopper (H100, H200)
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32",
+                 torch.int16: "i16"}
+
+
+@dataclass
+class Variant:
+    """One launchable specialisation of a ``@triton.jit`` kernel."""
+
+    kernel: object                  # the JITFunction
+    signature: dict[str, str]       # argument name -> Triton type ("*bf16", "i32", "constexpr")
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        pointers = ",".join(t[1:] for t in self.signature.values() if t.startswith("*"))
+        flags = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items())
+        return (f"{self.kernel.__name__}[{pointers}; {flags}; warps={self.num_warps}, "
+                f"stages={self.num_stages}]")
+
+
+@dataclass
+class Resources:
+    """What ``cuobjdump -res-usage`` reports for one compiled variant."""
+
+    registers: int
+    stack: int        # bytes of stack frame per thread
+    local: int        # bytes of local memory per thread: spilled registers
+    shared: int       # bytes of static shared memory per program
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def spills(self) -> bool:
+        return self.local > 0 or self.stack > 0
+
+
+def pick_tile(size: int, tiles: tuple[int, ...]) -> int:
+    """The smallest of the ascending ``tiles`` that covers ``size``, else the largest."""
+    return next((tile for tile in tiles if tile >= size), tiles[-1])
+
+
+def signature(kernel, pointers: dict[str, torch.dtype], constexprs: dict[str, object],
+              scalars: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``ASTSource`` signature of ``kernel``: pointers typed by ``pointers``, constexprs
+    as such, every other argument an ``i32`` (or as ``scalars`` says)."""
+    scalars = scalars or {}
+    out = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            out[name] = "constexpr"
+        elif name in pointers:
+            out[name] = "*" + _TRITON_TYPES[pointers[name]]
+        else:
+            out[name] = scalars.get(name, "i32")
+    return out
+
+
+def every_variant() -> list[Variant]:
+    """The variants of every pattern's Triton kernels."""
+    from .blockdiag import triton_kernels as blockdiag
+    from .diag import triton_kernels as diag
+    from .fanin import triton_kernels as fanin
+    return [v for module in (diag, fanin, blockdiag) for v in module.launch_variants()]
+
+
+def _cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+
+
+def compile_variant(variant: Variant, capability: int) -> Resources:
+    """Compile ``variant`` for ``sm_<capability>`` and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=variant.kernel, signature=variant.signature,
+                       constexprs=dict(variant.constexprs))
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=variant.num_warps,
+                                           num_stages=variant.num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        report = subprocess.run([_cuobjdump(), "-res-usage", cubin.name], check=True,
+                                capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"(\w+):(\d+)", report.split("Function", 1)[1]))
+    return Resources(registers=int(usage["REG"]), stack=int(usage["STACK"]),
+                     local=int(usage["LOCAL"]), shared=int(usage["SHARED"]),
+                     extra={"shared_dynamic": getattr(compiled.metadata, "shared", 0)})
+
+
+def _compile_one(job: tuple[int, int]) -> tuple[str, int, Resources | str]:
+    index, capability = job
+    variant = every_variant()[index]
+    try:
+        return variant.name, capability, compile_variant(variant, capability)
+    except Exception:  # noqa: BLE001 (reported per variant, with its name)
+        return variant.name, capability, traceback.format_exc(limit=-3)
+
+
+def compile_every_variant(jobs: int = os.cpu_count() or 1) -> list[tuple[str, int, object]]:
+    """``(variant name, capability, Resources or the compile error)`` for every variant and
+    every target, compiled by ``jobs`` processes (Triton caches what it compiled)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    work = [(i, capability) for i in range(len(every_variant())) for capability in TARGETS]
+    # the processes must jit the kernels, not interpret them: they start without
+    # TRITON_INTERPRET (which the tests set), read when they first import Triton
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            return list(pool.map(_compile_one, work, chunksize=8))
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+def table(results) -> str:
+    """One line per compiled variant: registers per thread, local and stack bytes."""
+    lines = []
+    for name, capability, r in results:
+        if isinstance(r, Resources):
+            lines.append(f"sm_{capability}  {r.registers:3d} regs  local {r.local:3d}  stack "
+                         f"{r.stack:3d}  {name}")
+        else:
+            lines.append(f"sm_{capability}  FAILED  {name}: {r}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    results = compile_every_variant()
+    print(table(results))
+    failed = [r for r in results if not isinstance(r[2], Resources) or r[2].spills]
+    print(f"{len(results)} compiled for {', '.join(f'sm_{c}' for c in TARGETS)}: "
+          f"{len(failed)} failed or spilled")
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,13 +27,15 @@ class TritonDiag(torch.autograd.Function):
     """diag_linear wired straight to the Triton kernels, outputs poisoned."""
 
     @staticmethod
-    def forward(ctx, x, values, offsets, out_features):
+    def forward(ctx, x, values, offsets, out_features, splits=None):
         in_features = x.shape[-1]
         mod = max(out_features, in_features)
         ctx.save_for_backward(x, values, offsets)
         ctx.shape = (out_features, in_features, mod)
+        ctx.splits = splits
         return diag_triton.diag_apply(x, values, offsets, mod, gather=out_features < in_features,
-                                      out=poisoned(x.shape[0], out_features, dtype=x.dtype))
+                                      out=poisoned(x.shape[0], out_features, dtype=x.dtype),
+                                      splits=splits)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -42,11 +44,11 @@ class TritonDiag(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = diag_triton.diag_apply(grad_out, values, offsets, mod,
                                         gather=out_features >= in_features,
-                                        out=poisoned(*x.shape, dtype=x.dtype))
+                                        out=poisoned(*x.shape, dtype=x.dtype), splits=ctx.splits)
         a, b = (grad_out, x) if out_features < in_features else (x, grad_out)
         grad_values = diag_triton.diag_values_grad(a, b, offsets, mod,
                                                    out=poisoned(*values.shape, dtype=x.dtype))
-        return grad_x, grad_values, None, None
+        return grad_x, grad_values, None, None, None
 
 
 class TritonFanin(torch.autograd.Function):
@@ -76,21 +78,24 @@ def _with_bias(y, bias):
 @triton_settings
 @given(out_features=small_sizes, in_features=small_sizes, rows=st.integers(0, 40),
        sparsity=sparsities, dtype=st.sampled_from(FLOAT_DTYPES + [torch.float64]),
-       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+       with_bias=st.booleans(), splits=st.sampled_from([None, 2, 7]),
+       seed=st.integers(0, 2**31 - 1))
 @example(out_features=129, in_features=5, rows=33, sparsity=0.9, dtype=torch.float32,
-         with_bias=True, seed=0)
+         with_bias=True, splits=None, seed=0)
 @example(out_features=3, in_features=129, rows=1, sparsity=0.5, dtype=torch.bfloat16,
-         with_bias=False, seed=1)
+         with_bias=False, splits=7, seed=1)  # the diagonals split: partial sums
 @example(out_features=24, in_features=24, rows=17, sparsity=0.75, dtype=torch.float16,
-         with_bias=True, seed=2)
-def test_triton_diag_kernels(out_features, in_features, rows, sparsity, dtype, with_bias, seed):
+         with_bias=True, splits=2, seed=2)
+def test_triton_diag_kernels(out_features, in_features, rows, sparsity, dtype, with_bias,
+                             splits, seed):
     generator = torch.Generator().manual_seed(seed)
     values, offsets, check = diag_case(out_features, in_features, sparsity, dtype, generator)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
     offsets = offsets.to(torch.int32).to(DEVICE)
     check.weight = check.weight.to(DEVICE)
-    check.compare(lambda x, v, b: _with_bias(TritonDiag.apply(x, v, offsets, out_features), b),
+    check.compare(lambda x, v, b: _with_bias(TritonDiag.apply(x, v, offsets, out_features,
+                                                              splits), b),
                   x.to(DEVICE), values.to(DEVICE), None if bias is None else bias.to(DEVICE),
                   seed)
 

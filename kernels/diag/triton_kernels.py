@@ -1,8 +1,13 @@
 """Triton kernels for diagonal-sparse linear layers (CUDA; also correct under TRITON_INTERPRET=1).
 
-Apply: grid (row blocks, position blocks); each program keeps a [BLOCK_ROWS, BLOCK_POS] fp32
-accumulator and walks the K diagonals, loading one run of K values and one gathered
-[BLOCK_ROWS, BLOCK_POS] tile of activations per diagonal: traffic is K*L values, never a dense W.
+Apply: grid (row blocks, position blocks, splits of the diagonals); each program keeps a
+[BLOCK_ROWS, BLOCK_POS] accumulator (fp32; fp64 for float64) and walks its share of the K
+diagonals, loading one run of values and one shifted [BLOCK_ROWS, BLOCK_POS] tile of
+activations per diagonal: traffic is K*L values, never a dense W. The wrap-around index is
+one add and a compare-and-subtract in int32 (no modulo in the loop). With few rows the
+position blocks alone leave most of a GPU idle (batch 1 at 4096 outputs: 32 programs for
+132 SMs), so the diagonals are split across programs that write fp32 partial sums, added
+once at the end; every SM then streams its share of the values.
 Values gradient: grid (K, position blocks); each program reduces over the rows.
 """
 from __future__ import annotations
@@ -13,50 +18,72 @@ import triton.language as tl
 
 from ..triton_variants import Variant, pick_tile, signature
 
-__all__ = ["diag_apply", "diag_values_grad", "launch_variants"]
+__all__ = ["diag_apply", "diag_values_grad", "apply_splits", "launch_variants"]
 
 # the launch choices (launch_variants lists every combination)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ROW_TILES, POSITION_TILES = (16, 32), (32, 128)
+PROGRAMS_PER_SM = 4       # split the diagonals until the grid has this many programs per SM
+MIN_DIAGONALS_PER_SPLIT = 8
+
+
+@triton.jit
+def _wrapped(index, mod):
+    """``index mod mod`` for ``index`` in ``[-mod, 2 mod)``, without a division."""
+    index = tl.where(index >= mod, index - mod, index)
+    return tl.where(index < 0, index + mod, index)
 
 
 @triton.jit
 def _diag_apply_kernel(
     x_ptr,            # [rows, in_len] activations, row-major
     values_ptr,       # [num_diagonals, length] diagonal values
-    offsets_ptr,      # [num_diagonals] diagonal offsets, any integer dtype
-    y_ptr,            # [rows, out_len] result, written once per element
+    offsets_ptr,      # [num_diagonals] int64 diagonal offsets in [0, mod)
+    y_ptr,            # [rows, out_len] result; SPLIT: [splits, rows, out_len] fp32 partials
     rows,             # number of activation rows (all leading dims flattened)
     num_diagonals,    # K
     length,           # L = min(out, in): elements per diagonal
-    mod,              # P = max(out, in): the wrap-around modulus
+    mod,              # P = max(out, in): the wrap-around modulus (< 2**31)
     in_len,           # row stride of x: mod when GATHER else length
     out_len,          # row stride of y: length when GATHER else mod
+    per_split,        # diagonals per program along axis 2
     GATHER: tl.constexpr,      # True: y[p] reads x[(p + off) % mod]; False: x[(p - off) % mod]
     ACC_DTYPE: tl.constexpr,   # fp32, or fp64 for float64 inputs
     BLOCK_ROWS: tl.constexpr,  # activation rows per program
     BLOCK_POS: tl.constexpr,   # output positions per program
+    SPLIT: tl.constexpr,       # the diagonals split over axis 2: write partial sums
 ):
-    rows_block = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_ROWS
+    x_ptr += row0 * in_len  # int64 once; the offsets inside the tile are int32
+    local_rows = tl.arange(0, BLOCK_ROWS)
+    row_ok = local_rows < rows - row0
+    read_rows = tl.minimum(local_rows, rows - row0 - 1).to(tl.int32)  # loads need no row mask
     positions = tl.program_id(1) * BLOCK_POS + tl.arange(0, BLOCK_POS)
-    row_ok = rows_block < rows
     position_ok = positions < out_len
+    first = tl.program_id(2) * per_split
+    last = tl.minimum(first + per_split, num_diagonals)
+    x_rows = read_rows[:, None] * in_len
+    values_row = values_ptr + first.to(tl.int64) * length  # diagonal k's run, k = first...
     acc = tl.zeros((BLOCK_ROWS, BLOCK_POS), dtype=ACC_DTYPE)
-    for k in range(num_diagonals):
-        offset = tl.load(offsets_ptr + k).to(tl.int64)
+    for k in range(first, last):
+        offset = tl.load(offsets_ptr + k).to(tl.int32)
         if GATHER:
-            source = (positions + offset) % mod
+            source = _wrapped(positions + offset, mod)
             value_index = positions
             on_diagonal = position_ok
         else:
-            source = (positions - offset + mod) % mod
+            source = _wrapped(positions - offset, mod)
             value_index = source
             on_diagonal = position_ok & (source < length)
-        weights = tl.load(values_ptr + k * length + value_index, mask=on_diagonal, other=0.0)
-        activations = tl.load(x_ptr + rows_block[:, None] * in_len + source[None, :],
-                              mask=row_ok[:, None] & on_diagonal[None, :], other=0.0)
+        weights = tl.load(values_row + value_index, mask=on_diagonal, other=0.0)
+        activations = tl.load(x_ptr + (x_rows + source[None, :]), mask=on_diagonal[None, :],
+                              other=0.0)
         acc += activations.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[None, :]
-    tl.store(y_ptr + rows_block[:, None] * out_len + positions[None, :],
+        values_row += length
+    y_ptr += row0 * out_len
+    if SPLIT:
+        y_ptr += tl.program_id(2).to(tl.int64) * rows * out_len
+    tl.store(y_ptr + (local_rows[:, None] * out_len + positions[None, :]),
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & position_ok[None, :])
 
 
@@ -64,7 +91,7 @@ def _diag_apply_kernel(
 def _diag_values_grad_kernel(
     a_ptr,            # [rows, length]: read at position t
     b_ptr,            # [rows, mod]: read at (t + offsets[k]) % mod
-    offsets_ptr,      # [num_diagonals] diagonal offsets
+    offsets_ptr,      # [num_diagonals] int64 diagonal offsets in [0, mod)
     grad_ptr,         # [num_diagonals, length] result
     rows,             # rows to reduce over
     length,           # L
@@ -73,10 +100,10 @@ def _diag_values_grad_kernel(
     BLOCK_ROWS: tl.constexpr,  # rows reduced per loop iteration
     BLOCK_POS: tl.constexpr,   # diagonal positions per program
 ):
-    k = tl.program_id(0)
+    k = tl.program_id(0).to(tl.int64)
     positions = tl.program_id(1) * BLOCK_POS + tl.arange(0, BLOCK_POS)
     position_ok = positions < length
-    source = (positions + tl.load(offsets_ptr + k).to(tl.int64)) % mod
+    source = _wrapped(positions + tl.load(offsets_ptr + k).to(tl.int32), mod)
     acc = tl.zeros((BLOCK_POS,), dtype=ACC_DTYPE)
     for row0 in range(0, rows, BLOCK_ROWS):
         rows_block = row0 + tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -94,21 +121,43 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 
+def apply_splits(programs: int, num_diagonals: int, device: torch.device) -> int:
+    """How many ways to split the diagonals: enough for PROGRAMS_PER_SM programs per SM on a
+    GPU, each keeping at least MIN_DIAGONALS_PER_SPLIT diagonals; 1 off a GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, programs)
+    return max(1, min(wanted, num_diagonals // MIN_DIAGONALS_PER_SPLIT))
+
+
 def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod: int,
-               gather: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply diagonals to the rows of ``x`` (semantics of ``torch_kernels.diag_apply``)."""
+               gather: bool, out: torch.Tensor | None = None,
+               splits: int | None = None) -> torch.Tensor:
+    """Apply diagonals to the rows of ``x`` (semantics of ``torch_kernels.diag_apply``).
+    ``splits``: how many programs share a tile's diagonals (default ``apply_splits``)."""
     rows, length = x.shape[0], values.shape[1]
+    num_diagonals = values.shape[0]
     in_len, out_len = (mod, length) if gather else (length, mod)
     if out is None:
         out = x.new_empty(rows, out_len)
     if rows == 0 or out_len == 0:
         return out.zero_()
     block_rows, block_pos = pick_tile(rows, ROW_TILES), pick_tile(out_len, POSITION_TILES)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(out_len, block_pos))
-    _diag_apply_kernel[grid](x, values, offsets.to(torch.int64), out, rows, values.shape[0],
-                             length, mod, in_len, out_len, GATHER=gather,
-                             ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
-                             BLOCK_POS=block_pos)
+    tiles = (triton.cdiv(rows, block_rows), triton.cdiv(out_len, block_pos))
+    if splits is None:
+        splits = apply_splits(tiles[0] * tiles[1], num_diagonals, x.device)
+    splits = max(1, min(splits, num_diagonals))
+    per_split = triton.cdiv(num_diagonals, splits)
+    splits = triton.cdiv(num_diagonals, per_split)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    target = out if splits == 1 else x.new_empty(splits, rows, out_len, dtype=acc_dtype)
+    _diag_apply_kernel[(*tiles, splits)](
+        x, values, offsets.to(torch.int64), target, rows, num_diagonals, length, mod, in_len,
+        out_len, per_split, GATHER=gather, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
+        BLOCK_POS=block_pos, SPLIT=splits > 1)
+    if splits > 1:
+        out.copy_(target.sum(0))
     return out
 
 
@@ -139,9 +188,13 @@ def launch_variants():
                 tiles = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,
                              BLOCK_POS=block_pos)
                 for gather in (True, False):
-                    constexprs = dict(GATHER=gather, **tiles)
-                    yield Variant(_diag_apply_kernel,
-                                  signature(_diag_apply_kernel, pointers, constexprs),
-                                  constexprs)
+                    for split in (False, True):  # split: fp32 (fp64) partial sums
+                        constexprs = dict(GATHER=gather, SPLIT=split, **tiles)
+                        apply_pointers = dict(pointers, y_ptr=dtype if not split else
+                                              (torch.float64 if dtype == torch.float64
+                                               else torch.float32))
+                        yield Variant(_diag_apply_kernel,
+                                      signature(_diag_apply_kernel, apply_pointers, constexprs),
+                                      constexprs)
                 yield Variant(_diag_values_grad_kernel,
                               signature(_diag_values_grad_kernel, pointers, tiles), tiles)

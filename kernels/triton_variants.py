@@ -1,7 +1,9 @@
-"""Every Triton kernel variant the ops can launch, compiled ahead of time for a GPU that need
-not be present: ``triton.compile`` on an ``ASTSource`` for ``GPUTarget("cuda", 80 | 90, 32)``
-gives the cubin, and the ``cuobjdump`` that ships with Triton reads its registers per thread,
-stack and local memory (spills) and shared memory. ``tests/test_triton_compile.py`` fails on
+"""The launch choices the Triton kernels share, and every variant the ops can launch, compiled
+ahead of time for a GPU that
+need not be present: ``triton.compile`` on an ``ASTSource`` for
+``GPUTarget("cuda", 80 | 90, 32)`` gives the PTX, and the ``ptxas`` that ships with Triton,
+run on it as Triton runs it (``-v``), reports registers per thread, the stack frame and the
+spill stores and loads. ``tests/test_triton_compile.py`` fails on
 a compile error or a spill; ``python -m sparsefx.kernels.triton_variants`` prints the table.
 
 Each pattern's ``triton_kernels`` lists its variants (``launch_variants()``) from the same
@@ -14,12 +16,12 @@ import re
 import subprocess
 import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 __all__ = ["Variant", "Resources", "signature", "every_variant", "compile_variant",
-           "compile_every_variant", "pick_tile", "TARGETS"]
+           "compile_every_variant", "pick_tile", "split_count", "TARGETS"]
 
 TARGETS = (80, 90)  # Ampere (A100) and Hopper (H100, H200)
 
@@ -48,22 +50,36 @@ class Variant:
 
 @dataclass
 class Resources:
-    """What ``cuobjdump -res-usage`` reports for one compiled variant."""
+    """What ``ptxas -v`` reports for one compiled variant."""
 
     registers: int
-    stack: int        # bytes of stack frame per thread
-    local: int        # bytes of local memory per thread: spilled registers
-    shared: int       # bytes of static shared memory per program
-    extra: dict = field(default_factory=dict)
+    stack: int          # bytes of stack frame per thread
+    spill_stores: int   # bytes
+    spill_loads: int    # bytes
 
     @property
     def spills(self) -> bool:
-        return self.local > 0 or self.stack > 0
+        return self.spill_stores > 0 or self.spill_loads > 0
 
 
 def pick_tile(size: int, tiles: tuple[int, ...]) -> int:
     """The smallest of the ascending ``tiles`` that covers ``size``, else the largest."""
     return next((tile for tile in tiles if tile >= size), tiles[-1])
+
+
+PROGRAMS_PER_SM = 4  # split a reduction until the grid has this many programs per SM
+
+
+def split_count(programs: int, work: int, min_per_split: int, device: torch.device) -> int:
+    """How many programs share one tile's reduction (``work`` items: diagonals, fan-in slots)
+    so that a GPU runs ``PROGRAMS_PER_SM`` programs per SM, each keeping ``min_per_split``
+    items at least; 1 off a GPU. With few activation rows the tiles alone leave most SMs
+    idle (batch 1 at 4096 outputs: 32 programs for 132 SMs)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-PROGRAMS_PER_SM * sms // programs)
+    return max(1, min(wanted, work // min_per_split))
 
 
 def signature(kernel, pointers: dict[str, torch.dtype], constexprs: dict[str, object],
@@ -90,14 +106,18 @@ def every_variant() -> list[Variant]:
     return [v for module in (diag, fanin, blockdiag) for v in module.launch_variants()]
 
 
-def _cuobjdump() -> str:
-    import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton itself runs for ``capability``."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(capability).path
+    except ImportError:  # older Triton: one ptxas
+        from triton import knobs
+        return knobs.nvidia.ptxas.path
 
 
 def compile_variant(variant: Variant, capability: int) -> Resources:
-    """Compile ``variant`` for ``sm_<capability>`` and read its resource usage."""
+    """Compile ``variant`` for ``sm_<capability>`` and read ptxas' report on it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -107,15 +127,20 @@ def compile_variant(variant: Variant, capability: int) -> Resources:
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=variant.num_warps,
                                            num_stages=variant.num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        report = subprocess.run([_cuobjdump(), "-res-usage", cubin.name], check=True,
-                                capture_output=True, text=True).stdout
-    usage = dict(re.findall(r"(\w+):(\d+)", report.split("Function", 1)[1]))
-    return Resources(registers=int(usage["REG"]), stack=int(usage["STACK"]),
-                     local=int(usage["LOCAL"]), shared=int(usage["SHARED"]),
-                     extra={"shared_dynamic": getattr(compiled.metadata, "shared", 0)})
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as file:
+            file.write(ptx)
+        report = subprocess.run([_ptxas(capability), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                 f"--gpu-name={arch}", path, "-o", path + ".o"],
+                                check=True, capture_output=True, text=True).stderr
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                      r"loads", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    return Resources(registers=int(registers.group(1)), stack=int(frame.group(1)),
+                     spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)))
 
 
 def _compile_one(job: tuple[int, int]) -> tuple[str, int, Resources | str]:
@@ -146,12 +171,12 @@ def compile_every_variant(jobs: int = os.cpu_count() or 1) -> list[tuple[str, in
 
 
 def table(results) -> str:
-    """One line per compiled variant: registers per thread, local and stack bytes."""
+    """One line per compiled variant: registers per thread, stack and spill bytes."""
     lines = []
     for name, capability, r in results:
         if isinstance(r, Resources):
-            lines.append(f"sm_{capability}  {r.registers:3d} regs  local {r.local:3d}  stack "
-                         f"{r.stack:3d}  {name}")
+            lines.append(f"sm_{capability}  {r.registers:3d} regs  stack {r.stack:3d}  spills "
+                         f"{r.spill_stores:3d}/{r.spill_loads:3d}  {name}")
         else:
             lines.append(f"sm_{capability}  FAILED  {name}: {r}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Every Triton kernel variant the ops can launch compiles for Ampere (sm_80) and Hopper
-(sm_90) without spilling registers -- no GPU needed (``sparsefx.kernels.triton_variants``).
-The table of registers per thread is printed (``pytest -s``, or
-``python -m sparsefx.kernels.triton_variants``)."""
+(sm_90) without spilling registers (ptxas' spill stores and loads) -- no GPU needed
+(``sparsefx.kernels.triton_variants``). The table of registers per thread is printed
+(``pytest -s``, or ``python -m sparsefx.kernels.triton_variants``)."""
 import os
 
 import pytest
@@ -9,9 +9,8 @@ import pytest
 triton = pytest.importorskip("triton")
 from sparsefx.kernels import triton_variants  # noqa: E402
 
-CUOBJDUMP = triton_variants._cuobjdump()
-pytestmark = pytest.mark.skipif(not os.path.exists(CUOBJDUMP),
-                                reason="this Triton ships no cuobjdump")
+pytestmark = pytest.mark.skipif(not os.path.exists(triton_variants._ptxas(90)),
+                                reason="this Triton ships no ptxas")
 
 
 def test_the_variants_cover_every_kernel_dtype_and_tile():
@@ -35,7 +34,8 @@ def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
     failed = [f"sm_{c} {name}: {r}" for name, c, r in results
               if not isinstance(r, triton_variants.Resources)]
     assert not failed, "\n".join(failed)
-    spilled = [f"sm_{c} {name}: {r.registers} registers, {r.local} B local, {r.stack} B stack"
+    spilled = [f"sm_{c} {name}: {r.registers} registers, spill stores {r.spill_stores} B, "
+               f"loads {r.spill_loads} B"
                for name, c, r in results if r.spills]
     assert not spilled, "\n".join(spilled)
     assert len(results) == 2 * len(triton_variants.every_variant())

@@ -55,10 +55,11 @@ class TritonFanin(torch.autograd.Function):
     """fanin_linear wired straight to the Triton kernels, outputs poisoned."""
 
     @staticmethod
-    def forward(ctx, x, values, indices):
+    def forward(ctx, x, values, indices, splits=None):
         ctx.save_for_backward(x, values, indices)
         return fanin_triton.fanin_forward(x, values, indices,
-                                          out=poisoned(x.shape[0], values.shape[0], dtype=x.dtype))
+                                          out=poisoned(x.shape[0], values.shape[0], dtype=x.dtype),
+                                          splits=splits)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -68,7 +69,7 @@ class TritonFanin(torch.autograd.Function):
         grad_x = fanin_triton.fanin_input_grad(grad_out, values, indices, x.shape[1])
         grad_values = fanin_triton.fanin_values_grad(grad_out, x, indices,
                                                      out=poisoned(*values.shape, dtype=x.dtype))
-        return grad_x, grad_values, None
+        return grad_x, grad_values, None, None
 
 
 def _with_bias(y, bias):
@@ -103,12 +104,16 @@ def test_triton_diag_kernels(out_features, in_features, rows, sparsity, dtype, w
 @triton_settings
 @given(out_features=small_sizes, in_features=small_sizes, rows=st.integers(0, 40),
        sparsity=sparsities, dtype=st.sampled_from(FLOAT_DTYPES + [torch.float64]),
-       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+       with_bias=st.booleans(), splits=st.sampled_from([None, 2, 3]),
+       seed=st.integers(0, 2**31 - 1))
 @example(out_features=129, in_features=33, rows=40, sparsity=0.9, dtype=torch.float32,
-         with_bias=True, seed=0)
+         with_bias=True, splits=None, seed=0)
 @example(out_features=1, in_features=1, rows=1, sparsity=0.0, dtype=torch.bfloat16,
-         with_bias=False, seed=1)
-def test_triton_fanin_kernels(out_features, in_features, rows, sparsity, dtype, with_bias, seed):
+         with_bias=False, splits=None, seed=1)
+@example(out_features=130, in_features=129, rows=1, sparsity=0.5, dtype=torch.float16,
+         with_bias=False, splits=3, seed=2)  # one row, slots split three ways: partial sums
+def test_triton_fanin_kernels(out_features, in_features, rows, sparsity, dtype, with_bias,
+                              splits, seed):
     generator = torch.Generator().manual_seed(seed)
     values, indices, check = fanin_case(out_features, in_features, sparsity, dtype, generator)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
@@ -116,7 +121,7 @@ def test_triton_fanin_kernels(out_features, in_features, rows, sparsity, dtype, 
     indices = indices.to(DEVICE)
     check.weight = check.weight.to(DEVICE)
     check.stored = tuple(t.to(DEVICE) for t in check.stored)
-    check.compare(lambda x, v, b: _with_bias(TritonFanin.apply(x, v, indices), b),
+    check.compare(lambda x, v, b: _with_bias(TritonFanin.apply(x, v, indices, splits), b),
                   x.to(DEVICE), values.to(DEVICE), None if bias is None else bias.to(DEVICE),
                   seed)
 

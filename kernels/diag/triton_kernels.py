@@ -5,9 +5,9 @@ Apply: grid (row blocks, position blocks, splits of the diagonals); each program
 diagonals, loading one run of values and one shifted [BLOCK_ROWS, BLOCK_POS] tile of
 activations per diagonal: traffic is K*L values, never a dense W. The wrap-around index is
 one add and a compare-and-subtract in int32 (no modulo in the loop). With few rows the
-position blocks alone leave most of a GPU idle (batch 1 at 4096 outputs: 32 programs for
-132 SMs), so the diagonals are split across programs that write fp32 partial sums, added
-once at the end; every SM then streams its share of the values.
+position blocks alone leave most of a GPU idle, so the diagonals are split across programs
+(``triton_variants.split_count``) that write fp32 partial sums, added once at the end;
+every SM then streams its share of the values.
 Values gradient: grid (K, position blocks); each program reduces over the rows.
 """
 from __future__ import annotations
@@ -16,14 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Variant, pick_tile, signature
+from ..triton_variants import Variant, pick_tile, signature, split_count
 
-__all__ = ["diag_apply", "diag_values_grad", "apply_splits", "launch_variants"]
+__all__ = ["diag_apply", "diag_values_grad", "launch_variants"]
 
 # the launch choices (launch_variants lists every combination)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ROW_TILES, POSITION_TILES = (16, 32), (32, 128)
-PROGRAMS_PER_SM = 4       # split the diagonals until the grid has this many programs per SM
+# one activation row: a [1, BLOCK_POS] tile, wide enough that each thread loads 16 bytes of
+# values (a 16-row tile would leave 15 of 16 lanes masked off at batch 1)
+SINGLE_ROW_POSITION_TILES = (128, 1024)
 MIN_DIAGONALS_PER_SPLIT = 8
 
 
@@ -121,21 +123,23 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 
-def apply_splits(programs: int, num_diagonals: int, device: torch.device) -> int:
-    """How many ways to split the diagonals: enough for PROGRAMS_PER_SM programs per SM on a
-    GPU, each keeping at least MIN_DIAGONALS_PER_SPLIT diagonals; 1 off a GPU."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, programs)
-    return max(1, min(wanted, num_diagonals // MIN_DIAGONALS_PER_SPLIT))
+def _apply_warps(block_rows: int, block_pos: int) -> int:
+    """8 warps for 32 x 128 tiles (with 4, ptxas spilled the fp16 scatter form on sm_90:
+    triton_variants), else 4."""
+    return 8 if block_rows * block_pos >= 4096 else 4
+
+
+def _apply_tile(rows: int, out_len: int) -> tuple[int, int]:
+    if rows == 1:
+        return 1, pick_tile(out_len, SINGLE_ROW_POSITION_TILES)
+    return pick_tile(rows, ROW_TILES), pick_tile(out_len, POSITION_TILES)
 
 
 def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod: int,
                gather: bool, out: torch.Tensor | None = None,
                splits: int | None = None) -> torch.Tensor:
     """Apply diagonals to the rows of ``x`` (semantics of ``torch_kernels.diag_apply``).
-    ``splits``: how many programs share a tile's diagonals (default ``apply_splits``)."""
+    ``splits``: how many programs share a tile's diagonals (default ``split_count``)."""
     rows, length = x.shape[0], values.shape[1]
     num_diagonals = values.shape[0]
     in_len, out_len = (mod, length) if gather else (length, mod)
@@ -143,10 +147,11 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
         out = x.new_empty(rows, out_len)
     if rows == 0 or out_len == 0:
         return out.zero_()
-    block_rows, block_pos = pick_tile(rows, ROW_TILES), pick_tile(out_len, POSITION_TILES)
+    block_rows, block_pos = _apply_tile(rows, out_len)
     tiles = (triton.cdiv(rows, block_rows), triton.cdiv(out_len, block_pos))
     if splits is None:
-        splits = apply_splits(tiles[0] * tiles[1], num_diagonals, x.device)
+        splits = split_count(tiles[0] * tiles[1], num_diagonals, MIN_DIAGONALS_PER_SPLIT,
+                             x.device)
     splits = max(1, min(splits, num_diagonals))
     per_split = triton.cdiv(num_diagonals, splits)
     splits = triton.cdiv(num_diagonals, per_split)
@@ -155,7 +160,7 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
     _diag_apply_kernel[(*tiles, splits)](
         x, values, offsets.to(torch.int64), target, rows, num_diagonals, length, mod, in_len,
         out_len, per_split, GATHER=gather, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
-        BLOCK_POS=block_pos, SPLIT=splits > 1)
+        BLOCK_POS=block_pos, SPLIT=splits > 1, num_warps=_apply_warps(block_rows, block_pos))
     if splits > 1:
         out.copy_(target.sum(0))
     return out
@@ -180,21 +185,25 @@ def diag_values_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, mo
 
 def launch_variants():
     """Every specialisation the launchers above can make (see ``..triton_variants``)."""
+    apply_tiles = [(1, pos) for pos in SINGLE_ROW_POSITION_TILES] + [
+        (rows, pos) for rows in ROW_TILES for pos in POSITION_TILES]
     for dtype in DTYPES:
+        partials = torch.float64 if dtype == torch.float64 else torch.float32
         pointers = dict(x_ptr=dtype, values_ptr=dtype, y_ptr=dtype, a_ptr=dtype, b_ptr=dtype,
                         grad_ptr=dtype, offsets_ptr=torch.int64)
+        for block_rows, block_pos in apply_tiles:
+            for gather in (True, False):
+                for split in (False, True):  # split: partial sums in fp32 (fp64)
+                    constexprs = dict(GATHER=gather, ACC_DTYPE=_acc_dtype(dtype),
+                                      BLOCK_ROWS=block_rows, BLOCK_POS=block_pos, SPLIT=split)
+                    typed = dict(pointers, y_ptr=partials if split else dtype)
+                    yield Variant(_diag_apply_kernel,
+                                  signature(_diag_apply_kernel, typed, constexprs), constexprs,
+                                  num_warps=_apply_warps(block_rows, block_pos))
         for block_rows in ROW_TILES:
             for block_pos in POSITION_TILES:
-                tiles = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,
-                             BLOCK_POS=block_pos)
-                for gather in (True, False):
-                    for split in (False, True):  # split: fp32 (fp64) partial sums
-                        constexprs = dict(GATHER=gather, SPLIT=split, **tiles)
-                        apply_pointers = dict(pointers, y_ptr=dtype if not split else
-                                              (torch.float64 if dtype == torch.float64
-                                               else torch.float32))
-                        yield Variant(_diag_apply_kernel,
-                                      signature(_diag_apply_kernel, apply_pointers, constexprs),
-                                      constexprs)
+                constexprs = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,
+                                  BLOCK_POS=block_pos)
                 yield Variant(_diag_values_grad_kernel,
-                              signature(_diag_values_grad_kernel, pointers, tiles), tiles)
+                              signature(_diag_values_grad_kernel, pointers, constexprs),
+                              constexprs)

@@ -18,7 +18,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def verify_once(op: str, tensor: torch.Tensor, check: Callable[..., None], *args) -> None:
     """Run ``check(tensor, *args)`` unless it already passed for this tensor as it is now;
-    its ``ValueError`` is re-raised with the op's name in front."""
+    its ``ValueError`` is re-raised with the op's name in front. Not while a CUDA graph is
+    captured: reading the structure on the host would synchronise, which capture forbids
+    (the eager warm-up runs before a capture have checked it)."""
+    if _structure_cache.capturing(tensor):
+        return
     try:
         _structure_cache.derived(tensor, (check, args), lambda: check(tensor, *args))
     except ValueError as error:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import sparsefx
 from helpers import blockdiag_case, diag_case, fanin_case
 
 pytestmark = [pytest.mark.gpu,
@@ -77,3 +78,27 @@ def test_cuda_compile_fullgraph():
     values.grad = None
     torch.ops.sparsefx.diag_linear(x, values, offsets, 64).square().sum().backward()
     torch.testing.assert_close(reference, values.grad)
+
+
+@pytest.mark.parametrize("pattern", ["diag", "fanin", "blockdiag"])
+def test_cuda_graphs_replay_the_ops_across_structure_updates(pattern):
+    """torch.compile(mode="reduce-overhead") records the ops into CUDA graphs; a structure
+    written in place between replays (as DST writes it) must reach the next replay."""
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 64))
+    model = sparsefx.transform(dense, pattern, 0.75).cuda()
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.randn(32, 64, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            torch.testing.assert_close(compiled(x).clone(), model(x))
+        for layer in (model[0], model[2]):  # a new structure, written in place
+            options = {"groups": layer.groups} if pattern == "blockdiag" else {}
+            fresh = type(layer).from_dense(torch.randn(layer.out_features, layer.in_features),
+                                           sparsity=0.75, init="random",
+                                           generator=torch.Generator().manual_seed(1),
+                                           **options)
+            layer.structure.copy_(fresh.structure)
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x).clone(), model(x))

@@ -232,3 +232,24 @@ def test_blockdiag_op_on_triton_kernels(triton_cpu_kernels, groups, out_block, i
     check.compare(lambda x, v, b: torch.ops.sparsefx.blockdiag_linear(x, v, offsets,
                                                                       out_features, groups, b),
                   x, values, bias, seed)
+
+
+def test_blockdiag_autotune_set_is_the_compiled_set():
+    """On a GPU the blockdiag kernels are autotuned over exactly the configurations the
+    compile check compiles (each dtype's tiles and warps), keyed on rows bucket and block
+    sides."""
+    variants = list(blockdiag_triton.launch_variants())
+    for dtype in blockdiag_triton.DTYPES:
+        configs = blockdiag_triton._configs(dtype)
+        tuned = blockdiag_triton._tuned(blockdiag_triton._blockdiag_forward_kernel, dtype)
+        assert list(tuned.keys) == ["rows_key", "in_block", "out_block"]
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+                for c in tuned.configs] == [
+            (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"]) for c in configs]
+        precisions = len(blockdiag_triton.PRECISIONS[dtype])
+        assert sum(v.kernel is blockdiag_triton._blockdiag_forward_kernel
+                   and v.constexprs["BLOCK_M"] in {16, blockdiag_triton.LARGE_TILE[dtype]}
+                   and v.signature["xp_ptr"] == "*" + {torch.float16: "fp16",
+                                                       torch.bfloat16: "bf16",
+                                                       torch.float32: "fp32"}[dtype]
+                   for v in variants) == len(configs) * precisions

@@ -16,7 +16,8 @@ weight is ``c`` dense ``(out/g) x (in/g)`` blocks per block-row ``R``, in block-
   ``xp[:, T_j(R)].T @ gyp[:, R]``, reduced over the rows in tiles.
 
 Every block is read whole by ``tl.dot`` (16 x 16 x 16 at least), so there is no modulo and
-no gather in the inner loops. Under the interpreter the tiles are upcast to fp32 before
+no gather in the inner loops. On a GPU the tiles and warps come from a small autotune set
+(``_configs``) keyed on the rows bucket and the block sides. Under the interpreter the tiles are upcast to fp32 before
 ``tl.dot`` (numpy has no bf16). Below ``BLOCKED_MIN_ROWS`` activation rows, and for float64,
 the calls go to the diagonal kernels, whose semantics these share.
 """
@@ -68,6 +69,7 @@ def _blockdiag_forward_kernel(
     column_ptr,       # [g, c] int32: block-column T_j(R) of block-row R's j-th block
     yp_ptr,           # [rows, g, out/g] result grouped by row residue
     rows, groups, cosets, in_block, out_block,
+    rows_key,         # the autotuner's bucket of rows (unused in the body)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,   # tl.dot's input_precision: "ieee", or "tf32" for fp32 operands
     UPCAST: tl.constexpr,      # the interpreter: fp32 tiles into tl.dot
@@ -108,6 +110,7 @@ def _blockdiag_input_grad_kernel(
     row_ptr,          # [g, c] int32: the block-row R whose j-th block is in block-column T
     gxp_ptr,          # [rows, g, in/g] result grouped by column residue
     rows, groups, cosets, in_block, out_block,
+    rows_key,         # the autotuner's bucket of rows (unused in the body)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -147,6 +150,7 @@ def _blockdiag_values_grad_kernel(
     column_ptr,       # [g, c] int32: T_j(R)
     grad_ptr,         # [g, c * in/g, out/g] result: the gradient of each kept block
     rows, groups, cosets, in_block, out_block,
+    rows_key,         # the autotuner's bucket of rows (unused in the body)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -230,11 +234,47 @@ def _warps(block_m: int, block_n: int, block_k: int) -> int:
     return 4 if max(block_m, block_n, block_k) <= 32 else 8
 
 
-def _launch(kernel, grid, *operands, dtype: torch.dtype, block_m: int, block_n: int,
-            block_k: int) -> None:
-    kernel[grid](*operands, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                 PRECISION=_precision(dtype), UPCAST=_INTERPRETED,
-                 num_warps=_warps(block_m, block_n, block_k), num_stages=NUM_STAGES)
+def _configs(dtype: torch.dtype) -> list[dict]:
+    """The autotune set: every tile (M, N, K) from {16, the dtype's large tile}, with its
+    warps. A GPU times them once per (rows bucket, block sides) and keeps the fastest; the
+    interpreter takes ``_tile``'s pick."""
+    tiles = (SMALL_TILE, LARGE_TILE[dtype])
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=_warps(m, n, k),
+                 num_stages=NUM_STAGES) for m in tiles for n in tiles for k in tiles]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kernel, dtype: torch.dtype):
+    """``kernel`` under ``triton.autotune`` with ``dtype``'s set, keyed on the rows bucket and
+    the block sides."""
+    if (kernel, dtype) not in _TUNED:
+        configs = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"])
+                   for c in _configs(dtype)]
+        _TUNED[kernel, dtype] = triton.autotune(
+            configs=configs, key=["rows_key", "in_block", "out_block"])(kernel)
+    return _TUNED[kernel, dtype]
+
+
+def _rows_key(rows: int) -> int:
+    return min(triton.next_power_of_2(rows), 4096)
+
+
+def _launch(kernel, grid, *operands, dtype: torch.dtype, sides: tuple[int, int, int]) -> None:
+    """``grid(BLOCK_M, BLOCK_N)``; ``sides``: the sizes the M, N, K tiles cover (the
+    interpreter's tile choice); ``operands`` end with the rows."""
+    rows = operands[4]
+    if _INTERPRETED:
+        block_m, block_n, block_k = (_tile(side, dtype) for side in sides)
+        kernel[grid(block_m, block_n)](
+            *operands, _rows_key(rows), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            PRECISION=_precision(dtype), UPCAST=True, num_warps=_warps(block_m, block_n, block_k),
+            num_stages=NUM_STAGES)
+        return
+    _tuned(kernel, dtype)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](
+        *operands, _rows_key(rows), PRECISION=_precision(dtype), UPCAST=False)
 
 
 def blockdiag_forward(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
@@ -248,11 +288,10 @@ def blockdiag_forward(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tens
     out_block, in_block = out_features // groups, in_features // groups
     blocks = torch_kernels._blocks(values, position, columns, out_block)
     yp = _empty(x, rows, groups, out_block)
-    block_m, block_n = _tile(rows, x.dtype), _tile(out_block, x.dtype)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_block, block_n), groups)
-    _launch(_blockdiag_forward_kernel, grid, _by_residue(x, groups), blocks, column_of, yp,
-            rows, groups, column_of.shape[1], in_block, out_block, dtype=x.dtype,
-            block_m=block_m, block_n=block_n, block_k=_tile(in_block, x.dtype))
+    _launch(_blockdiag_forward_kernel,
+            lambda m, n: (triton.cdiv(rows, m), triton.cdiv(out_block, n), groups),
+            _by_residue(x, groups), blocks, column_of, yp, rows, groups, column_of.shape[1],
+            in_block, out_block, dtype=x.dtype, sides=(rows, out_block, in_block))
     return _from_residue(yp)
 
 
@@ -268,11 +307,10 @@ def blockdiag_input_grad(grad_out: torch.Tensor, values: torch.Tensor, offsets: 
     out_block, in_block = out_features // groups, in_features // groups
     blocks = torch_kernels._blocks(values, position, columns, out_block)
     gxp = _empty(grad_out, rows, groups, in_block)
-    block_m, block_n = _tile(rows, grad_out.dtype), _tile(in_block, grad_out.dtype)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(in_block, block_n), groups)
-    _launch(_blockdiag_input_grad_kernel, grid, _by_residue(grad_out, groups), blocks, row_of,
-            gxp, rows, groups, row_of.shape[1], in_block, out_block, dtype=grad_out.dtype,
-            block_m=block_m, block_n=block_n, block_k=_tile(out_block, grad_out.dtype))
+    _launch(_blockdiag_input_grad_kernel,
+            lambda m, n: (triton.cdiv(rows, m), triton.cdiv(in_block, n), groups),
+            _by_residue(grad_out, groups), blocks, row_of, gxp, rows, groups, row_of.shape[1],
+            in_block, out_block, dtype=grad_out.dtype, sides=(rows, in_block, out_block))
     return _from_residue(gxp)
 
 
@@ -288,32 +326,28 @@ def blockdiag_values_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torc
     out_block, in_block = out_features // groups, in_features // groups
     cosets = column_of.shape[1]
     grad_blocks = _empty(x, groups, cosets * in_block, out_block)
-    block_m, block_n = _tile(in_block, x.dtype), _tile(out_block, x.dtype)
-    grid = (triton.cdiv(in_block, block_m), triton.cdiv(out_block, block_n), groups * cosets)
-    _launch(_blockdiag_values_grad_kernel, grid, _by_residue(x, groups),
-            _by_residue(grad_out, groups), column_of, grad_blocks, rows, groups, cosets,
-            in_block, out_block, dtype=x.dtype, block_m=block_m, block_n=block_n,
-            block_k=_tile(rows, x.dtype))
+    _launch(_blockdiag_values_grad_kernel,
+            lambda m, n: (triton.cdiv(in_block, m), triton.cdiv(out_block, n), groups * cosets),
+            _by_residue(x, groups), _by_residue(grad_out, groups), column_of, grad_blocks, rows,
+            groups, cosets, in_block, out_block, dtype=x.dtype,
+            sides=(in_block, out_block, rows))
     return grad_blocks.reshape(-1)[position].view(offsets.numel(), -1)
 
 
 def launch_variants():
-    """Every specialisation the launchers above can make (see ``..triton_variants``)."""
+    """Every specialisation the launchers above can make: the autotune set of each dtype (see
+    ``..triton_variants``)."""
     kernels = (_blockdiag_forward_kernel, _blockdiag_input_grad_kernel,
                _blockdiag_values_grad_kernel)
     for dtype in DTYPES:
-        tiles = (SMALL_TILE, LARGE_TILE[dtype])
         pointers = dict(xp_ptr=dtype, blocks_ptr=dtype, yp_ptr=dtype, gyp_ptr=dtype,
                         gxp_ptr=dtype, grad_ptr=dtype, column_ptr=torch.int32,
                         row_ptr=torch.int32)
         for precision in PRECISIONS[dtype]:
             for kernel in kernels:
-                for block_m in tiles:
-                    for block_n in tiles:
-                        for block_k in tiles:
-                            constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n,
-                                              BLOCK_K=block_k, PRECISION=precision,
-                                              UPCAST=False)
-                            yield Variant(kernel, signature(kernel, pointers, constexprs),
-                                          constexprs, _warps(block_m, block_n, block_k),
-                                          NUM_STAGES)
+                for config in _configs(dtype):
+                    constexprs = dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                                      BLOCK_K=config["BLOCK_K"], PRECISION=precision,
+                                      UPCAST=False)
+                    yield Variant(kernel, signature(kernel, pointers, constexprs), constexprs,
+                                  config["num_warps"], config["num_stages"])

@@ -39,7 +39,8 @@ def _tap_gradient(out_features, in_features, structure, granularity, plan, seed)
        seed=st.integers(0, 2**16))
 def test_diag_scores_are_gradient_norms_along_every_candidate(out_features, in_features, seed):
     offsets = torch.tensor([0])
-    scores, dense = _tap_gradient(out_features, in_features, offsets, "diagonals", [0, 0, 0, 0], seed)
+    scores, dense = _tap_gradient(out_features, in_features, offsets, "diagonals",
+                                  [0, 0, 0, 0], seed)
     torch.testing.assert_close(scores, patterns.diag_norms(dense), rtol=1e-5, atol=1e-6)
 
 

@@ -17,9 +17,10 @@ weight is ``c`` dense ``(out/g) x (in/g)`` blocks per block-row ``R``, in block-
 
 Every block is read whole by ``tl.dot`` (16 x 16 x 16 at least), so there is no modulo and
 no gather in the inner loops. On a GPU the tiles and warps come from a small autotune set
-(``_configs``) keyed on the rows bucket and the block sides. Under the interpreter the tiles are upcast to fp32 before
-``tl.dot`` (numpy has no bf16). Below ``BLOCKED_MIN_ROWS`` activation rows, and for float64,
-the calls go to the diagonal kernels, whose semantics these share.
+(``_configs``) keyed on the rows bucket and the block sides. Under the interpreter the tiles
+are upcast to fp32 before ``tl.dot`` (numpy has no bf16). Below ``BLOCKED_MIN_ROWS``
+activation rows, and for float64, the calls go to the diagonal kernels, whose semantics these
+share.
 """
 from __future__ import annotations
 
@@ -63,6 +64,16 @@ def _clamped(index, count):
 
 
 @triton.jit
+def _dot(acc, a_ptrs, b_ptrs, a_mask, b_mask, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` for the tiles at ``a_ptrs`` and ``b_ptrs`` (zero where masked)."""
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _blockdiag_forward_kernel(
     xp_ptr,           # [rows, g, in/g] activations grouped by column residue
     blocks_ptr,       # [g, c * in/g, out/g] the kept blocks, block-row by block-row
@@ -92,11 +103,7 @@ def _blockdiag_forward_kernel(
                                + n_in[None, :])
         for k0 in range(0, in_block, BLOCK_K):
             k_ok = kk < in_block - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _dot(acc, a_ptrs, b_ptrs, k_ok[None, :], k_ok[:, None], PRECISION, UPCAST)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * out_block
     tl.store(yp_ptr + m[:, None] * (groups * out_block) + block_row * out_block + n[None, :],
@@ -132,11 +139,7 @@ def _blockdiag_input_grad_kernel(
                                + kk[:, None])  # the block, transposed
         for k0 in range(0, out_block, BLOCK_K):
             k_ok = kk < out_block - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _dot(acc, a_ptrs, b_ptrs, k_ok[None, :], k_ok[:, None], PRECISION, UPCAST)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     tl.store(gxp_ptr + m[:, None] * (groups * in_block) + block_column * in_block + n[None, :],
@@ -169,11 +172,7 @@ def _blockdiag_values_grad_kernel(
                         + n_in[None, :])
     for r0 in range(0, rows, BLOCK_K):
         r_ok = rr < rows - r0
-        a = tl.load(a_ptrs, mask=r_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=r_ok[:, None], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(acc, a_ptrs, b_ptrs, r_ok[None, :], r_ok[:, None], PRECISION, UPCAST)
         a_ptrs += BLOCK_K * groups * in_block  # (pointer steps are 64-bit)
         b_ptrs += BLOCK_K * groups * out_block
     tl.store(grad_ptr + (block * in_block + i[:, None]) * out_block + n[None, :],
@@ -277,41 +276,38 @@ def _launch(kernel, grid, *operands, dtype: torch.dtype, sides: tuple[int, int, 
         *operands, _rows_key(rows), PRECISION=_precision(dtype), UPCAST=False)
 
 
+def _apply(kernel, t: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+           out_features: int, in_features: int, groups: int, forward: bool) -> torch.Tensor:
+    """``t @ W.T`` (forward) or ``t @ W`` (the input gradient): the same grid over the block
+    sides it produces, reducing over the other."""
+    rows = t.shape[0]
+    if not _blocked(rows, t.dtype):
+        return diag_triton.diag_apply(t, values, offsets, max(out_features, in_features),
+                                      gather=(out_features < in_features) == forward)
+    position, columns, column_of, row_of = _tables(offsets, out_features, in_features, groups)
+    out_block, in_block = out_features // groups, in_features // groups
+    blocks = torch_kernels._blocks(values, position, columns, out_block)
+    table, produced, reduced = ((column_of, out_block, in_block) if forward
+                                else (row_of, in_block, out_block))
+    result = _empty(t, rows, groups, produced)
+    _launch(kernel, lambda m, n: (triton.cdiv(rows, m), triton.cdiv(produced, n), groups),
+            _by_residue(t, groups), blocks, table, result, rows, groups, table.shape[1],
+            in_block, out_block, dtype=t.dtype, sides=(rows, produced, reduced))
+    return _from_residue(result)
+
+
 def blockdiag_forward(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                       out_features: int, groups: int) -> torch.Tensor:
     """``x @ W.T`` for the blocked-diagonal ``W`` (no bias); ``x`` is ``[rows, in]``."""
-    rows, in_features = x.shape
-    if not _blocked(rows, x.dtype):
-        return diag_triton.diag_apply(x, values, offsets, max(out_features, in_features),
-                                      gather=out_features < in_features)
-    position, columns, column_of, _ = _tables(offsets, out_features, in_features, groups)
-    out_block, in_block = out_features // groups, in_features // groups
-    blocks = torch_kernels._blocks(values, position, columns, out_block)
-    yp = _empty(x, rows, groups, out_block)
-    _launch(_blockdiag_forward_kernel,
-            lambda m, n: (triton.cdiv(rows, m), triton.cdiv(out_block, n), groups),
-            _by_residue(x, groups), blocks, column_of, yp, rows, groups, column_of.shape[1],
-            in_block, out_block, dtype=x.dtype, sides=(rows, out_block, in_block))
-    return _from_residue(yp)
+    return _apply(_blockdiag_forward_kernel, x, values, offsets, out_features, x.shape[1],
+                  groups, forward=True)
 
 
 def blockdiag_input_grad(grad_out: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                          in_features: int, groups: int) -> torch.Tensor:
     """``grad_out @ W``."""
-    rows, out_features = grad_out.shape
-    if not _blocked(rows, grad_out.dtype):
-        return diag_triton.diag_apply(grad_out, values, offsets,
-                                      max(out_features, in_features),
-                                      gather=out_features >= in_features)
-    position, columns, _, row_of = _tables(offsets, out_features, in_features, groups)
-    out_block, in_block = out_features // groups, in_features // groups
-    blocks = torch_kernels._blocks(values, position, columns, out_block)
-    gxp = _empty(grad_out, rows, groups, in_block)
-    _launch(_blockdiag_input_grad_kernel,
-            lambda m, n: (triton.cdiv(rows, m), triton.cdiv(in_block, n), groups),
-            _by_residue(grad_out, groups), blocks, row_of, gxp, rows, groups, row_of.shape[1],
-            in_block, out_block, dtype=grad_out.dtype, sides=(rows, in_block, out_block))
-    return _from_residue(gxp)
+    return _apply(_blockdiag_input_grad_kernel, grad_out, values, offsets, grad_out.shape[1],
+                  in_features, groups, forward=False)
 
 
 def blockdiag_values_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,

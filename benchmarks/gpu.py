@@ -7,6 +7,9 @@ in the same run.
     python benchmarks/gpu.py --check-only --tiny   # tiny shapes; on a machine without a GPU
                                                    #   it runs the Triton kernels under
                                                    #   TRITON_INTERPRET=1 (CI)
+    python benchmarks/gpu.py --tiny                # every step on tiny shapes; without a GPU
+                                                   #   the timing is a smoke run of the code
+                                                   #   (interpreter, wall clock), not data
 
 1. Correctness: every pattern's op (diag, fan-in, blockdiag), forward and both gradients, in
    fp32 and bf16, against a float64 reference on the same weights; the relative error
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
 if not ON_GPU:  # the Triton kernels on CPU tensors: only the interpreter runs them
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -141,14 +145,24 @@ def check(shapes, rows_list, device: str) -> list[dict]:
 
 
 def bench_ms(fn) -> float:
-    """``triton.testing.do_bench``'s median (it flushes L2 between calls), in ms."""
+    """``triton.testing.do_bench``'s median (it flushes L2 between calls), in ms; without a
+    GPU the median of 3 wall-clock calls (a smoke run of this script, not a measurement)."""
+    if not ON_GPU:
+        import statistics
+        import time
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second) of 1 GiB."""
-    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(size: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of ``size`` bytes."""
+    source = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     target = torch.empty_like(source)
     return 2 * source.numel() / (bench_ms(lambda: target.copy_(source)) * 1e-3)
 
@@ -161,21 +175,21 @@ def time_layers(shapes, sparsities, batches, bandwidth: float) -> list[dict]:
     for out_features, in_features in shapes:
         generator = torch.Generator().manual_seed(0)
         weight = (torch.randn(out_features, in_features, generator=generator)
-                  / in_features ** 0.5).to("cuda", dtype).requires_grad_()
+                  / in_features ** 0.5).to(DEVICE, dtype).requires_grad_()
         candidates = [("dense", None, lambda x, w=weight: F.linear(x, w), (weight,),
                        weight.numel() * 2)]
         for pattern in PATTERNS:
             for sparsity in sparsities:
                 op, values, _, stored = sparse_operands(pattern, out_features, in_features,
-                                                        sparsity, dtype, "cuda", generator)
+                                                        sparsity, dtype, DEVICE, generator)
                 values.requires_grad_()
                 structure_bytes = (stored[1].numel() * 2 if pattern == "fanin"
                                    else values.shape[0] * 8)
                 candidates.append((pattern, sparsity, lambda x, op=op, v=values: op(x, v),
                                    (values,), values.numel() * 2 + structure_bytes))
         for batch in batches:
-            x = torch.randn(batch, in_features, device="cuda", dtype=dtype, requires_grad=True)
-            grad_out = torch.randn(batch, out_features, device="cuda", dtype=dtype)
+            x = torch.randn(batch, in_features, device=DEVICE, dtype=dtype, requires_grad=True)
+            grad_out = torch.randn(batch, out_features, device=DEVICE, dtype=dtype)
             for step in ("forward", "forward+backward"):
                 dense_ms = None
                 for name, sparsity, run, params, weight_bytes in candidates:
@@ -200,30 +214,34 @@ def time_layers(shapes, sparsities, batches, bandwidth: float) -> list[dict]:
     return rows
 
 
-def time_vit_training(batch: int) -> list[dict]:
-    """A ViT-B/16 training step (bf16 autocast, AdamW), dense vs each pattern at 90 %."""
+def time_vit_training(batch: int, tiny: bool = False) -> list[dict]:
+    """A ViT-B/16 training step (bf16 autocast, AdamW), dense vs each pattern at 90 %
+    (``tiny``: a one-layer ViT of width 64 on 32-pixel images)."""
     from transformers import ViTConfig, ViTForImageClassification
-    config = ViTConfig(num_labels=1000)
+    config = (ViTConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                        intermediate_size=256, image_size=32, patch_size=8, num_labels=10)
+              if tiny else ViTConfig(num_labels=1000))
     torch.manual_seed(0)
     dense = ViTForImageClassification(config)
-    pixels = torch.randn(batch, 3, config.image_size, config.image_size, device="cuda")
-    labels = torch.randint(0, config.num_labels, (batch,), device="cuda")
+    pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=DEVICE)
+    labels = torch.randint(0, config.num_labels, (batch,), device=DEVICE)
     rows = []
     for name in ("dense", *PATTERNS):
         model = dense if name == "dense" else sparsefx.transform(dense, name, 0.9,
                                                                  keep_last_dense=True)
-        model = model.cuda()
+        model = model.to(DEVICE)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, optimizer=optimizer):
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(pixels).logits, labels)
             loss.backward()
             optimizer.step()
         ms = bench_ms(step)
-        rows.append(dict(model="ViT-B/16", batch=batch, pattern=name, ms=ms))
-        print(f"ViT-B/16 training step b{batch} {name:9s} {ms:8.2f} ms", flush=True)
+        rows.append(dict(model="tiny ViT" if tiny else "ViT-B/16", batch=batch, pattern=name,
+                         ms=ms))
+        print(f"ViT training step b{batch} {name:9s} {ms:8.2f} ms", flush=True)
         model.cpu()
     for row in rows:
         row["speedup"] = rows[0]["ms"] / row["ms"]
@@ -241,11 +259,14 @@ def device_info() -> dict:
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
+    versions = dict(driver=driver, cuda=torch.version.cuda, torch=torch.__version__,
+                    triton=triton.__version__, python=platform.python_version())
+    if not ON_GPU:
+        return dict(gpu="cpu interpreter smoke run", capability="0.0", multiprocessors=0,
+                    **versions)
     properties = torch.cuda.get_device_properties(0)
     return dict(gpu=properties.name, capability=f"{properties.major}.{properties.minor}",
-                multiprocessors=properties.multi_processor_count, driver=driver,
-                cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version())
+                multiprocessors=properties.multi_processor_count, **versions)
 
 
 def write(results: dict, out: Path) -> None:
@@ -253,7 +274,9 @@ def write(results: dict, out: Path) -> None:
     stem = "gpu_" + results["device"]["gpu"].lower().replace(" ", "_")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     info = results["device"]
-    lines = ["# sparsefx on a GPU", "",
+    title = ("# sparsefx on a GPU" if ON_GPU else
+             "# benchmarks/gpu.py smoke run without a GPU (interpreter, wall clock: not data)")
+    lines = [title, "",
              f"Command: `{results['command']}`  ",
              f"Device: {info['gpu']} (sm_{info['capability'].replace('.', '')}, "
              f"{info['multiprocessors']} SMs), driver {info['driver']}, CUDA {info['cuda']}; "
@@ -273,7 +296,8 @@ def write(results: dict, out: Path) -> None:
           fmt(r["sparsity"], ".0%", ""), f"{r['ms']:.4f}", f"{r['speedup']:.2f}",
           fmt(r["bandwidth_fraction"], ".0%", "")] for r in results["layers"]], "lrllrrrr")
     if results.get("model"):
-        lines += ["", "## ViT-B/16 training step (bf16 autocast, AdamW), 90 %", ""]
+        lines += ["", f"## {results['model'][0]['model']} training step (bf16 autocast, AdamW), "
+                  "90 %", ""]
         lines += markdown_table(["pattern", "batch", "ms", "vs dense"],
                                 [[r["pattern"], str(r["batch"]), f"{r['ms']:.2f}",
                                   f"{r['speedup']:.2f}"] for r in results["model"]], "lrrr")
@@ -291,22 +315,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--vit-batch", type=int, default=64)
     args = parser.parse_args()
-    device = "cuda" if ON_GPU else "cpu"
     if not ON_GPU and not args.tiny:
-        parser.error("no CUDA device: only --check-only --tiny runs here (the interpreter)")
-    with (contextlib.nullcontext() if ON_GPU else sparsefx.kernels.use_cpu_kernels("triton")):
+        parser.error("no CUDA device: only --tiny runs here (on the interpreter)")
+    def kernels():  # the Triton kernels: on the GPU, or on CPU tensors under the interpreter
+        return (contextlib.nullcontext() if ON_GPU
+                else sparsefx.kernels.use_cpu_kernels("triton"))
+
+    with kernels():
         checks = check(TINY_SHAPES if args.tiny else SHAPES[:2],
-                       (1, 20) if args.tiny else (1, 32, 300), device)
+                       (1, 20) if args.tiny else (1, 32, 300), DEVICE)
     failed = [c for c in checks if not c["ok"]]
     print(f"correctness: {len(checks) - len(failed)} of {len(checks)} within bounds")
     if failed or args.check_only:
         raise SystemExit(1 if failed else 0)
-    results = dict(command=command_line(), device=device_info(), checks=checks,
-                   copy_bandwidth=copy_bandwidth())
-    results["layers"] = time_layers(SHAPES, SPARSITIES, BATCHES, results["copy_bandwidth"])
-    write(results, args.out)  # the layer table first: the model can run out of time
-    results["model"] = time_vit_training(args.vit_batch)
-    write(results, args.out)
+    with kernels():
+        results = dict(command=command_line(), device=device_info(), checks=checks,
+                       copy_bandwidth=copy_bandwidth(1 << 20 if args.tiny else 1 << 30))
+        results["layers"] = time_layers(TINY_SHAPES if args.tiny else SHAPES,
+                                        SPARSITIES[1:2] if args.tiny else SPARSITIES,
+                                        (1, 20) if args.tiny else BATCHES,
+                                        results["copy_bandwidth"])
+        write(results, args.out)  # the layer table first: the model can run out of time
+        results["model"] = time_vit_training(2 if args.tiny else args.vit_batch, args.tiny)
+        write(results, args.out)
 
 
 if __name__ == "__main__":

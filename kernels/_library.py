@@ -160,6 +160,9 @@ def define_ops(ops: PatternOps) -> None:
     for name, fake in ops.fakes.items():
         torch.library.register_fake(f"sparsefx::{name}", fake, lib=LIB)
     _register(LIB, [ops], "triton", "CUDA")
+    for name in ops.autograd:  # the forward ops: the gradient ops run on what they saved
+        for device_type in ("cuda", "cpu"):
+            _register_autocast(name, device_type)
     for name, stored_position in ops.flops.items():
         _register_flops(getattr(torch.ops.sparsefx, name), stored_position)
     _DEFINED.append(ops)
@@ -172,6 +175,23 @@ def _register(lib: torch.library.Library, defined: list[PatternOps], backend: st
         kernels = ops.kernels[backend]
         for name, function in ops.functions.items():
             lib.impl(name, functools.partial(function, kernels), device)
+
+
+def _register_autocast(name: str, device_type: str) -> None:
+    """Under ``torch.autocast(device_type)`` the op computes in the autocast dtype, as
+    ``F.linear`` does: its floating operands on that device are cast first (a dense layer
+    before a sparse one hands it bf16 activations while its values are fp32)."""
+    op = getattr(torch.ops.sparsefx, name).default
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                and a.device.type == device_type else a for a in args]
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*cast)
+    LIB.impl(name, kernel, key, with_keyset=True)
 
 
 def _register_flops(op, stored_position: int) -> None:

@@ -250,3 +250,23 @@ def test_functional_site_bias_goes_into_the_op():
     assert "blocks.0.c_attn.bias" in dict(sparse.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), _masked_reference(model, sparse)(x))
+
+
+@pytest.mark.parametrize("pattern", ["diag", "fanin", "blockdiag"])
+def test_autocast_between_dense_and_sparse_layers(pattern):
+    """Under bf16 autocast a dense layer hands the sparse one bf16 activations while its values
+    are fp32: the op computes in bf16, as F.linear would, and the gradients reach the fp32
+    values."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+    model = sparsefx.transform(dense, pattern, 0.75, keep_first_dense=True,
+                               keep_last_dense=True)
+    x = torch.randn(6, 32)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, atol=0.05, rtol=0.05)
+    y.float().square().sum().backward()
+    assert model[2].values.grad.dtype == torch.float32
+    assert model[2].values.grad.abs().sum() > 0

@@ -3,8 +3,10 @@
 Apply: grid (row blocks, position blocks, splits of the diagonals); each program keeps a
 [BLOCK_ROWS, BLOCK_POS] accumulator (fp32; fp64 for float64) and walks its share of the K
 diagonals, loading one run of values and one shifted [BLOCK_ROWS, BLOCK_POS] tile of
-activations per diagonal: traffic is K*L values, never a dense W. The wrap-around index is
-one add and a compare-and-subtract in int32 (no modulo in the loop). With few rows the
+activations per diagonal: traffic is K*L values, never a dense W. A diagonal that does not
+wrap inside the tile reads one contiguous run (the gather form's values then load 16 bytes at
+a time); one that does takes an add and a compare-and-subtract in int32 (no modulo in the
+loop). With few rows the
 position blocks alone leave most of a GPU idle, so the diagonals are split across programs
 (``triton_variants.split_count``) that write fp32 partial sums, added once at the end;
 every SM then streams its share of the values.
@@ -37,6 +39,23 @@ def _wrapped(index, mod):
 
 
 @triton.jit
+def _diagonal_step(acc, values_row, x_tile, source, positions, position_ok, length,
+                   GATHER: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``acc`` plus one diagonal: output position p reads activation ``source[p]``; the
+    value is at p (gather form) or at the source (scatter form, on the diagonal while the
+    source is below ``length``)."""
+    if GATHER:
+        value_index = positions
+        on_diagonal = position_ok
+    else:
+        value_index = source
+        on_diagonal = position_ok & (source < length)
+    weights = tl.load(values_row + value_index, mask=on_diagonal, other=0.0)
+    activations = tl.load(x_tile + source[None, :], mask=on_diagonal[None, :], other=0.0)
+    return acc + activations.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[None, :]
+
+
+@triton.jit
 def _diag_apply_kernel(
     x_ptr,            # [rows, in_len] activations, row-major
     values_ptr,       # [num_diagonals, length] diagonal values
@@ -60,7 +79,9 @@ def _diag_apply_kernel(
     local_rows = tl.arange(0, BLOCK_ROWS)
     row_ok = local_rows < rows - row0
     read_rows = tl.minimum(local_rows, rows - row0 - 1).to(tl.int32)  # loads need no row mask
-    positions = tl.program_id(1) * BLOCK_POS + tl.arange(0, BLOCK_POS)
+    p0 = tl.program_id(1) * BLOCK_POS
+    lanes = tl.arange(0, BLOCK_POS)
+    positions = p0 + lanes
     position_ok = positions < out_len
     first = tl.program_id(2) * per_split
     last = tl.minimum(first + per_split, num_diagonals)
@@ -69,18 +90,19 @@ def _diag_apply_kernel(
     acc = tl.zeros((BLOCK_ROWS, BLOCK_POS), dtype=ACC_DTYPE)
     for k in range(first, last):
         offset = tl.load(offsets_ptr + k).to(tl.int32)
-        if GATHER:
-            source = _wrapped(positions + offset, mod)
-            value_index = positions
-            on_diagonal = position_ok
+        # the tile's first source, and whether the diagonal wraps inside the tile: when it
+        # does not (nearly always), the sources are one contiguous run, which the loads can
+        # read 16 bytes at a time
+        start = p0 + offset if GATHER else p0 - offset
+        start = tl.where(start >= mod, start - mod, tl.where(start < 0, start + mod, start))
+        if start + BLOCK_POS <= mod:
+            source = start + lanes
+            acc = _diagonal_step(acc, values_row, x_ptr + x_rows, source, positions,
+                                 position_ok, length, GATHER, ACC_DTYPE)
         else:
-            source = _wrapped(positions - offset, mod)
-            value_index = source
-            on_diagonal = position_ok & (source < length)
-        weights = tl.load(values_row + value_index, mask=on_diagonal, other=0.0)
-        activations = tl.load(x_ptr + (x_rows + source[None, :]), mask=on_diagonal[None, :],
-                              other=0.0)
-        acc += activations.to(ACC_DTYPE) * weights.to(ACC_DTYPE)[None, :]
+            source = _wrapped(positions + offset if GATHER else positions - offset, mod)
+            acc = _diagonal_step(acc, values_row, x_ptr + x_rows, source, positions,
+                                 position_ok, length, GATHER, ACC_DTYPE)
         values_row += length
     y_ptr += row0 * out_len
     if SPLIT:

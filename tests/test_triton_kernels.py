@@ -87,6 +87,10 @@ def _with_bias(y, bias):
          with_bias=False, splits=7, seed=1)  # the diagonals split: partial sums
 @example(out_features=24, in_features=24, rows=17, sparsity=0.75, dtype=torch.float16,
          with_bias=True, splits=2, seed=2)
+@example(out_features=20, in_features=300, rows=3, sparsity=0.9, dtype=torch.bfloat16,
+         with_bias=False, splits=None, seed=3)  # gather form, P >> tile: most tiles unwrapped
+@example(out_features=300, in_features=20, rows=17, sparsity=0.9, dtype=torch.float32,
+         with_bias=True, splits=None, seed=4)  # scatter form, the same
 def test_triton_diag_kernels(out_features, in_features, rows, sparsity, dtype, with_bias,
                              splits, seed):
     generator = torch.Generator().manual_seed(seed)

@@ -67,6 +67,10 @@ def _worker(rank: int, init_file: str, out_dir: str, pattern: str, method: str) 
         del wrapped
     finally:
         dist.destroy_process_group()
+    # its result is its file: end without the interpreter's teardown, where the process
+    # sometimes aborts in a C++ destructor (see _mismatch_worker; seen again here, fanin-srigl
+    # in a full CI run)
+    os._exit(0)
 
 
 @pytest.mark.parametrize("pattern,method", CASES, ids=[f"{p}-{m}" for p, m in CASES])

@@ -42,6 +42,7 @@ if not ON_GPU:  # the Triton kernels on CPU tensors: only the interpreter runs t
 
 import sparsefx  # noqa: E402  (after TRITON_INTERPRET)
 from sparsefx.kernels import patterns  # noqa: E402
+from sparsefx.registry import build_layer  # noqa: E402
 
 from common import command_line, fmt, markdown_table  # noqa: E402
 
@@ -59,38 +60,28 @@ TOLERANCE = {torch.float32: 1e-5, "tf32": 3e-4, torch.bfloat16: 2e-2}
 
 def sparse_operands(pattern: str, out_features: int, in_features: int, sparsity: float,
                     dtype: torch.dtype, device: str, generator: torch.Generator):
-    """``(op, values, dense weight, stored)`` for a random structure: ``op(x, values)`` runs
-    the pattern's op; the dense weight (float64) is the reference it must match, and
-    ``stored`` (rows, columns) says where each value sits in it."""
+    """``(op, values, dense weight, stored)`` for a random structure drawn by the pattern's
+    layer (``init="random"``): ``op(x, values)`` runs the pattern's op; the dense weight
+    (float64) is the reference it must match, and ``stored`` (rows, columns) says where each
+    value sits in it."""
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
+    layer = build_layer(pattern, weight, None, sparsity=sparsity, init="random",
+                        generator=generator).to(dtype)  # the reference: the values as stored
+    structure = layer.structure.to(device)
     if pattern == "fanin":
-        fan_in = patterns.fanin_num_kept(in_features, sparsity)
-        indices = patterns.random_fanin_indices(out_features, in_features, fan_in,
-                                                generator).to(device)
-        values = torch.randn(out_features, fan_in, generator=generator) / fan_in ** 0.5
-        dense = patterns.fanin_to_dense(values.double(), indices.cpu(), in_features)
-        stored = (torch.arange(out_features)[:, None].expand_as(indices), indices.cpu().long())
-        op = lambda x, v: torch.ops.sparsefx.fanin_linear(x, v, indices)  # noqa: E731
+        stored = (torch.arange(out_features)[:, None].expand_as(layer.indices),
+                  layer.indices.long())
+        op = lambda x, v: torch.ops.sparsefx.fanin_linear(x, v, structure)  # noqa: E731
     else:
+        stored = patterns.diag_coordinates(layer.offsets, out_features, in_features)
         if pattern == "blockdiag":
-            groups = patterns.blockdiag_groups(out_features, in_features, sparsity)
-            cosets = torch.randperm(groups, generator=generator)[
-                :patterns.blockdiag_num_cosets(groups, sparsity)]
-            offsets = patterns.blockdiag_offsets(out_features, in_features, groups, cosets)
             op = lambda x, v: torch.ops.sparsefx.blockdiag_linear(  # noqa: E731
-                x, v, offsets_d, out_features, groups)
+                x, v, structure, out_features, layer.groups)
         else:
-            num_kept = patterns.diag_num_kept(out_features, in_features, sparsity)
-            offsets = patterns.random_diag_offsets(out_features, in_features, num_kept,
-                                                   generator)
-            op = lambda x, v: torch.ops.sparsefx.diag_linear(x, v, offsets_d,  # noqa: E731
+            op = lambda x, v: torch.ops.sparsefx.diag_linear(x, v, structure,  # noqa: E731
                                                              out_features)
-        offsets_d = offsets.to(device)
-        length = patterns.diag_geometry(out_features, in_features)[1]
-        values = torch.randn(offsets.numel(), length, generator=generator)
-        values /= (values.numel() / max(out_features, in_features)) ** 0.5
-        dense = patterns.diag_to_dense(values.double(), offsets, out_features, in_features)
-        stored = patterns.diag_coordinates(offsets, out_features, in_features)
-    return (op, values.to(device=device, dtype=dtype), dense.to(device),
+    dense = layer.dense_weight().double()
+    return (op, layer.values.detach().to(device), dense.to(device),
             tuple(t.to(device) for t in stored))
 
 

@@ -11,6 +11,7 @@ constants its launchers choose from, so the list and the launches cannot drift a
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Variant", "Resources", "signature", "every_variant", "compile_variant",
-           "compile_every_variant", "pick_tile", "split_count", "TARGETS"]
+           "compile_every_variant", "pick_tile", "split_count", "Split", "accumulator_dtype",
+           "TARGETS"]
 
 TARGETS = (80, 90)  # Ampere (A100) and Hopper (H100, H200)
 
@@ -70,6 +72,15 @@ def pick_tile(size: int, tiles: tuple[int, ...]) -> int:
 PROGRAMS_PER_SM = 4  # split a reduction until the grid has this many programs per SM
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache  # (read on every call otherwise: a device query per op)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def split_count(programs: int, work: int, min_per_split: int, device: torch.device) -> int:
     """How many programs share one tile's reduction (``work`` items: diagonals, fan-in slots)
     so that a GPU runs ``PROGRAMS_PER_SM`` programs per SM, each keeping ``min_per_split``
@@ -77,9 +88,40 @@ def split_count(programs: int, work: int, min_per_split: int, device: torch.devi
     idle (batch 1 at 4096 outputs: 32 programs for 132 SMs)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = -(-PROGRAMS_PER_SM * sms // programs)
+    sms = _multiprocessors(device.index if device.index is not None else
+                           torch.cuda.current_device())
+    wanted = _ceil_div(PROGRAMS_PER_SM * sms, programs)
     return max(1, min(wanted, work // min_per_split))
+
+
+@dataclass
+class Split:
+    """A reduction of ``work`` items shared by ``count`` programs of ``per_split`` items (a
+    multiple of ``granule``), writing partial sums into ``target`` unless ``count`` is 1."""
+
+    count: int
+    per_split: int
+    target: torch.Tensor
+
+    @classmethod
+    def plan(cls, wanted: int, work: int, granule: int, out: torch.Tensor) -> "Split":
+        """At most ``wanted`` programs; ``out`` is the result the partial sums add up to."""
+        count = max(1, min(wanted, _ceil_div(work, granule)))
+        per_split = granule * _ceil_div(_ceil_div(work, count), granule)
+        count = _ceil_div(work, per_split)
+        target = out if count == 1 else out.new_empty(
+            count, *out.shape, dtype=accumulator_dtype(out.dtype))
+        return cls(count, per_split, target)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        if self.count > 1:
+            out.copy_(self.target.sum(0))
+        return out
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate ``dtype`` in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def signature(kernel, pointers: dict[str, torch.dtype], constexprs: dict[str, object],

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Variant, pick_tile, signature, split_count
+from ..triton_variants import Split, Variant, accumulator_dtype, pick_tile, signature, \
+    split_count
 
 __all__ = ["diag_apply", "diag_values_grad", "launch_variants"]
 
@@ -174,18 +175,13 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
     if splits is None:
         splits = split_count(tiles[0] * tiles[1], num_diagonals, MIN_DIAGONALS_PER_SPLIT,
                              x.device)
-    splits = max(1, min(splits, num_diagonals))
-    per_split = triton.cdiv(num_diagonals, splits)
-    splits = triton.cdiv(num_diagonals, per_split)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    target = out if splits == 1 else x.new_empty(splits, rows, out_len, dtype=acc_dtype)
-    _diag_apply_kernel[(*tiles, splits)](
-        x, values, offsets.to(torch.int64), target, rows, num_diagonals, length, mod, in_len,
-        out_len, per_split, GATHER=gather, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
-        BLOCK_POS=block_pos, SPLIT=splits > 1, num_warps=_apply_warps(block_rows, block_pos))
-    if splits > 1:
-        out.copy_(target.sum(0))
-    return out
+    split = Split.plan(splits, num_diagonals, 1, out)
+    _diag_apply_kernel[(*tiles, split.count)](
+        x, values, offsets.to(torch.int64), split.target, rows, num_diagonals, length, mod,
+        in_len, out_len, split.per_split, GATHER=gather, ACC_DTYPE=_acc_dtype(x.dtype),
+        BLOCK_ROWS=block_rows, BLOCK_POS=block_pos, SPLIT=split.count > 1,
+        num_warps=_apply_warps(block_rows, block_pos))
+    return split.finish(out)
 
 
 def diag_values_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, mod: int,
@@ -210,7 +206,7 @@ def launch_variants():
     apply_tiles = [(1, pos) for pos in SINGLE_ROW_POSITION_TILES] + [
         (rows, pos) for rows in ROW_TILES for pos in POSITION_TILES]
     for dtype in DTYPES:
-        partials = torch.float64 if dtype == torch.float64 else torch.float32
+        partials = accumulator_dtype(dtype)
         pointers = dict(x_ptr=dtype, values_ptr=dtype, y_ptr=dtype, a_ptr=dtype, b_ptr=dtype,
                         grad_ptr=dtype, offsets_ptr=torch.int64)
         for block_rows, block_pos in apply_tiles:

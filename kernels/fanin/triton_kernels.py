@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Variant, pick_tile, signature, split_count
+from ..triton_variants import Split, Variant, accumulator_dtype, pick_tile, signature, \
+    split_count
 
 __all__ = ["fanin_forward", "fanin_input_grad", "fanin_values_grad", "launch_variants"]
 
@@ -178,18 +179,12 @@ def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     tiles = (triton.cdiv(rows, block_rows), triton.cdiv(num_out, block_out))
     if splits is None:
         splits = split_count(tiles[0] * tiles[1], fan_in, MIN_SLOTS_PER_SPLIT, x.device)
-    splits = max(1, min(splits, triton.cdiv(fan_in, block_j)))
-    per_split = block_j * triton.cdiv(triton.cdiv(fan_in, splits), block_j)
-    splits = triton.cdiv(fan_in, per_split)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    target = out if splits == 1 else x.new_empty(splits, rows, num_out, dtype=acc_dtype)
-    _fanin_forward_kernel[(*tiles, splits)](
-        x, values, _ids(indices), target, rows, num_out, fan_in, in_features, per_split,
-        ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows, BLOCK_OUT=block_out,
-        BLOCK_J=block_j, SPLIT=splits > 1)
-    if splits > 1:
-        out.copy_(target.sum(0))
-    return out
+    split = Split.plan(splits, fan_in, block_j, out)
+    _fanin_forward_kernel[(*tiles, split.count)](
+        x, values, _ids(indices), split.target, rows, num_out, fan_in, in_features,
+        split.per_split, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
+        BLOCK_OUT=block_out, BLOCK_J=block_j, SPLIT=split.count > 1)
+    return split.finish(out)
 
 
 def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -197,8 +192,8 @@ def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torc
     """``dx = grad_out @ W`` for the fan-in ``W``: a scatter, accumulated in fp32 (fp64)."""
     rows, num_out = grad_out.shape
     fan_in = values.shape[1]
-    acc_dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    grad_x = torch.zeros(rows, in_features, dtype=acc_dtype, device=grad_out.device)
+    grad_x = torch.zeros(rows, in_features, dtype=accumulator_dtype(grad_out.dtype),
+                         device=grad_out.device)
     if rows == 0 or num_out == 0:
         return grad_x.to(grad_out.dtype)
     block_rows, block_out, block_j = _tile(rows)
@@ -231,7 +226,7 @@ def fanin_values_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Te
 def launch_variants():
     """Every specialisation the launchers above can make (see ``..triton_variants``)."""
     for dtype in DTYPES:
-        accumulator = torch.float64 if dtype == torch.float64 else torch.float32
+        accumulator = accumulator_dtype(dtype)
         for index_dtype in INDEX_DTYPES:
             pointers = dict(x_ptr=dtype, values_ptr=dtype, y_ptr=dtype, grad_out_ptr=dtype,
                             grad_ptr=dtype, grad_x_ptr=accumulator, indices_ptr=index_dtype)

@@ -23,9 +23,11 @@ import torch
 
 __all__ = ["Variant", "Resources", "signature", "every_variant", "compile_variant",
            "compile_every_variant", "pick_tile", "split_count", "Split", "accumulator_dtype",
-           "TARGETS"]
+           "rows_bucket", "launch", "warp_choices", "TARGETS", "NUM_STAGES", "INTERPRETED"]
 
 TARGETS = (80, 90)  # Ampere (A100) and Hopper (H100, H200)
+NUM_STAGES = 3
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                  torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32",
@@ -40,7 +42,7 @@ class Variant:
     signature: dict[str, str]       # argument name -> Triton type ("*bf16", "i32", "constexpr")
     constexprs: dict[str, object]
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = NUM_STAGES
 
     @property
     def name(self) -> str:
@@ -67,6 +69,40 @@ class Resources:
 def pick_tile(size: int, tiles: tuple[int, ...]) -> int:
     """The smallest of the ascending ``tiles`` that covers ``size``, else the largest."""
     return next((tile for tile in tiles if tile >= size), tiles[-1])
+
+
+def rows_bucket(rows: int) -> int:
+    """The autotuners' key for a count of activation rows: the next power of two, at most 4096
+    (a training run's batch and a decode's single row each tune once)."""
+    return min(1 << max(rows - 1, 0).bit_length(), 4096)
+
+
+@functools.cache
+def _autotuned(kernel, warps: tuple[int, ...], key: tuple[str, ...],
+               reset_to_zero: tuple[str, ...]):
+    import triton
+    configs = [triton.Config({}, num_warps=w, num_stages=NUM_STAGES) for w in warps]
+    return triton.autotune(configs=configs, key=list(key),
+                           reset_to_zero=list(reset_to_zero) or None)(kernel)
+
+
+def launch(kernel, grid, *args, warps: tuple[int, ...], key: tuple[str, ...] = (),
+           reset_to_zero: tuple[str, ...] = (), **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)`` with the fastest of ``warps`` for the arguments
+    named in ``key`` (and the tensors' dtypes): ``triton.autotune`` times each choice once per
+    key on a GPU (zeroing the buffers named in ``reset_to_zero`` before each try, for kernels
+    that accumulate); the first choice under the interpreter, or when there is only one."""
+    if INTERPRETED or len(warps) == 1:
+        kernel[grid](*args, num_warps=warps[0], num_stages=NUM_STAGES, **constexprs)
+    else:
+        _autotuned(kernel, tuple(warps), tuple(key), tuple(reset_to_zero))[grid](
+            *args, **constexprs)
+
+
+def warp_choices(elements: int) -> tuple[int, ...]:
+    """The autotune set of warps for a tile of ``elements`` loads per step: 4 below 1024 (8
+    would idle lanes), 4 or 8 otherwise."""
+    return (4,) if elements < 1024 else (4, 8)
 
 
 PROGRAMS_PER_SM = 4  # split a reduction until the grid has this many programs per SM

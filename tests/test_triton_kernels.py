@@ -257,3 +257,47 @@ def test_blockdiag_autotune_set_is_the_compiled_set():
                                                        torch.bfloat16: "bf16",
                                                        torch.float32: "fp32"}[dtype]
                    for v in variants) == len(configs) * precisions
+
+
+def test_diag_and_fanin_autotune_keys_name_kernel_arguments(monkeypatch):
+    """The diag and fan-in launches take their warps from an autotuner on a GPU. Triton's
+    autotuner silently drops a key name that is not a kernel argument (and would then reuse
+    one timing for every shape), so every launch's key, reset list and warp set is checked
+    here on the path a GPU takes, the kernels run by the interpreter with the first choice;
+    the warps are those the compile check compiles."""
+    from sparsefx.kernels import triton_variants
+    launches, autotuned = [], triton_variants._autotuned
+
+    def recorded(kernel, warps, key, reset_to_zero):
+        launches.append((kernel, warps, key, reset_to_zero))
+        real = autotuned(kernel, warps, key, reset_to_zero)
+        assert [c.num_warps for c in real.configs] == list(warps)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                return lambda *args, **constexprs: kernel[grid](
+                    *args, num_warps=warps[0], **constexprs)
+        return Launcher()
+
+    monkeypatch.setattr(triton_variants, "INTERPRETED", False)
+    monkeypatch.setattr(triton_variants, "_autotuned", recorded)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 17):  # the one-row tiles and the row-block tiles
+        values, offsets, check = diag_case(1100, 40, 0.9, torch.float32, generator)
+        x = torch.randn(rows, 40, generator=generator)
+        y = diag_triton.diag_apply(x, values, offsets, 1100, gather=False)
+        torch.testing.assert_close(y, x @ check.weight.T, rtol=1e-5, atol=1e-5)
+        values, indices, check = fanin_case(130, 70, 0.5, torch.float32, generator)
+        x = torch.randn(rows, 70, generator=generator)
+        torch.testing.assert_close(fanin_triton.fanin_forward(x, values, indices),
+                                   x @ check.weight.T, rtol=1e-5, atol=1e-5)
+        grad = torch.randn(rows, 130, generator=generator)
+        torch.testing.assert_close(fanin_triton.fanin_input_grad(grad, values, indices, 70),
+                                   grad @ check.weight, rtol=1e-5, atol=1e-5)
+    assert {kernel.__name__ for kernel, *_ in launches} == {
+        "_diag_apply_kernel", "_fanin_forward_kernel", "_fanin_input_grad_kernel"}
+    compiled = {(v.kernel, v.num_warps) for v in triton_variants.every_variant()}
+    for kernel, warps, key, reset_to_zero in launches:
+        assert set(key) | set(reset_to_zero) <= set(kernel.arg_names), kernel.__name__
+        assert "rows_key" in key and all((kernel, w) in compiled for w in warps)
+    assert any(reset == ("grad_x_ptr",) for *_, reset in launches)  # the atomics' buffer

@@ -24,21 +24,18 @@ share.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..diag import triton_kernels as diag_triton
-from ..triton_variants import Variant, signature
+from ..triton_variants import INTERPRETED, NUM_STAGES, Variant, rows_bucket, signature
 from . import torch_kernels
 
 __all__ = ["blockdiag_forward", "blockdiag_input_grad", "blockdiag_values_grad",
            "BLOCKED_MIN_ROWS", "launch_variants"]
 
 BLOCKED_MIN_ROWS = 16  # a tl.dot tile is 16 rows at least: fewer rows go to the diag kernels
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # the launch choices (launch_variants lists every combination)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: the diag kernels
 PRECISIONS = {torch.float16: ("ieee",), torch.bfloat16: ("ieee",),
@@ -224,9 +221,6 @@ def _from_residue(tp: torch.Tensor) -> torch.Tensor:
     return tp.transpose(1, 2).reshape(tp.shape[0], -1)
 
 
-NUM_STAGES = 3
-
-
 def _warps(block_m: int, block_n: int, block_k: int) -> int:
     """4 warps up to 32-wide tiles; 8 once a side is 64 (with 4, a 64-wide tile spilled: 255
     registers and a stack frame on sm_80 and sm_90, seen with triton_variants)."""
@@ -257,23 +251,19 @@ def _tuned(kernel, dtype: torch.dtype):
     return _TUNED[kernel, dtype]
 
 
-def _rows_key(rows: int) -> int:
-    return min(triton.next_power_of_2(rows), 4096)
-
-
 def _launch(kernel, grid, *operands, dtype: torch.dtype, sides: tuple[int, int, int]) -> None:
     """``grid(BLOCK_M, BLOCK_N)``; ``sides``: the sizes the M, N, K tiles cover (the
     interpreter's tile choice); ``operands`` end with the rows."""
     rows = operands[4]
-    if _INTERPRETED:
+    if INTERPRETED:
         block_m, block_n, block_k = (_tile(side, dtype) for side in sides)
         kernel[grid(block_m, block_n)](
-            *operands, _rows_key(rows), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            *operands, rows_bucket(rows), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             PRECISION=_precision(dtype), UPCAST=True, num_warps=_warps(block_m, block_n, block_k),
             num_stages=NUM_STAGES)
         return
     _tuned(kernel, dtype)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](
-        *operands, _rows_key(rows), PRECISION=_precision(dtype), UPCAST=False)
+        *operands, rows_bucket(rows), PRECISION=_precision(dtype), UPCAST=False)
 
 
 def _apply(kernel, t: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,

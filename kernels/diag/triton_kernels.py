@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Split, Variant, accumulator_dtype, pick_tile, signature, \
-    split_count
+from ..triton_variants import Split, Variant, accumulator_dtype, launch, pick_tile, \
+    rows_bucket, signature, split_count, warp_choices
 
 __all__ = ["diag_apply", "diag_values_grad", "launch_variants"]
 
@@ -63,6 +63,7 @@ def _diag_apply_kernel(
     offsets_ptr,      # [num_diagonals] int64 diagonal offsets in [0, mod)
     y_ptr,            # [rows, out_len] result; SPLIT: [splits, rows, out_len] fp32 partials
     rows,             # number of activation rows (all leading dims flattened)
+    rows_key,         # the autotuner's bucket of rows (unused in the body)
     num_diagonals,    # K
     length,           # L = min(out, in): elements per diagonal
     mod,              # P = max(out, in): the wrap-around modulus (< 2**31)
@@ -144,12 +145,15 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _apply_warps(block_rows: int, block_pos: int) -> tuple[int, ...]:
+    """The autotune set of warps for a tile: only 8 for 32 x 128 tiles (with 4, ptxas spilled
+    the fp16 scatter form on sm_90: triton_variants)."""
+    return (8,) if block_rows * block_pos >= 4096 else warp_choices(block_rows * block_pos)
 
 
-def _apply_warps(block_rows: int, block_pos: int) -> int:
-    """8 warps for 32 x 128 tiles (with 4, ptxas spilled the fp16 scatter form on sm_90:
-    triton_variants), else 4."""
-    return 8 if block_rows * block_pos >= 4096 else 4
+# what the apply's autotuner times once: the tile, the shape and the form
+_APPLY_KEY = ("rows_key", "num_diagonals", "length", "mod", "per_split", "GATHER", "BLOCK_ROWS",
+              "BLOCK_POS", "SPLIT")
 
 
 def _apply_tile(rows: int, out_len: int) -> tuple[int, int]:
@@ -176,11 +180,12 @@ def diag_apply(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, mod
         splits = split_count(tiles[0] * tiles[1], num_diagonals, MIN_DIAGONALS_PER_SPLIT,
                              x.device)
     split = Split.plan(splits, num_diagonals, 1, out)
-    _diag_apply_kernel[(*tiles, split.count)](
-        x, values, offsets.to(torch.int64), split.target, rows, num_diagonals, length, mod,
-        in_len, out_len, split.per_split, GATHER=gather, ACC_DTYPE=_acc_dtype(x.dtype),
-        BLOCK_ROWS=block_rows, BLOCK_POS=block_pos, SPLIT=split.count > 1,
-        num_warps=_apply_warps(block_rows, block_pos))
+    launch(_diag_apply_kernel, (*tiles, split.count),
+           x, values, offsets.to(torch.int64), split.target, rows, rows_bucket(rows),
+           num_diagonals, length, mod, in_len, out_len, split.per_split,
+           warps=_apply_warps(block_rows, block_pos), key=_APPLY_KEY, GATHER=gather,
+           ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows, BLOCK_POS=block_pos,
+           SPLIT=split.count > 1)
     return split.finish(out)
 
 
@@ -215,9 +220,10 @@ def launch_variants():
                     constexprs = dict(GATHER=gather, ACC_DTYPE=_acc_dtype(dtype),
                                       BLOCK_ROWS=block_rows, BLOCK_POS=block_pos, SPLIT=split)
                     typed = dict(pointers, y_ptr=partials if split else dtype)
-                    yield Variant(_diag_apply_kernel,
-                                  signature(_diag_apply_kernel, typed, constexprs), constexprs,
-                                  num_warps=_apply_warps(block_rows, block_pos))
+                    for warps in _apply_warps(block_rows, block_pos):
+                        yield Variant(_diag_apply_kernel,
+                                      signature(_diag_apply_kernel, typed, constexprs),
+                                      constexprs, num_warps=warps)
         for block_rows in ROW_TILES:
             for block_pos in POSITION_TILES:
                 constexprs = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,

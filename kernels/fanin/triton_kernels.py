@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Split, Variant, accumulator_dtype, pick_tile, signature, \
-    split_count
+from ..triton_variants import Split, Variant, accumulator_dtype, launch, pick_tile, \
+    rows_bucket, signature, split_count, warp_choices
 
 __all__ = ["fanin_forward", "fanin_input_grad", "fanin_values_grad", "launch_variants"]
 
@@ -50,6 +50,7 @@ def _fanin_forward_kernel(
     indices_ptr,      # [out, fan_in] column ids of the stored weights
     y_ptr,            # [rows, out] result; SPLIT: [splits, rows, out] partial sums
     rows,             # activation rows (all leading dims flattened)
+    rows_key,         # the autotuner's bucket of rows (unused in the body)
     out,              # output features
     fan_in,           # stored entries per output
     in_features,      # input features
@@ -93,6 +94,7 @@ def _fanin_input_grad_kernel(
     indices_ptr,      # [out, fan_in] column ids
     grad_x_ptr,       # [rows, in_features] fp32/fp64 accumulator, zeroed by the caller
     rows,
+    rows_key,         # the autotuner's bucket of rows (unused in the body)
     out,
     fan_in,
     in_features,
@@ -165,6 +167,14 @@ def _tile(rows: int) -> tuple[int, int, int]:
     return SINGLE_ROW_TILE if rows == 1 else ROWS_TILE
 
 
+def _warps(block_rows: int, block_out: int, block_j: int) -> tuple[int, ...]:
+    return warp_choices(block_rows * block_out * block_j)
+
+
+# what the autotuners time once: the tile and the shape (the split, for the forward)
+_KEY = ("rows_key", "out", "fan_in", "in_features", "BLOCK_ROWS")
+
+
 def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                   out: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """``y[:, o] = sum_j values[o, j] * x[:, indices[o, j]]``. ``splits``: how many programs
@@ -180,10 +190,11 @@ def fanin_forward(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     if splits is None:
         splits = split_count(tiles[0] * tiles[1], fan_in, MIN_SLOTS_PER_SPLIT, x.device)
     split = Split.plan(splits, fan_in, block_j, out)
-    _fanin_forward_kernel[(*tiles, split.count)](
-        x, values, _ids(indices), split.target, rows, num_out, fan_in, in_features,
-        split.per_split, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_ROWS=block_rows,
-        BLOCK_OUT=block_out, BLOCK_J=block_j, SPLIT=split.count > 1)
+    launch(_fanin_forward_kernel, (*tiles, split.count),
+           x, values, _ids(indices), split.target, rows, rows_bucket(rows), num_out, fan_in,
+           in_features, split.per_split, warps=_warps(block_rows, block_out, block_j),
+           key=_KEY + ("per_split", "SPLIT"), ACC_DTYPE=_acc_dtype(x.dtype),
+           BLOCK_ROWS=block_rows, BLOCK_OUT=block_out, BLOCK_J=block_j, SPLIT=split.count > 1)
     return split.finish(out)
 
 
@@ -198,9 +209,11 @@ def fanin_input_grad(grad_out: torch.Tensor, values: torch.Tensor, indices: torc
         return grad_x.to(grad_out.dtype)
     block_rows, block_out, block_j = _tile(rows)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(num_out, block_out))
-    _fanin_input_grad_kernel[grid](grad_out, values, _ids(indices), grad_x, rows, num_out, fan_in,
-                                   in_features, BLOCK_ROWS=block_rows, BLOCK_OUT=block_out,
-                                   BLOCK_J=block_j)
+    launch(_fanin_input_grad_kernel, grid, grad_out, values, _ids(indices), grad_x, rows,
+           rows_bucket(rows), num_out, fan_in, in_features,
+           warps=_warps(block_rows, block_out, block_j), key=_KEY,
+           reset_to_zero=("grad_x_ptr",),  # the kernel adds into it
+           BLOCK_ROWS=block_rows, BLOCK_OUT=block_out, BLOCK_J=block_j)
     return grad_x.to(grad_out.dtype)
 
 
@@ -232,13 +245,16 @@ def launch_variants():
                             grad_ptr=dtype, grad_x_ptr=accumulator, indices_ptr=index_dtype)
             for block_rows, block_out, block_j in (SINGLE_ROW_TILE, ROWS_TILE):
                 tiles = dict(BLOCK_ROWS=block_rows, BLOCK_OUT=block_out, BLOCK_J=block_j)
-                for split in (False, True):  # split: partial sums in fp32 (fp64)
-                    forward = dict(ACC_DTYPE=_acc_dtype(dtype), SPLIT=split, **tiles)
-                    typed = dict(pointers, y_ptr=accumulator if split else dtype)
-                    yield Variant(_fanin_forward_kernel,
-                                  signature(_fanin_forward_kernel, typed, forward), forward)
-                yield Variant(_fanin_input_grad_kernel,
-                              signature(_fanin_input_grad_kernel, pointers, tiles), tiles)
+                for warps in _warps(block_rows, block_out, block_j):
+                    for split in (False, True):  # split: partial sums in fp32 (fp64)
+                        forward = dict(ACC_DTYPE=_acc_dtype(dtype), SPLIT=split, **tiles)
+                        typed = dict(pointers, y_ptr=accumulator if split else dtype)
+                        yield Variant(_fanin_forward_kernel,
+                                      signature(_fanin_forward_kernel, typed, forward), forward,
+                                      num_warps=warps)
+                    yield Variant(_fanin_input_grad_kernel,
+                                  signature(_fanin_input_grad_kernel, pointers, tiles), tiles,
+                                  num_warps=warps)
             for block_rows in ROW_TILES:
                 for block_entries in ENTRY_TILES:
                     grad = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,

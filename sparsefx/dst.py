@@ -40,6 +40,7 @@ update with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -175,23 +176,36 @@ class DST:
         # step, so only its cheap part (SRigL holds its ablated rows at zero)
         if (not self.method.works_every_step and (self._step + 1) % self.delta_t > 1
                 and self._step != self.total_steps):
-            self.method.between_updates(self)
+            with self._whole_parameters(self.method.writes_between_updates):
+                self.method.between_updates(self)
             return False
         return self._step_with_work()
 
     @torch.no_grad()
     def _step_with_work(self) -> bool:
-        self.method.every_step(self)
         changed = False
-        if self.is_update_step(self._step):
-            changed = self._update(self.drop_fraction(self._step))
+        updating = self.is_update_step(self._step)
+        finishing = self._step == self.total_steps
+        with self._whole_parameters(updating or finishing
+                                    or self.method.writes_between_updates):
+            self.method.every_step(self)
+            if updating:
+                changed = self._update(self.drop_fraction(self._step))
+            if finishing:
+                self.method.finish(self)
         if self._armed:
             for layer in self.layers:
                 layer.probe.grad = None
-        if self._step == self.total_steps:
-            self.method.finish(self)
         self._arm()
         return changed
+
+    def _whole_parameters(self, needed: bool):
+        """Under FSDP2, the layers' sharded weights, gradients and optimizer state gathered
+        whole while an update (or the method) writes them: only on the steps that need it."""
+        if needed and any(distributed.is_sharded(layer.param) for layer in self.layers):
+            return distributed.whole_parameters([layer.module for layer in self.layers],
+                                                self.optimizer)
+        return contextlib.nullcontext()
 
     def _arm(self) -> None:
         """Route the next step's backward through the growth tap iff it ends in an update

@@ -39,6 +39,12 @@ class Method:
         """Whether ``every_step`` must run on every step (not only around updates)."""
         return False
 
+    @property
+    def writes_between_updates(self) -> bool:
+        """Whether ``between_updates`` writes the layers' weights (gathered whole under FSDP2
+        for it)."""
+        return False
+
     def between_updates(self, dst: DST) -> None:
         """The cheap path of most steps."""
 

@@ -60,6 +60,10 @@ class SRigL(Method):
     def live_rows(self, layer) -> int | None:
         return int(self.row_active[layer.name].sum())
 
+    @property
+    def writes_between_updates(self) -> bool:
+        return bool(self._ablated_rows)
+
     def between_updates(self, dst) -> None:
         """Ablated rows stay exactly zero, whatever the optimizer did to them: every step,
         one write of those rows per layer that has some. (Their optimizer state may drift

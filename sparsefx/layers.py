@@ -74,6 +74,28 @@ class _SparseLinear(nn.Module, abc.ABC):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._growth_probe: torch.Tensor | None = None
         self._growth_plan: list[int] = [0, 0, 0, 0]
+        # built on the meta device (sparsefx.transform): the structure as drawn on the CPU,
+        # written into the buffers when they leave meta
+        self._drawn_on_cpu: dict[str, torch.Tensor] | None = None
+
+    def _readable(self, name: str) -> torch.Tensor:
+        """The structure buffer ``name``, or while the layer is on the meta device the copy
+        drawn on the CPU (for the numbers a report prints)."""
+        return getattr(self, name) if self._drawn_on_cpu is None else self._drawn_on_cpu[name]
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``to_empty``, ``cuda``, ...), and on leaving the
+        meta device (``to_empty``) the structure drawn at transform time, so the layer is
+        never left with an uninitialised structure (its values are, as after any
+        ``to_empty``, until they are loaded or initialised)."""
+        module = super()._apply(fn, recurse)
+        drawn = self._drawn_on_cpu
+        if drawn is not None and not self.param.is_meta:
+            with torch.no_grad():
+                for name, structure in drawn.items():
+                    getattr(self, name).copy_(structure)
+            self._drawn_on_cpu = None
+        return module
 
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The bias to add: ``self.bias``, or one passed to ``forward`` by a rewritten graph
@@ -555,7 +577,7 @@ class MaskedLinear(_SparseLinear):
 
     @property
     def stored(self) -> int:
-        return int(self.mask.sum())
+        return int(self._readable("mask").sum())
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self._tap(F.linear(x, self.weight * self.mask, self._bias(bias)), x)

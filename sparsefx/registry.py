@@ -38,8 +38,26 @@ class Pattern:
             raise ValueError(f"pattern {self.name!r} takes no option {sorted(unknown)}: "
                              f"expected {self.options or 'none'}")
         structure = {"nm": nm} if self.takes_nm else {"sparsity": sparsity}
-        return self.layer.from_dense(weight, bias, init=init, generator=generator,
-                                     **structure, **options)
+        if not weight.is_meta:
+            return self.layer.from_dense(weight, bias, init=init, generator=generator,
+                                         **structure, **options)
+        # a model built on the meta device: the structure is drawn on the CPU from the
+        # generator, then everything goes to meta; the layer keeps the structure drawn and
+        # takes it back when it leaves meta (to_empty)
+        if init != "random":
+            raise ValueError(f"the weight is on the meta device and init={init!r} reads its "
+                             "values: expected init='random' (the structure is drawn from "
+                             "seed), or transform after loading the weights")
+        placeholder = torch.empty(weight.shape, dtype=weight.dtype)
+        layer = self.layer.from_dense(placeholder, None, init=init, generator=generator,
+                                      **structure, **options)
+        drawn = {name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)}
+        layer = layer.to("meta")
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(torch.empty_like(bias, device="meta"),
+                                            requires_grad=bias.requires_grad)
+        layer._drawn_on_cpu = drawn
+        return layer
 
 
 PATTERNS: dict[str, Pattern] = {pattern.name: pattern for pattern in (

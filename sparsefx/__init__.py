@@ -6,6 +6,7 @@ the modules that own a sparse weight and call them; ``sparsefx.DST`` trains thei
 structure (``sparsefx.dst``) with a method of ``sparsefx.methods``.
 """
 from sparsefx.kernels import diag_linear, fanin_linear, patterns
+from sparsefx.checkpoint import load_checkpoint, save_checkpoint
 from sparsefx.dst import DST
 from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
 from sparsefx.methods import SET, DynaDiag, RigL, SRigL, Static
@@ -14,5 +15,5 @@ from sparsefx.transform import densify, layer_graph, transform
 
 __version__ = "0.1.0"
 __all__ = ["transform", "DST", "Static", "SET", "RigL", "SRigL", "DynaDiag", "densify", "report",
-           "layer_graph", "Report", "DiagLinear", "FanInLinear", "MaskedLinear", "diag_linear",
+           "layer_graph", "Report", "save_checkpoint", "load_checkpoint", "DiagLinear", "FanInLinear", "MaskedLinear", "diag_linear",
            "fanin_linear", "patterns", "__version__"]

@@ -292,6 +292,19 @@ class DST:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
+        self._step = state["step"]
+        self._skipped_updates = state.get("skipped_updates", 0)
+        self.method.load_state_dict(self, state)
+        self._arm()
+
+    def check_state(self, state: dict) -> None:
+        """Raise a ``ValueError`` saying what differs unless ``state`` (a ``state_dict()``)
+        continues a run of this manager's settings and layers. Nothing is loaded."""
+        if not isinstance(state, dict) or not {"step", "config"} <= set(state):
+            raise ValueError(f"sparsefx.DST.load_state_dict: got {type(state).__name__}"
+                             f"{sorted(state) if isinstance(state, dict) else ''}: expected "
+                             "what DST.state_dict() returns")
         saved_format = state.get("format", 1)  # format 1 (sparsefx 0.1) had no version key
         if saved_format not in (1, CHECKPOINT_FORMAT):
             raise ValueError(f"sparsefx.DST.load_state_dict: checkpoint format "
@@ -310,10 +323,9 @@ class DST:
         if not mentioned <= names:
             raise ValueError(f"sparsefx.DST.load_state_dict: layers {sorted(mentioned - names)} "
                              f"are not in this model's sparse layers {sorted(names)}")
-        self._step = state["step"]
-        self._skipped_updates = state["skipped_updates"]
-        self.method.load_state_dict(self, state)
-        self._arm()
+        if not isinstance(state["step"], int) or not 0 <= state["step"] <= self.total_steps:
+            raise ValueError(f"sparsefx.DST.load_state_dict: step={state['step']!r}: expected "
+                             f"an int in [0, {self.total_steps}]")
 
     def _config(self) -> dict:
         return {"method": self.method.name, "total_steps": self.total_steps,

@@ -56,6 +56,20 @@ class DenseLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias if bias is None else bias)
 
 
+def _described_by_keys(keys) -> str:
+    """What layer a checkpoint's entries for one module describe, from their names."""
+    keys = set(keys)
+    if "offsets" in keys:
+        return "a diag or blockdiag layer"
+    if "indices" in keys:
+        return "a fanin or N:M layer"
+    if "mask" in keys:
+        return "an unstructured layer"
+    if "weight" in keys:
+        return "a dense layer"
+    return "no layer"
+
+
 class _SparseLinear(nn.Module, abc.ABC):
     """What the three layers share: shapes, bias, the report numbers and densifying. Each
     layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``.
@@ -77,6 +91,70 @@ class _SparseLinear(nn.Module, abc.ABC):
         # built on the meta device (sparsefx.transform): the structure as drawn on the CPU,
         # written into the buffers when they leave meta
         self._drawn_on_cpu: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------- loading a checkpoint
+
+    structure_name: str  # the buffer holding the structure
+
+    @abc.abstractmethod
+    def check_structure(self, structure: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``structure`` is a valid structure for this layer."""
+
+    def _stored_in(self, state: dict[str, torch.Tensor]) -> int:
+        """Weights kept by the layer ``state`` (its own keys) describes."""
+        return state["values"].numel()
+
+    def check_state(self, state_dict: dict, prefix: str = "", strict: bool = True) -> None:
+        """Raise a ``ValueError`` naming the layer (``prefix``) and what differs unless the
+        entries of ``state_dict`` under ``prefix`` fit this layer: the same pattern, shapes
+        and sparsity, a valid structure. Nothing is loaded."""
+        name = prefix[:-1] if prefix.endswith(".") else (prefix or type(self).__name__)
+        own = self.state_dict()
+        saved = {key[len(prefix):]: value for key, value in state_dict.items()
+                 if key.startswith(prefix) and "." not in key[len(prefix):]}
+        structures = {"offsets", "indices", "mask"}
+        missing = [key for key in own if key not in saved]
+        foreign = [key for key in saved if key not in own and key in structures | {"weight"}]
+        if foreign or (strict and missing and saved):
+            raise ValueError(
+                f"layer {name}: the checkpoint holds {_described_by_keys(saved)} here (keys "
+                f"{sorted(saved)}), but this model has a {self.pattern_label} layer (keys "
+                f"{sorted(own)}): transform the model as the checkpoint's was transformed")
+        if strict and missing:
+            raise ValueError(f"layer {name}: the checkpoint has no entries for it (expected "
+                             f"{sorted(own)} under {prefix!r})")
+        for key, value in saved.items():
+            if key not in own:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"layer {name}: {key} in the checkpoint is a "
+                                 f"{type(value).__name__}: expected a tensor")
+            if value.shape != own[key].shape:
+                sparsities = ""
+                if key in ("values", self.structure_name) and self.structure_name in saved:
+                    theirs = 1.0 - self._stored_in(saved) / (self.out_features
+                                                             * self.in_features)
+                    sparsities = (f"; the checkpoint's layer is {theirs:.1%} sparse, this one "
+                                  f"{self.sparsity:.1%}: made at another sparsity?")
+                raise ValueError(f"layer {name}: {key} has shape {tuple(value.shape)} in the "
+                                 f"checkpoint and {tuple(own[key].shape)} here{sparsities}")
+        structure = saved.get(self.structure_name)
+        if structure is not None:
+            if structure.is_floating_point() or structure.is_complex():
+                raise ValueError(f"layer {name}: {self.structure_name} in the checkpoint is "
+                                 f"{structure.dtype}: expected an integer or bool tensor")
+            try:
+                self.check_structure(structure)
+            except ValueError as error:
+                raise ValueError(f"layer {name}: the checkpoint's {self.structure_name} are not "
+                                 f"a valid {self.pattern_label} structure: {error}") from None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if not self.param.is_meta:  # on meta, to_empty has yet to make real tensors
+            self.check_state(state_dict, prefix, strict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _readable(self, name: str) -> torch.Tensor:
         """The structure buffer ``name``, or while the layer is on the meta device the copy
@@ -280,9 +358,14 @@ class DiagLinear(_SparseLinear):
                                            self.out_features, self._bias(bias))
         return self._tap(y, x)
 
+    structure_name = "offsets"
+
     @property
     def structure(self) -> torch.Tensor:
         return self.offsets
+
+    def check_structure(self, structure: torch.Tensor) -> None:
+        patterns.check_diag_offsets(structure, self.out_features, self.in_features)
 
     def slots(self) -> torch.Tensor:
         return self.offsets[None, :]
@@ -330,6 +413,18 @@ class DiagLinear(_SparseLinear):
                                       self.out_features, self.in_features)
 
 
+def _check_coset_layout(offsets: torch.Tensor, out_features: int, in_features: int,
+                        groups: int) -> None:
+    """Valid blockdiag offsets, laid out coset by coset."""
+    patterns.check_blockdiag_offsets(offsets, out_features, in_features, groups)
+    per_coset = patterns.diag_geometry(out_features, in_features)[0] // groups
+    firsts = offsets.reshape(-1, per_coset).to(torch.int64)
+    if not bool((firsts == firsts[:, :1] + groups * torch.arange(
+            per_coset, device=firsts.device)).all()):
+        raise ValueError("offsets: expected whole cosets laid out one after another "
+                         "(r, r + g, ..., as patterns.blockdiag_offsets gives them)")
+
+
 class BlockDiagLinear(DiagLinear):
     """A ``DiagLinear`` whose diagonals are ``c`` whole cosets of ``g Z_P`` (the blockdiag
     pattern of ``sparsefx.kernels.patterns``): after grouping rows and columns by residue
@@ -341,15 +436,12 @@ class BlockDiagLinear(DiagLinear):
 
     def __init__(self, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
                  in_features: int, groups: int, bias: torch.Tensor | None = None):
-        patterns.check_blockdiag_offsets(offsets, out_features, in_features, groups)
+        _check_coset_layout(offsets, out_features, in_features, groups)
         super().__init__(values, offsets, out_features, in_features, bias)
         self.groups = groups
-        per_coset = patterns.diag_geometry(out_features, in_features)[0] // groups
-        firsts = self.offsets.view(-1, per_coset)
-        if not bool((firsts == firsts[:, :1] + groups * torch.arange(
-                per_coset, device=firsts.device)).all()):
-            raise ValueError("offsets: expected whole cosets laid out one after another "
-                             "(r, r + g, ..., as patterns.blockdiag_offsets gives them)")
+
+    def check_structure(self, structure: torch.Tensor) -> None:
+        _check_coset_layout(structure, self.out_features, self.in_features, self.groups)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -503,9 +595,17 @@ class FanInLinear(_SparseLinear):
         return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices,
                                                          self._bias(bias)), x)
 
+    structure_name = "indices"
+
     @property
     def structure(self) -> torch.Tensor:
         return self.indices
+
+    def check_structure(self, structure: torch.Tensor) -> None:
+        if self.nm is None:
+            patterns.check_fanin_indices(structure, self.in_features)
+        else:
+            patterns.check_nm_indices(structure, self.in_features, *self.nm)
 
     def slots(self) -> torch.Tensor:
         return self.indices.to(torch.int64)
@@ -584,9 +684,19 @@ class MaskedLinear(_SparseLinear):
 
     grows_from_lists = True
 
+    structure_name = "mask"
+
     @property
     def structure(self) -> torch.Tensor:
         return self.mask
+
+    def check_structure(self, structure: torch.Tensor) -> None:
+        if structure.shape != self.weight.shape:
+            raise ValueError(f"mask has shape {tuple(structure.shape)}: expected "
+                             f"{tuple(self.weight.shape)}")
+
+    def _stored_in(self, state: dict[str, torch.Tensor]) -> int:
+        return int(state["mask"].sum())
 
     @property
     def param(self) -> nn.Parameter:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparsefx.layers import SPARSE_LAYERS
+from sparsefx.checkpoint import _check_before_loading
 from sparsefx.registry import PATTERNS, build_layer
 from sparsefx.passes import analyse
 from sparsefx.passes.allocate import allocate
@@ -95,6 +96,8 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
             linear = new.get_submodule(site.name)
             replace_module(new, site.name, make_layer(site, linear.weight, linear.bias))
 
+    # a checkpoint that does not fit is refused before any module is loaded
+    new.register_load_state_dict_pre_hook(_check_before_loading)
     new._sparsefx_order = [d.site.name for d in decisions]
     new._sparsefx_dense = {d.site.name: (d.site.out_features, d.site.in_features, d.reason)
                            for d in decisions if d.pattern is None}

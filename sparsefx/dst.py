@@ -108,6 +108,11 @@ class DST:
         gamma_sal, output_layers, temperature, importance_lr, seed: with a method name,
             the options of the method that takes them (``None``: its default); others are
             left aside. With a method object, leave them out.
+        grad_scaler: the ``torch.amp.GradScaler`` the loss is scaled by, if any; call
+            ``dst.step()`` after ``scaler.update()``. The gradients DST feeds an optimizer
+            (DynaDiag's importances) are unscaled by it. The growth scores are only ranked
+            within a layer, and the scale is a power of two, so they decide the same
+            scaled or not.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -115,7 +120,7 @@ class DST:
                  alpha: float = 0.3, t_end: float = 0.75, gamma_sal: float | None = None,
                  output_layers: tuple[str, ...] | None = None,
                  temperature: float | None = None, importance_lr: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         options = dict(gamma_sal=gamma_sal, output_layers=output_layers,
                        temperature=temperature, importance_lr=importance_lr, seed=seed)
         if isinstance(method, Method):
@@ -133,6 +138,9 @@ class DST:
         _check_optimizer(self.layers, optimizer)
         _check_same_structure_on_every_rank(self.layers)
         self.world = distributed.world_size()  # read once: the group outlives the manager
+        self.grad_scaler = grad_scaler
+        self.inverse_grad_scale: torch.Tensor | None = None
+        self._record_grad_scale()
         self._step = 0
         self._skipped_updates = 0
         method.attach(self)
@@ -178,8 +186,23 @@ class DST:
                 and self._step != self.total_steps):
             with self._whole_parameters(self.method.writes_between_updates):
                 self.method.between_updates(self)
-            return False
-        return self._step_with_work()
+            changed = False
+        else:
+            changed = self._step_with_work()
+        self._record_grad_scale()
+        return changed
+
+    def _record_grad_scale(self) -> None:
+        """``1 / scale`` of the GradScaler (0-dim, on its device; no host sync): the scale
+        the next backward multiplies the loss by, once ``scaler.update()`` has run."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        scale = scaler._scale  # None until its first scale(loss): then its init_scale
+        if scale is None:
+            scale = torch.tensor(scaler.get_scale(), device=self.layers[0].param.device)
+        scale = scale.double()
+        self.inverse_grad_scale = scale.reciprocal().float()  # a power of two: exact
 
     @torch.no_grad()
     def _step_with_work(self) -> bool:

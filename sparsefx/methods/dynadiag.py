@@ -99,9 +99,15 @@ class DynaDiag(Method):
                      if importance.grad is not None]
             if dst.world > 1:
                 distributed.mean_over_ranks_(*grads)
+            # under a GradScaler, the gradients as the scaled loss gave them
+            inverse_scale = dst.inverse_grad_scale
             if self._one is not None:
-                _importance_adam_step(self._optimizer, self._found_inf, self._one)
+                _importance_adam_step(self._optimizer, self._found_inf, self._one,
+                                      self._one if inverse_scale is None else inverse_scale)
             elif all(bool(torch.isfinite(grad).all()) for grad in grads):  # several devices
+                if inverse_scale is not None:
+                    for grad in grads:
+                        grad.mul_(inverse_scale.to(grad.device))
                 self._optimizer.step()
         for importance in importances:
             importance.grad = None
@@ -159,20 +165,21 @@ class DynaDiag(Method):
 
 
 def _importance_adam_step(optimizer: torch.optim.Adam, found_inf: torch.Tensor,
-                          one: torch.Tensor) -> None:
+                          one: torch.Tensor, inverse_scale: torch.Tensor) -> None:
     """``optimizer.step()`` for DynaDiag's importances, ``optimizer`` an ``Adam(fused=True)``
     (one group; no weight decay, amsgrad or maximize): the same fused kernel on the same
     state, without Adam's bookkeeping around it. This runs every step, right after the
     model's optimizer, when each op costs far more than its arithmetic (its code and data
     are out of cache): here three ops and a read of one number. A step whose gradients are
     not all finite is skipped. Parameters without a gradient are skipped, as Adam does.
-    ``found_inf`` (0-dim, zero) and ``one`` are scratch tensors kept by the caller."""
+    ``found_inf`` (0-dim, zero) and ``one`` are scratch tensors kept by the caller; the
+    gradients are multiplied by ``inverse_scale`` (``one``, or a GradScaler's ``1 / scale``)."""
     group = optimizer.param_groups[0]
     params = [param for param in group["params"] if param.grad is not None]
     if not params:
         return
     grads = [param.grad for param in params]
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)  # grads * 1
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse_scale)
     if found_inf.item():
         found_inf.zero_()
         return

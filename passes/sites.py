@@ -54,7 +54,9 @@ def find_module_sites(model: nn.Module) -> list[Site]:
             continue
         parent = modules[name.rpartition(".")[0]]
         reason = None
-        if isinstance(parent, nn.MultiheadAttention):
+        if module.weight.numel() == 0:
+            reason = "empty weight: nothing to sparsify"
+        elif isinstance(parent, nn.MultiheadAttention):
             reason = "read directly by nn.MultiheadAttention, which never calls it"
         elif uses[id(module.weight)] > 1:
             reason = "weight is tied to another module"
@@ -119,7 +121,9 @@ def find_functional_sites(part: str, gm: fx.GraphModule, model_uses: Counter) ->
         param_node = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
         owner = target.rpartition(".")[0]
         reason = None
-        if model_uses[id(gm.get_parameter(target))] > 1:
+        if rows * cols == 0:
+            reason = "empty weight: nothing to sparsify"
+        elif model_uses[id(gm.get_parameter(target))] > 1:
             reason = "weight is tied to another module"
         elif any(owner == c or owner.startswith(f"{c}.") for c in called if owner):
             reason = "weight is also used by the module that owns it"

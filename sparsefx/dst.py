@@ -83,6 +83,13 @@ class _Layer:
     name: str
     module: nn.Module
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
+    # what the layer held when DST was made: an update checks it still does
+    trained: torch.Tensor | None = None
+    structure_shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        self.trained = self.module.param
+        self.structure_shape = tuple(self.module.structure.shape)
 
     @property
     def param(self) -> torch.Tensor:
@@ -121,6 +128,12 @@ class DST:
                  output_layers: tuple[str, ...] | None = None,
                  temperature: float | None = None, importance_lr: float | None = None,
                  seed: int | None = None, grad_scaler: torch.amp.GradScaler | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"sparsefx.DST: model is a {type(model).__name__}: expected the "
+                            "torch.nn.Module sparsefx.transform returned (or its wrapper)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"sparsefx.DST: optimizer is a {type(optimizer).__name__}: "
+                            "expected a torch.optim.Optimizer")
         options = dict(gamma_sal=gamma_sal, output_layers=output_layers,
                        temperature=temperature, importance_lr=importance_lr, seed=seed)
         if isinstance(method, Method):
@@ -132,10 +145,10 @@ class DST:
             method = methods.method_named(method, options)
         self.method = method
         self.schedule = CosineSchedule(total_steps, delta_t, alpha, t_end)
-        self.optimizer = optimizer
         self.model = _unwrap(model)
         self.layers = _find_layers(self.model, method)
-        _check_optimizer(self.layers, optimizer)
+        self._optimizer, self._optimizer_hook = None, None
+        self.optimizer = optimizer
         _check_same_structure_on_every_rank(self.layers)
         self.world = distributed.world_size()  # read once: the group outlives the manager
         self.grad_scaler = grad_scaler
@@ -149,6 +162,23 @@ class DST:
                 self._attach_probe(layer)
         self._armed: bool | None = None  # what the layers' growth probes are set to
         self._arm()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state DST zeroes for grown units; assign a rebuilt one."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        _check_optimizer(self.layers, optimizer)
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+        self._optimizer = optimizer
+        self._optimizer_stepped = False
+        self._optimizer_hook = optimizer.register_step_post_hook(self._note_optimizer_step)
+
+    def _note_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_stepped = True
 
     # ------------------------------------------------------------------------- schedule
 
@@ -179,6 +209,8 @@ class DST:
 
     def step(self) -> bool:
         """Call once after every ``optimizer.step()``. Returns whether the structure changed."""
+        if self.is_update_step(self._step + 1):
+            self._check_before_update(self._step + 1)
         self._step += 1
         # most steps: no update on this step or the next and nothing the method does every
         # step, so only its cheap part (SRigL holds its ablated rows at zero)
@@ -190,7 +222,47 @@ class DST:
         else:
             changed = self._step_with_work()
         self._record_grad_scale()
+        self._optimizer_stepped = False
         return changed
+
+    def _check_before_update(self, step: int) -> None:
+        """Before an update touches anything: raise a ``RuntimeError`` saying what to do if
+        the model's sparse layers are not those DST was made with, if no backward reached
+        them, or if the optimizer did not step (while the gradients are finite: a GradScaler
+        skips the step of an overflow, and so does the update)."""
+        where = f"sparsefx.DST.step() at step {step} (a structure update)"
+        current = [module for module in self.model.modules()
+                   if isinstance(module, SPARSE_LAYERS)]
+        for layer in self.layers:
+            try:
+                found = self.model.get_submodule(layer.name)
+            except AttributeError:
+                found = None
+            what = ("is no longer in the model" if found is not layer.module else
+                    "has new trained weights (a new Parameter)" if layer.module.param
+                    is not layer.trained else
+                    f"has a {layer.module.structure_name} of shape "
+                    f"{tuple(layer.module.structure.shape)}, not {layer.structure_shape}"
+                    if tuple(layer.module.structure.shape) != layer.structure_shape else None)
+            if what:
+                raise RuntimeError(f"{where}: layer {layer.name} {what}: the model was changed "
+                                   "after DST(...) was made. Write weights and structure in "
+                                   "place, or make a new DST for the changed model")
+        if len(current) != len(self.layers):
+            added = [name for name, module in self.model.named_modules()
+                     if isinstance(module, SPARSE_LAYERS)
+                     and all(module is not layer.module for layer in self.layers)]
+            raise RuntimeError(f"{where}: the model has sparse layers DST was not made with "
+                               f"({added}): make a new DST for the changed model")
+        if self.method.needs_gradient and all(layer.probe.grad is None for layer in self.layers):
+            raise RuntimeError(f"{where}: no backward reached a sparse layer since the last "
+                               "dst.step(): call dst.step() once per training step, after "
+                               "loss.backward() and optimizer.step()")
+        if not self._optimizer_stepped and not _layers_with_non_finite_gradients(self.layers):
+            raise RuntimeError(f"{where}: the optimizer DST was given has not stepped since the "
+                               "last dst.step(). Call dst.step() after optimizer.step(); if "
+                               "the optimizer was rebuilt, hand DST the new one "
+                               "(dst.optimizer = optimizer)")
 
     def _record_grad_scale(self) -> None:
         """``1 / scale`` of the GradScaler (0-dim, on its device; no host sync): the scale

@@ -175,6 +175,21 @@ class _SparseLinear(nn.Module, abc.ABC):
             self._drawn_on_cpu = None
         return module
 
+    @property
+    def layer_name(self) -> str:
+        """The layer's name in the model ``sparsefx.transform`` made (its class name for a
+        layer built directly), for error messages."""
+        return getattr(self, "_sparsefx_name", None) or type(self).__name__
+
+    def _check_input(self, x) -> None:
+        """The input's type and width, named after the layer (the ops check the rest)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"layer {self.layer_name}: x is a {type(x).__name__}: expected a "
+                            "torch.Tensor")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"layer {self.layer_name}: x has shape {tuple(x.shape)}: expected "
+                             f"a last dimension of in_features = {self.in_features}")
+
     def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The bias to add: ``self.bias``, or one passed to ``forward`` by a rewritten graph
         whose bias stays a parameter of its own (a functional site such as GPT-2's Conv1D:
@@ -354,6 +369,7 @@ class DiagLinear(_SparseLinear):
         return self.values.numel()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
         y = torch.ops.sparsefx.diag_linear(x, self.effective_values(), self.offsets,
                                            self.out_features, self._bias(bias))
         return self._tap(y, x)
@@ -469,6 +485,7 @@ class BlockDiagLinear(DiagLinear):
                    bias)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
         y = torch.ops.sparsefx.blockdiag_linear(x, self.effective_values(), self.offsets,
                                                 self.out_features, self.groups,
                                                 self._bias(bias))
@@ -592,6 +609,7 @@ class FanInLinear(_SparseLinear):
         return self.values.numel()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
         return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices,
                                                          self._bias(bias)), x)
 
@@ -680,6 +698,7 @@ class MaskedLinear(_SparseLinear):
         return int(self._readable("mask").sum())
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
         return self._tap(F.linear(x, self.weight * self.mask, self._bias(bias)), x)
 
     grows_from_lists = True

@@ -42,6 +42,9 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
     candidate. ``leaf_modules`` (types or FQNs) and ``concrete_args`` go to the tracer.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsefx.transform: model is a {type(model).__name__}: expected a "
+                        "torch.nn.Module")
     new = copy.deepcopy(model)
     parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS, concrete_args)
     uses = parameter_use_counts(new)
@@ -75,12 +78,20 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
 
     def make_layer(site, weight, bias):
         decision = chosen[site.name]
+        if init == "magnitude" and not weight.is_meta:
+            bad = int((~torch.isfinite(weight)).sum())
+            if bad:
+                raise ValueError(f"layer {site.name}: weight holds {bad} NaN or infinite "
+                                 "entries: init='magnitude' cannot rank them (fix the weights, "
+                                 "or draw the structure with init='random', which keeps them)")
         try:
-            return build_layer(decision.pattern, weight, bias, sparsity=decision.sparsity,
-                               nm=decision.nm, init=init, generator=generator,
-                               **decision.options)
+            layer = build_layer(decision.pattern, weight, bias, sparsity=decision.sparsity,
+                                nm=decision.nm, init=init, generator=generator,
+                                **decision.options)
         except ValueError as error:
             raise ValueError(f"layer {site.name}: {error}") from None
+        layer._sparsefx_name = site.name
+        return layer
 
     for part, found in functional.items():
         selected = [site for site in found if site.name in chosen]

@@ -667,10 +667,13 @@ def test_a_layer_without_gradient_is_left_alone_with_a_warning():
     model = _sparse_mlp("fanin", {})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     dst = sparsefx.DST(model, optimizer, method="rigl", total_steps=40, delta_t=1)
-    with torch.no_grad():
-        model(torch.randn(2, 12))
-    with pytest.warns(UserWarning, match="got no gradient"):
-        assert dst.step() is False
+    before = [_structure(layer) for layer in _layers(model)]
+    model[0](torch.randn(2, 12)).sum().backward()  # only the first layer is used
+    optimizer.step()
+    with pytest.warns(UserWarning, match="layer 2 got no gradient"):
+        dst.step()
+    assert all(torch.equal(b, _structure(layer))
+               for b, layer in zip(before[1:], _layers(model)[1:], strict=True))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -776,7 +779,7 @@ def test_dynadiag_importances_follow_fused_adam_exactly():
                 grad[0] = float("inf")
             a.grad, b.grad = grad.clone(), grad.clone()
         with torch.no_grad():
-            _importance_adam_step(optimizer, found_inf, one)
+            _importance_adam_step(optimizer, found_inf, one, one)
         if not non_finite:
             reference.step()
         for a, b in zip(ours, theirs, strict=True):

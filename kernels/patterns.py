@@ -149,6 +149,9 @@ def check_diag_offsets(offsets: torch.Tensor, out_features: int, in_features: in
     flat = offsets.reshape(-1).to(torch.int64)
     if flat.numel() == 0:
         return
+    if flat.numel() > num_candidates:
+        raise ValueError(f"{name} has K = {flat.numel()} diagonals: expected 1 <= K <= P = "
+                         f"max(out_features, in_features) = {num_candidates}")
     bad = (flat < 0) | (flat >= num_candidates)
     if bool(bad.any()):
         value = int(flat[bad][0])

@@ -120,7 +120,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, wrapping: str,
 
 
 RUNS = [(2, "ddp", EVERY_CASE), (2, "compile(ddp)", COVERING), (2, "ddp(compile)", COVERING),
-        (2, "fsdp2", COVERING), (3, "ddp", COVERING), (3, "compile(ddp)", COVERING[:3]),
+        (2, "fsdp2", COVERING), (3, "ddp", COVERING),
+        # diag/RigL on 3 ranks under compile once crashed at the first armed step
+        (3, "compile(ddp)", [("diag", "rigl"), ("fanin", "srigl"), ("blockdiag", "dynadiag")]),
         (3, "fsdp2", COVERING)]
 
 

@@ -374,6 +374,13 @@ class DiagLinear(_SparseLinear):
                                            self.out_features, self._bias(bias))
         return self._tap(y, x)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight the layer computes with (built on each read, no
+        gradient), for code that reads ``.weight`` of a layer it holds: tying checks, dtype
+        and device reads, fused paths. What trains is ``values``."""
+        return self.dense_weight()
+
     structure_name = "offsets"
 
     @property
@@ -612,6 +619,13 @@ class FanInLinear(_SparseLinear):
         self._check_input(x)
         return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices,
                                                          self._bias(bias)), x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight the layer computes with (built on each read, no
+        gradient), for code that reads ``.weight`` of a layer it holds: tying checks, dtype
+        and device reads, fused paths. What trains is ``values``."""
+        return self.dense_weight()
 
     structure_name = "indices"
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparsefx.layers import SPARSE_LAYERS
+from sparsefx.attention import MultiheadAttention, swap_attention
 from sparsefx.checkpoint import _check_before_loading
 from sparsefx.registry import PATTERNS, build_layer
 from sparsefx.passes import analyse
@@ -46,7 +47,9 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
         raise TypeError(f"sparsefx.transform: model is a {type(model).__name__}: expected a "
                         "torch.nn.Module")
     new = copy.deepcopy(model)
-    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS, concrete_args)
+    swap_attention(new)  # its projections become modules, so that they can be made sparse
+    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS + (MultiheadAttention,),
+                        concrete_args)
     uses = parameter_use_counts(new)
     sites = find_module_sites(new)
     functional = {part: find_functional_sites(part, gm, uses) for part, gm in parts.items()}
@@ -123,6 +126,9 @@ def densify(model: nn.Module) -> nn.Module:
     (for export, or to compare against dense); ``model`` is not modified. A compiled model
     gives back the plain module it wraps, densified."""
     dense = copy.deepcopy(getattr(model, "_orig_mod", model))  # unwrap torch.compile
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, MultiheadAttention):  # back to nn.MultiheadAttention
+            replace_module(dense, name, module.to_torch())
     for name, module in list(dense.named_modules()):
         if isinstance(module, SPARSE_LAYERS):
             replace_module(dense, name, module.to_dense())

@@ -131,8 +131,14 @@ def masked_reference(original, sparse, stored_in_out):
     with torch.no_grad():
         for name, layer in sparse.named_modules():
             if isinstance(layer, SPARSE_LAYERS):
-                weight = parameters.get(f"{name}.weight", parameters.get(name))
-                mask = (layer.dense_weight() != 0).to(weight.dtype)
                 owner = reference.get_submodule(name.rpartition(".")[0])
+                leaf = name.rpartition(".")[2]
+                if isinstance(owner, torch.nn.MultiheadAttention) and leaf != "out_proj":
+                    # the projection sparsefx.attention made of its q/k/v weights
+                    weight = (owner.in_proj_weight.chunk(3)["qkv".index(leaf[0])]
+                              if owner._qkv_same_embed_dim else getattr(owner, f"{leaf}_weight"))
+                else:
+                    weight = parameters.get(f"{name}.weight", parameters.get(name))
+                mask = (layer.dense_weight() != 0).to(weight.dtype)
                 weight.mul_(mask.T if stored_in_out(name, owner) else mask)
     return reference

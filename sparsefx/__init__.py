@@ -11,9 +11,11 @@ from sparsefx.dst import DST
 from sparsefx.layers import DiagLinear, FanInLinear, MaskedLinear
 from sparsefx.methods import SET, DynaDiag, RigL, SRigL, Static
 from sparsefx.report import Report, report
+from sparsefx.saving import load, save
 from sparsefx.transform import densify, layer_graph, transform
 
 __version__ = "0.1.0"
 __all__ = ["transform", "DST", "Static", "SET", "RigL", "SRigL", "DynaDiag", "densify", "report",
-           "layer_graph", "Report", "save_checkpoint", "load_checkpoint", "DiagLinear", "FanInLinear", "MaskedLinear", "diag_linear",
+           "layer_graph", "Report", "save_checkpoint", "load_checkpoint",
+           "save", "load", "DiagLinear", "FanInLinear", "MaskedLinear", "diag_linear",
            "fanin_linear", "patterns", "__version__"]

@@ -291,6 +291,17 @@ class _SparseLinear(nn.Module, abc.ABC):
         """Fraction of the dense weight's entries not stored."""
         return 1.0 - self.stored / (self.in_features * self.out_features)
 
+    def saved_options(self) -> dict:
+        """What ``from_saved`` needs beyond the layer's tensors (``sparsefx.save``)."""
+        return {"class": type(self).__name__, "out_features": self.out_features,
+                "in_features": self.in_features}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], options: dict) -> _SparseLinear:
+        """The layer ``saved_options()`` and its own ``tensors`` (its state dict) describe;
+        the constructor checks the structure."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing exactly what this layer computes (one that also takes
@@ -390,6 +401,11 @@ class DiagLinear(_SparseLinear):
     def check_structure(self, structure: torch.Tensor) -> None:
         patterns.check_diag_offsets(structure, self.out_features, self.in_features)
 
+    @classmethod
+    def from_saved(cls, tensors, options) -> DiagLinear:
+        return cls(tensors["values"], tensors["offsets"], options["out_features"],
+                   options["in_features"], tensors.get("bias"))
+
     def slots(self) -> torch.Tensor:
         return self.offsets[None, :]
 
@@ -465,6 +481,14 @@ class BlockDiagLinear(DiagLinear):
 
     def check_structure(self, structure: torch.Tensor) -> None:
         _check_coset_layout(structure, self.out_features, self.in_features, self.groups)
+
+    def saved_options(self) -> dict:
+        return {**super().saved_options(), "groups": self.groups}
+
+    @classmethod
+    def from_saved(cls, tensors, options) -> BlockDiagLinear:
+        return cls(tensors["values"], tensors["offsets"], options["out_features"],
+                   options["in_features"], options["groups"], tensors.get("bias"))
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -639,6 +663,15 @@ class FanInLinear(_SparseLinear):
         else:
             patterns.check_nm_indices(structure, self.in_features, *self.nm)
 
+    def saved_options(self) -> dict:
+        return {**super().saved_options(), "nm": None if self.nm is None else list(self.nm)}
+
+    @classmethod
+    def from_saved(cls, tensors, options) -> FanInLinear:
+        nm = options.get("nm")
+        return cls(tensors["values"], tensors["indices"], options["in_features"],
+                   tensors.get("bias"), None if nm is None else tuple(nm))
+
     def slots(self) -> torch.Tensor:
         return self.indices.to(torch.int64)
 
@@ -730,6 +763,10 @@ class MaskedLinear(_SparseLinear):
 
     def _stored_in(self, state: dict[str, torch.Tensor]) -> int:
         return int(state["mask"].sum())
+
+    @classmethod
+    def from_saved(cls, tensors, options) -> MaskedLinear:
+        return cls(tensors["weight"], tensors["mask"], tensors.get("bias"))
 
     @property
     def param(self) -> nn.Parameter:

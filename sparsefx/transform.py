@@ -46,14 +46,7 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsefx.transform: model is a {type(model).__name__}: expected a "
                         "torch.nn.Module")
-    new = copy.deepcopy(model)
-    swap_attention(new)  # its projections become modules, so that they can be made sparse
-    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS + (MultiheadAttention,),
-                        concrete_args)
-    uses = parameter_use_counts(new)
-    sites = find_module_sites(new)
-    functional = {part: find_functional_sites(part, gm, uses) for part, gm in parts.items()}
-    sites += [site for found in functional.values() for site in found]
+    new, parts, functional, sites = _prepare(model, leaf_modules, concrete_args)
     if not sites:
         warnings.warn("sparsefx.transform: the model has no nn.Linear and no traceable "
                       "F.linear/addmm/matmul on a parameter; returning it unchanged",
@@ -96,6 +89,30 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
         layer._sparsefx_name = site.name
         return layer
 
+    new = _rewrite(new, parts, functional, sites, chosen, make_layer,
+                   {d.site.name: d.reason for d in decisions if d.pattern is None})
+    logger.info("sparsefx.transform: %d of %d candidate layers made sparse", len(chosen),
+                len(decisions))
+    return new
+
+def _prepare(model: nn.Module, leaf_modules=(), concrete_args=None):
+    """A copy of ``model`` with its attention swapped (``sparsefx.attention``), its traced
+    parts, their functional sites and every site: ``(new, parts, functional, sites)``."""
+    new = copy.deepcopy(model)
+    swap_attention(new)  # its projections become modules, so that they can be made sparse
+    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS + (MultiheadAttention,),
+                        concrete_args)
+    uses = parameter_use_counts(new)
+    sites = find_module_sites(new)
+    functional = {part: find_functional_sites(part, gm, uses) for part, gm in parts.items()}
+    sites += [site for found in functional.values() for site in found]
+    return new, parts, functional, sites
+
+
+def _rewrite(new: nn.Module, parts: dict, functional: dict, sites: list, chosen,
+             make_layer, dense_reasons: dict[str, str]) -> nn.Module:
+    """``new`` with the sites named in ``chosen`` replaced by ``make_layer(site, weight,
+    bias)``; the others recorded as dense with ``dense_reasons``."""
     for part, found in functional.items():
         selected = [site for site in found if site.name in chosen]
         if not selected:
@@ -112,12 +129,12 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
 
     # a checkpoint that does not fit is refused before any module is loaded
     new.register_load_state_dict_pre_hook(_check_before_loading)
-    new._sparsefx_order = [d.site.name for d in decisions]
-    new._sparsefx_dense = {d.site.name: (d.site.out_features, d.site.in_features, d.reason)
-                           for d in decisions if d.pattern is None}
-    logger.info("sparsefx.transform: %d of %d candidate layers made sparse", len(chosen),
-                len(decisions))
+    new._sparsefx_order = [site.name for site in sites]
+    new._sparsefx_dense = {site.name: (site.out_features, site.in_features,
+                                       dense_reasons.get(site.name))
+                           for site in sites if site.name not in chosen}
     return new
+
 
 
 @torch.no_grad()

@@ -344,6 +344,7 @@ class DST:
         # only the shape matters (scores arrive as its gradient): one element of storage
         storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
         layer.probe = storage.expand(size).requires_grad_(True)
+        layer.probe.register_hook(_latest_scores_only(layer.probe))
         module._growth_plan = plan
 
     # ------------------------------------------------------------ what methods call
@@ -442,6 +443,17 @@ class DST:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _latest_scores_only(probe: torch.Tensor):
+    """A hook for ``probe``: the scores of a backward replace those of an earlier one in the
+    same step (gradient accumulation runs several) instead of being added to them, which
+    would be meaningless for norms and would corrupt the listed candidates' ids. So with
+    gradient accumulation, the growth scores come from the step's last micro-batch."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        probe.grad = None
+        return grad
+    return hook
 
 
 def _find_layers(model: nn.Module, method: Method) -> list[_Layer]:

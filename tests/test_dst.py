@@ -803,3 +803,22 @@ def test_srigl_shortcut_only_claims_what_the_salience_counts_show(rows, slots, s
             magnitude, torch.ones(rows, dtype=torch.bool), torch.rand(rows, slots),
             torch.zeros(0, dtype=torch.long), torch.zeros(0), num_moved)
         assert bool((salient >= minimum).all())
+
+
+@pytest.mark.parametrize("pattern", ["diag", "fanin", "unstructured"])
+def test_gradient_accumulation_scores_the_last_micro_batch(pattern):
+    """Several backwards in the step before an update (gradient accumulation) leave the
+    growth scores of the last one, never their sum (norms do not add, and the fan-in lists
+    carry candidate ids)."""
+    probes = []
+    for micro_batches in ((0, 1), (1,)):
+        model = _sparse_mlp(pattern, {})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        dst = sparsefx.DST(model, optimizer, method="rigl", total_steps=40, delta_t=1)
+        for seed in micro_batches:
+            generator = torch.Generator().manual_seed(seed)
+            F.cross_entropy(model(torch.randn(16, 12, generator=generator)),
+                            torch.randint(0, 6, (16,), generator=generator)).backward()
+        probes.append([layer.probe.grad.clone() for layer in dst.layers])
+    for accumulated, last in zip(*probes, strict=True):
+        assert torch.equal(accumulated, last)

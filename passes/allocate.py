@@ -65,7 +65,8 @@ def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, 
     if distribution == "erk" and known[pattern].takes_nm:
         raise ValueError(f"distribution='erk' with pattern={pattern!r}: N:M fixes each "
                          "layer's density at n/m; use distribution='uniform'")
-    decisions = [Decision(site, None, reason=site.dense_reason) for site in sites]
+    decisions = [Decision(site, None, reason=site.dense_reason or site.default_dense)
+                 for site in sites]
     eligible = [d for d in decisions if d.reason is None]
     for decision in eligible:
         name, kind = decision.site.name, site_types.get(decision.site.name)

@@ -22,7 +22,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Site", "find_module_sites", "find_functional_sites", "parameter_use_counts"]
+__all__ = ["Site", "find_module_sites", "find_functional_sites", "parameter_use_counts",
+           "mark_routers", "ROUTER"]
 
 
 @dataclass
@@ -37,6 +38,27 @@ class Site:
     part: str | None = None   # functional: FQN of the traced part holding the node
     node: str | None = None   # functional: the node's name in that part's graph
     transposed: bool = False  # functional: the weight parameter is stored as (in, out)
+    default_dense: str | None = None  # why it stays dense unless an override names it
+
+
+ROUTER = "router: its outputs pick the experts (name it in overrides= to make it sparse)"
+
+
+def mark_routers(model: nn.Module, sites: list[Site]) -> None:
+    """A site whose module (a Linear, or the module owning a functional site's weight) sits
+    beside an ``experts`` module and has one output per expert is a mixture-of-experts
+    router: it stays dense by default (``Site.default_dense``): tiny, and every token's
+    choice of experts goes through it."""
+    modules = dict(model.named_modules())
+    for site in sites:
+        owner = site.name if site.kind == "module" else site.name.rpartition(".")[0]
+        parent = modules.get(owner.rpartition(".")[0] if "." in owner else "")
+        experts = getattr(parent, "experts", None) if parent is not None else None
+        count = getattr(experts, "num_experts", None)
+        if count is None and isinstance(experts, nn.ModuleList):
+            count = len(experts)
+        if count is not None and site.out_features == count and owner != "":
+            site.default_dense = ROUTER
 
 
 def parameter_use_counts(model: nn.Module) -> Counter:

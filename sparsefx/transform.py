@@ -11,11 +11,13 @@ import torch.nn as nn
 from sparsefx.layers import SPARSE_LAYERS
 from sparsefx.attention import MultiheadAttention, swap_attention
 from sparsefx.checkpoint import _check_before_loading
+from sparsefx.experts import Experts, swap_experts
 from sparsefx.registry import PATTERNS, build_layer
 from sparsefx.passes import analyse
 from sparsefx.passes.allocate import allocate
 from sparsefx.passes.rewrite import replace_module, rewrite_functional_sites
-from sparsefx.passes.sites import find_functional_sites, find_module_sites, parameter_use_counts
+from sparsefx.passes.sites import find_functional_sites, find_module_sites, mark_routers, \
+    parameter_use_counts
 from sparsefx.passes.trace import trace_parts
 
 __all__ = ["transform", "densify", "layer_graph"]
@@ -99,13 +101,17 @@ def _prepare(model: nn.Module, leaf_modules=(), concrete_args=None):
     """A copy of ``model`` with its attention swapped (``sparsefx.attention``), its traced
     parts, their functional sites and every site: ``(new, parts, functional, sites)``."""
     new = copy.deepcopy(model)
-    swap_attention(new)  # its projections become modules, so that they can be made sparse
-    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS + (MultiheadAttention,),
-                        concrete_args)
+    # projections and experts held as raw parameters become modules, so that they can be
+    # made sparse
+    swap_attention(new)
+    swap_experts(new)
+    parts = trace_parts(new, tuple(leaf_modules) + SPARSE_LAYERS + (MultiheadAttention,
+                                                                    Experts), concrete_args)
     uses = parameter_use_counts(new)
     sites = find_module_sites(new)
     functional = {part: find_functional_sites(part, gm, uses) for part, gm in parts.items()}
     sites += [site for found in functional.values() for site in found]
+    mark_routers(new, sites)
     return new, parts, functional, sites
 
 
@@ -144,7 +150,7 @@ def densify(model: nn.Module) -> nn.Module:
     gives back the plain module it wraps, densified."""
     dense = copy.deepcopy(getattr(model, "_orig_mod", model))  # unwrap torch.compile
     for name, module in list(dense.named_modules()):
-        if isinstance(module, MultiheadAttention):  # back to nn.MultiheadAttention
+        if isinstance(module, (MultiheadAttention, Experts)):  # back to what they replaced
             replace_module(dense, name, module.to_torch())
     for name, module in list(dense.named_modules()):
         if isinstance(module, SPARSE_LAYERS):

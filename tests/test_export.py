@@ -1,0 +1,39 @@
+"""Deployment: a sparse model through torch.export into an AOTInductor package, run on the
+CPU by a fresh process that has sparsefx's ops (``import sparsefx``) but not the model's
+code; outputs equal to eager, at the exported batch size and at others (a dynamic batch)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsefx
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "examples"))
+from export_aoti import package  # noqa: E402
+
+RUNNER = textwrap.dedent("""
+    import sys, torch, sparsefx   # the ops; the model's code is not imported
+    runner = torch._inductor.aoti_load_package(sys.argv[1])
+    inputs = torch.load(sys.argv[2])
+    torch.save([runner(x) for x in inputs], sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("pattern", ["diag", "fanin"])
+def test_aoti_package_runs_in_a_fresh_process_like_eager(tmp_path, pattern):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                          nn.Linear(64, 10))
+    sparse = sparsefx.transform(dense, pattern, 0.75).eval()
+    path = package(sparse, torch.randn(8, 32), tmp_path / "model.pt2")
+    inputs = [torch.randn(batch, 32) for batch in (1, 8, 33)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", RUNNER, str(path), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "outputs.pt")], check=True, timeout=600)
+    outputs = torch.load(tmp_path / "outputs.pt")
+    with torch.no_grad():
+        for x, got in zip(inputs, outputs, strict=True):
+            torch.testing.assert_close(got, sparse(x), rtol=1e-5, atol=1e-6)

@@ -56,6 +56,13 @@ class DenseLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias if bias is None else bias)
 
 
+_DENSE_WEIGHT = property(
+    lambda self: self.dense_weight(),
+    doc="""The dense ``[out, in]`` weight the layer computes with (built on each read, no
+    gradient), for code that reads ``.weight`` of a layer it holds: tying checks, dtype and
+    device reads, fused paths. What trains is ``values``.""")
+
+
 def _described_by_keys(keys) -> str:
     """What layer a checkpoint's entries for one module describe, from their names."""
     keys = set(keys)
@@ -385,12 +392,7 @@ class DiagLinear(_SparseLinear):
                                            self.out_features, self._bias(bias))
         return self._tap(y, x)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``[out, in]`` weight the layer computes with (built on each read, no
-        gradient), for code that reads ``.weight`` of a layer it holds: tying checks, dtype
-        and device reads, fused paths. What trains is ``values``."""
-        return self.dense_weight()
+    weight = _DENSE_WEIGHT
 
     structure_name = "offsets"
 
@@ -644,12 +646,7 @@ class FanInLinear(_SparseLinear):
         return self._tap(torch.ops.sparsefx.fanin_linear(x, self.values, self.indices,
                                                          self._bias(bias)), x)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense ``[out, in]`` weight the layer computes with (built on each read, no
-        gradient), for code that reads ``.weight`` of a layer it holds: tying checks, dtype
-        and device reads, fused paths. What trains is ``values``."""
-        return self.dense_weight()
+    weight = _DENSE_WEIGHT
 
     structure_name = "indices"
 

@@ -12,7 +12,9 @@ imports are paid once.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +25,9 @@ import torch.nn.functional as F
 
 import sparsefx
 from sparsefx.kernels.distributed import is_sharded
-from sparsefx.layers import SPARSE_LAYERS
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from distributed import wrap as _wrap  # noqa: E402  (the wrappings as the example writes them)
 
 STEPS, BATCH, DELTA_T = 9, 24, 2
 STRUCTURE = ("offsets", "indices", "mask")
@@ -54,24 +58,6 @@ def _batch(step: int):
     generator = torch.Generator().manual_seed(step)
     return torch.randn(BATCH, 16, generator=generator), torch.randint(0, 6, (BATCH,),
                                                                       generator=generator)
-
-
-def _wrap(model: nn.Module, wrapping: str) -> nn.Module:
-    # int16 fan-in ids cannot be broadcast by gloo or NCCL; the structure is the same on
-    # every rank already (same transform seed), and DST keeps it so
-    ddp = dict(broadcast_buffers=False)
-    if wrapping == "ddp":
-        return nn.parallel.DistributedDataParallel(model, **ddp)
-    if wrapping == "compile(ddp)":
-        return torch.compile(nn.parallel.DistributedDataParallel(model, **ddp))
-    if wrapping == "ddp(compile)":
-        return nn.parallel.DistributedDataParallel(torch.compile(model), **ddp)
-    assert wrapping == "fsdp2"
-    from torch.distributed.fsdp import fully_shard
-    for module in model.modules():
-        if isinstance(module, SPARSE_LAYERS):
-            fully_shard(module)
-    return fully_shard(model)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

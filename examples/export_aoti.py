@@ -11,8 +11,10 @@ outputs with eager. Then time eager and the package at batch 1 and 64, interleav
 same run (medians; ratios > 1: the package is faster).
 
 The package calls the ops through the dispatcher: the process that runs it must have them
-registered. ``import sparsefx`` registers them (their schemas come from Python, their CPU
-kernels from the project's C++ library). The model's own Python code is not needed.
+registered. ``import sparsefx`` registers them in Python; the model's own code is not
+needed. With ``--runner``, a C++ program without Python (``examples/aoti_runner.cpp``,
+compiled with the ops' schemas and C++ kernels by ``sparsefx.kernels.deployment``) runs
+each package too, and its outputs are checked against eager.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runner", action="store_true",
+                        help="also run each package from C++, without Python")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="sparsefx-aoti-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +67,26 @@ def main():
                                     rounds=args.rounds)
             line.append(f"batch {batch}: eager {ms['eager']:.3f} ms, package "
                         f"{ms['package']:.3f} ms ({ms['eager'] / ms['package']:.2f}x)")
+        if args.runner:
+            line.append(run_from_cpp(sparse, path))
         print("\n  ".join(line) + "\n  outputs equal to eager (rtol 1e-5)")
+
+
+def run_from_cpp(sparse: nn.Module, path: Path, rows: int = 4) -> str:
+    """Run the package ``path`` from the C++ runner; check it against eager."""
+    import subprocess
+
+    from sparsefx.kernels import deployment
+
+    runner = deployment.build_runner(Path(__file__).parent / "aoti_runner.cpp")
+    printed = subprocess.run([str(runner), str(path), str(rows), "256"], check=True,
+                             capture_output=True, text=True,
+                             env=deployment.runner_environment()).stdout
+    got = torch.tensor([float(v) for v in printed.split()]).view(rows, -1)
+    x = torch.arange(rows * 256, dtype=torch.float32).view(rows, 256).mul_(0.37).sin_()
+    with torch.no_grad():
+        torch.testing.assert_close(got, sparse(x), rtol=1e-5, atol=1e-6)
+    return f"C++ runner without Python ({runner.name}): outputs equal to eager"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ code; outputs equal to eager, at the exported batch size and at others (a dynami
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 import sparsefx
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from export_aoti import package  # noqa: E402
 
 RUNNER = textwrap.dedent("""
@@ -37,3 +38,26 @@ def test_aoti_package_runs_in_a_fresh_process_like_eager(tmp_path, pattern):
     with torch.no_grad():
         for x, got in zip(inputs, outputs, strict=True):
             torch.testing.assert_close(got, sparse(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpp_program_without_python_runs_the_package(tmp_path):
+    """examples/aoti_runner.cpp, compiled with the sparse ops' schemas (generated from the
+    Python SCHEMAS) and C++ kernels, links no Python and runs the package as eager does."""
+    from sparsefx.kernels import deployment
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10))
+    sparse = sparsefx.transform(dense, "fanin", 0.75).eval()
+    path = package(sparse, torch.randn(8, 32), tmp_path / "model.pt2")
+    runner = deployment.build_runner(Path(__file__).parent.parent / "examples" /
+                                     "aoti_runner.cpp")
+    linked = subprocess.run(["ldd", str(runner)], capture_output=True, text=True).stdout
+    assert "libpython" not in linked and "libtorch_python" not in linked, linked
+    rows, width = 5, 32
+    printed = subprocess.run([str(runner), str(path), str(rows), str(width)], check=True,
+                             capture_output=True, text=True, timeout=300,
+                             env=deployment.runner_environment()).stdout
+    got = torch.tensor([float(v) for v in printed.split()]).view(rows, 10)
+    x = torch.arange(rows * width, dtype=torch.float32).view(rows, width).mul_(0.37).sin_()
+    with torch.no_grad():
+        torch.testing.assert_close(got, sparse(x), rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ import sparsefx
 from common import accuracy, digits, mlp  # this folder is on sys.path
 from sparsefx.kernels.distributed import differs_across_ranks, is_sharded
 
-WRAPPINGS = ("ddp", "compile(ddp)", "ddp(compile)", "fsdp2")
+WRAPPINGS = ("ddp", "compile(ddp)", "ddp(compile)", "fsdp2", "compile(fsdp2)")
 
 
 def wrap(model: nn.Module, wrapping: str) -> nn.Module:
@@ -44,6 +44,8 @@ def wrap(model: nn.Module, wrapping: str) -> nn.Module:
         return torch.compile(nn.parallel.DistributedDataParallel(model, **ddp))
     if wrapping == "ddp(compile)":
         return nn.parallel.DistributedDataParallel(torch.compile(model), **ddp)
+    if wrapping == "compile(fsdp2)":
+        return torch.compile(wrap(model, "fsdp2"))
     from torch.distributed.fsdp import fully_shard
     for module in model.modules():  # each sparse layer its own FSDP unit, then the rest
         if isinstance(module, sparsefx.layers.SPARSE_LAYERS):

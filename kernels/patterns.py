@@ -175,7 +175,7 @@ _BLOCKDIAG_DENSITY_TOLERANCE = 0.10
 def check_blockdiag_groups(out_features: int, in_features: int, groups: int) -> None:
     """Raise ``ValueError`` unless ``groups`` divides both dimensions."""
     diag_geometry(out_features, in_features)
-    if not isinstance(groups, int) or groups < 1 or out_features % groups or \
+    if not isinstance(groups, (int, torch.SymInt)) or groups < 1 or out_features % groups or \
             in_features % groups:
         raise ValueError(f"groups={groups!r}: expected a positive divisor of both "
                          f"out_features={out_features} and in_features={in_features}")

@@ -258,3 +258,15 @@ def test_blocks_follow_in_place_changes_to_values_and_structure(kernels):
     moved = torch.tensor([r for r in range(4) if r not in kept.tolist()][:kept.numel()])
     offsets.copy_(patterns.blockdiag_offsets(256, 32, 4, moved))  # DST moves the cosets
     check()
+
+
+def test_groups_may_be_symbolic_under_compile():
+    """Under torch.compile ``groups`` may arrive as a SymInt: code shared by layers of other
+    groups (FSDP2's per-layer hooks make dynamo trace each layer's forward on its own), or
+    ``dynamic=True``. The checks take it."""
+    layer = sparsefx.transform(torch.nn.Sequential(torch.nn.Linear(128, 128)), "blockdiag",
+                               0.75, overrides={"0": {"groups": 8}})[0]
+    run = torch.compile(lambda x, groups: torch.ops.sparsefx.blockdiag_linear(
+        x, layer.values, layer.offsets, 128, groups, layer.bias), dynamic=True)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(run(x, 8), layer(x))

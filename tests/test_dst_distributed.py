@@ -1,8 +1,8 @@
 """DST under data parallelism, 2 and 3 processes on the CPU with the gloo backend, wrapped
 the ways people write it: DistributedDataParallel, ``torch.compile(DDP(model))``,
-``DDP(torch.compile(model))`` and FSDP2 (``fully_shard``). After every step the structure and
-the values must be bit-identical on every rank, and the run must be that of one process
-training on the whole batch: the same structure decisions, the values within float
+``DDP(torch.compile(model))``, FSDP2 (``fully_shard``) and a compiled FSDP2 model. After
+every step the structure and the values must be bit-identical on every rank, and the run
+must be that of one process training on the whole batch: the same structure decisions, the values within float
 tolerance (the ranks average their gradients; the growth scores come from the all-reduced
 signed dense gradient).
 
@@ -109,7 +109,8 @@ RUNS = [(2, "ddp", EVERY_CASE), (2, "compile(ddp)", COVERING), (2, "ddp(compile)
         (2, "fsdp2", COVERING), (3, "ddp", COVERING),
         # diag/RigL on 3 ranks under compile once crashed at the first armed step
         (3, "compile(ddp)", [("diag", "rigl"), ("fanin", "srigl"), ("blockdiag", "dynadiag")]),
-        (3, "fsdp2", COVERING)]
+        (3, "fsdp2", COVERING),
+        (2, "compile(fsdp2)", [("diag", "rigl"), ("fanin", "srigl"), ("blockdiag", "dynadiag")])]
 
 
 @pytest.mark.parametrize("world,wrapping,cases", RUNS,

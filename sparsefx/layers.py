@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsefx.kernels import growth, patterns
+from sparsefx.kernels import _structure_cache, growth, patterns
 
 __all__ = ["DiagLinear", "BlockDiagLinear", "FanInLinear", "MaskedLinear", "SPARSE_LAYERS",
            "soft_top_k_gates"]
@@ -150,8 +150,13 @@ class _SparseLinear(nn.Module, abc.ABC):
             if structure.is_floating_point() or structure.is_complex():
                 raise ValueError(f"layer {name}: {self.structure_name} in the checkpoint is "
                                  f"{structure.dtype}: expected an integer or bool tensor")
+            # once per structure tensor as it is: a transformed model's load_state_dict
+            # checks every layer first (checkpoint.check_state_dict), then each layer again
+            key = ("loadable", type(self), self.out_features, self.in_features,
+                   getattr(self, "groups", None), getattr(self, "nm", None))
             try:
-                self.check_structure(structure)
+                _structure_cache.derived(structure, key,
+                                         lambda: self.check_structure(structure))
             except ValueError as error:
                 raise ValueError(f"layer {name}: the checkpoint's {self.structure_name} are not "
                                  f"a valid {self.pattern_label} structure: {error}") from None
@@ -304,10 +309,10 @@ class _SparseLinear(nn.Module, abc.ABC):
                 "in_features": self.in_features}
 
     @classmethod
+    @abc.abstractmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], options: dict) -> _SparseLinear:
         """The layer ``saved_options()`` and its own ``tensors`` (its state dict) describe;
         the constructor checks the structure."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:

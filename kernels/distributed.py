@@ -11,6 +11,7 @@ duration and hands each rank its shard of the result.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -49,10 +50,10 @@ def differs_across_ranks(local: Tensor) -> Tensor:
 
 def is_sharded(tensor) -> bool:
     """Whether ``tensor`` is a DTensor (a parameter, gradient or state sharded by FSDP2)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(tensor, DTensor)
+    # without the DTensor module imported (FSDP2 imports it) nothing is one; importing it
+    # here would cost milliseconds on the first update of every run
+    dtensors = sys.modules.get("torch.distributed.tensor")
+    return dtensors is not None and isinstance(tensor, dtensors.DTensor)
 
 
 def _whole(tensor: Tensor) -> Tensor:

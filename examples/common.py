@@ -6,6 +6,7 @@ package: nothing is downloaded), split 75/25 stratified, standardised on the tra
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -57,23 +58,36 @@ def train(model, data, epochs: int, batch_size: int, lr: float, label: str, seed
 
 
 def fit(model, batches, total_steps: int, lr: float, label: str, seed: int,
-        method: str | None = None, runner=None, progress: bool = True,
-        weight_decay: float = 1e-4, loss_fn=F.cross_entropy, **dst_options):
+        method=None, runner=None, progress: bool = True,
+        weight_decay: float = 1e-4, loss_fn=F.cross_entropy, evaluate=None,
+        evaluate_every: int = 0, **dst_options):
     """AdamW with a one-cycle schedule over ``total_steps`` ``(input, target)`` pairs from
-    ``batches``; with ``method``, ``sparsefx.DST`` after each step. ``runner`` is what the
-    batches go through (e.g. the compiled model); ``model`` is what the optimizer and DST
-    see. ``dst_options`` (e.g. ``delta_t``) go to ``sparsefx.DST``; the rest keep its
-    defaults. Returns the DST manager (or None)."""
+    ``batches``; with ``method`` (a name or a ``sparsefx.methods.Method``), ``sparsefx.DST``
+    after each step. ``runner`` is what the batches go through (e.g. the compiled model);
+    ``model`` is what the optimizer and DST see. ``dst_options`` (e.g. ``delta_t``) go to
+    ``sparsefx.DST``; the rest keep its defaults. With ``evaluate`` (a function of the model
+    returning a number), it is called every ``evaluate_every`` steps and at the end, off
+    the clock: ``fit.curve`` then holds ``(step, training seconds, value)`` rows. Returns the
+    DST manager (or None)."""
     runner = model if runner is None else runner
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
                                                    total_steps=total_steps)
+    seeded = {} if isinstance(method, sparsefx.methods.Method) else {"seed": seed}
     dst = None if method is None else sparsefx.DST(model, optimizer, method=method,
-                                                   total_steps=total_steps, seed=seed,
+                                                   total_steps=total_steps, **seeded,
                                                    **dst_options)
+    fit.curve = []
+    trained = 0.0  # seconds spent training, evaluations left out
+
+    def record(step):
+        fit.curve.append((step, trained, evaluate(model)))
+        model.train()
+
     model.train()
     with tqdm(total=total_steps, desc=f"{label:>6}", unit="step", disable=not progress) as bar:
         for step, (inputs, targets) in enumerate(batches):
+            started = time.perf_counter()
             loss = loss_fn(runner(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -81,9 +95,15 @@ def fit(model, batches, total_steps: int, lr: float, label: str, seed: int,
             schedule.step()
             if dst is not None:
                 dst.step()
+            trained += time.perf_counter() - started
             bar.update()
             if progress and (step % 50 == 0 or step == total_steps - 1):
                 bar.set_postfix(loss=f"{loss.item():.3f}")  # a host sync: only now and then
+            if evaluate is not None and evaluate_every and (step + 1) % evaluate_every == 0 \
+                    and step + 1 < total_steps:
+                record(step + 1)
+    if evaluate is not None:
+        record(total_steps)
     return dst
 
 

@@ -1,35 +1,47 @@
-"""The accuracy study: every DST method, at 80, 90 and 95 % sparsity, 3 seeds, against dense.
+"""The accuracy study: every DST method against dense, 3 seeds, and whether sparsity pays.
 
-    python examples/study.py                    # all of it: ~90 min on 2 CPU cores
+    python examples/study.py                         # the cells: some hours on 2 cores
+    python examples/study.py --iso-time --jobs 1 --threads 2   # then the iso-time pairs, alone
+    python examples/study.py --profile --jobs 1 --threads 2    # the per-step cost breakdown
     python examples/study.py --tasks mlp --seeds 0 --sparsities 0.9
-    python examples/study.py --quick --out /tmp/study    # a smoke run (CI)
+    python examples/study.py --quick --out /tmp/study   # a smoke run of every path (CI)
 
-Three tasks, each trained with the same budget (model, steps, learning rate, batch) by
-every method:
+Tasks, each trained with the same budget (model, steps, learning rate, batch) by every
+method:
 
 - ``mlp``: 64-256-256-10 on scikit-learn's ``load_digits``; test accuracy.
 - ``vit``: the small vision transformer of ``vit.py`` (dim 128, 2 blocks) on the same
   digits; test accuracy.
-- ``lm``: the character-level transformer of ``charlm.py`` on the Python standard
-  library's source; validation loss, reported as perplexity per character.
+- ``lm``: the byte-level transformer of ``charlm.py`` (width 128, 4 blocks, context 128) on
+  2 MB of the Python standard library's source; validation loss as perplexity per byte, and
+  its curve against steps and against training seconds.
 
-Methods: dense; ``static``, ``set`` and ``rigl`` on unstructured masks; ``rigl`` and
-``srigl`` on constant fan-in; ``rigl`` and ``dynadiag`` on diagonals and on blocked
-diagonals. Every Linear is
-sparsified at the one sparsity, except the output head (and the ViT's 4-pixel patch
-embedding). Each finished run is saved to ``study.json`` at once, and runs found there
-with the same settings are not run again: an interrupted study resumes where it stopped.
-The script writes ``study.json``, ``study.md`` (the tables, mean ± std over seeds, and
-the targets) and ``study.png`` (accuracy / perplexity against sparsity).
+Methods (``VARIANTS``): dense; ``static``, ``set`` and ``rigl`` on every pattern; on fan-in
+also ``srigl`` (its reference's rule: layer-wide drop, ablation, the budget shared by the
+live rows), ``srigl-row`` (sparsefx 0.1's per-row drop, fixed fan-in) and ``srigl-fixed``
+(layer-wide drop, fixed fan-in); on diagonals ``dynadiag`` (sparse-to-sparse) and
+``dynadiag-ref`` (its reference's dense-during-selection softmax gating). Every Linear is
+sparsified at the one sparsity except the output head (and the ViT's 4-pixel patch embedding).
+At 80 and 95 % only the ``MAIN`` methods run.
+
+Whether sparsity pays, on the LM: **iso-parameters**, a sparse model widened until its
+non-zero linear weights equal the dense model's (``WIDE``), trained for the same steps; and
+**iso-time** (``--iso-time``), the same pair trained for the same wall-clock on this machine,
+one after the other with nothing else running: dense first, then the wide model for as many
+steps as fit in the dense run's training seconds.
+
+Each finished run is saved to ``study.json`` at once, and runs found there with the same
+settings are not run again: an interrupted study resumes where it stopped.
+``study_report.py`` writes ``study.md``, the plots and the README's section from it.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import math
 import os
 import platform
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,10 +57,28 @@ from common import accuracy, digits, fit, mlp, train
 from vit import vit
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = [("dense", "dense"), ("unstructured", "static"), ("unstructured", "set"),
-           ("unstructured", "rigl"), ("fanin", "rigl"), ("fanin", "srigl"),
-           ("diag", "rigl"), ("diag", "dynadiag"), ("blockdiag", "rigl"),
+
+VARIANTS = {  # what each method label trains with
+    "static": lambda seed: "static",
+    "set": lambda seed: sparsefx.SET(seed=seed),
+    "rigl": lambda seed: "rigl",
+    "srigl": lambda seed: sparsefx.SRigL(),
+    "srigl-row": lambda seed: sparsefx.SRigL(drop="row", fan_in="fixed"),
+    "srigl-fixed": lambda seed: sparsefx.SRigL(fan_in="fixed"),
+    "dynadiag": lambda seed: sparsefx.DynaDiag(),
+    "dynadiag-ref": lambda seed: sparsefx.DynaDiag(selection="reference", temperature=5.0),
+}
+METHODS = [("dense", "dense"),
+           ("unstructured", "static"), ("unstructured", "set"), ("unstructured", "rigl"),
+           ("fanin", "static"), ("fanin", "set"), ("fanin", "rigl"), ("fanin", "srigl"),
+           ("fanin", "srigl-row"), ("fanin", "srigl-fixed"),
+           ("diag", "static"), ("diag", "set"), ("diag", "rigl"), ("diag", "dynadiag"),
+           ("diag", "dynadiag-ref"),
+           ("blockdiag", "static"), ("blockdiag", "set"), ("blockdiag", "rigl"),
            ("blockdiag", "dynadiag")]
+MAIN = [("unstructured", "rigl"), ("fanin", "rigl"), ("fanin", "srigl"), ("diag", "rigl"),
+        ("diag", "dynadiag")]  # also at the sparsities other than 90 %
+WIDE = [("diag", "rigl")]  # the sparse-wide model of the iso rows (lm, 90 %)
 
 
 @dataclass
@@ -62,31 +92,62 @@ class Task:
     text_bytes: int = 0  # lm: bytes of standard-library source (90 % train, 10 % validation)
     delta_t: int = 100  # steps between DST updates (the RigL default)
     keep_first_dense: bool = False
+    curve_points: int = 0  # lm: validation losses recorded along the way
+    curve_windows: int = 0  # lm: validation windows each of them reads (the final: all)
 
 
 FULL = {
     "mlp": Task(model=dict(hidden=256), lr=3e-3, batch_size=64, epochs=30),
     "vit": Task(model=dict(dim=128, depth=2), lr=2e-3, batch_size=64, epochs=30,
                 keep_first_dense=True),  # the patch embedding sees 4 pixels
-    "lm": Task(model=dict(dim=128, depth=2, context=64), lr=6e-3, batch_size=32, steps=600,
-               text_bytes=1_000_000),
+    "lm": Task(model=dict(dim=128, depth=4, context=128), lr=3e-3, batch_size=16, steps=2000,
+               text_bytes=2_000_000, curve_points=20, curve_windows=128),
 }
 QUICK = {  # tiny: every code path, in seconds
     "mlp": Task(model=dict(hidden=64), lr=3e-3, batch_size=64, epochs=1, delta_t=5),
     "vit": Task(model=dict(dim=32, depth=1), lr=2e-3, batch_size=64, epochs=1, delta_t=5,
                 keep_first_dense=True),
     "lm": Task(model=dict(dim=32, depth=1, context=16), lr=3e-3, batch_size=8, steps=20,
-               text_bytes=20_000, delta_t=5),
+               text_bytes=20_000, delta_t=5, curve_points=4, curve_windows=8),
 }
 
 
+def _linear_weights(model) -> int:
+    """Non-zero weights of the Linears a study model sparsifies (all but the head)."""
+    total = 0
+    for name, module in model.named_modules():
+        if name == "head":
+            continue
+        if isinstance(module, sparsefx.layers.SPARSE_LAYERS):
+            total += module.stored
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel()
+    return total
+
+
+def wide_width(task: Task, pattern: str, sparsity: float) -> int:
+    """The LM width (a multiple of its 4 heads) at which ``pattern`` at ``sparsity`` keeps
+    as many linear weights as the dense model has."""
+    dense = _linear_weights(charlm(0, **task.model))
+    guess = task.model["dim"] / math.sqrt(1 - sparsity)
+
+    def kept(width):
+        model = charlm(0, **{**task.model, "dim": width})
+        return _linear_weights(sparsefx.transform(model, pattern, sparsity, init="random",
+                                                  keep_last_dense=True))
+    widths = range(max(4, 4 * round(guess / 4) - 16), 4 * round(guess / 4) + 20, 4)
+    return min(widths, key=lambda width: abs(kept(width) - dense))
+
+
 def run(task_name: str, task: Task, pattern: str, method: str, sparsity: float,
-        seed: int) -> dict:
-    """Train one model; returns its metrics."""
+        seed: int, width: int | None = None, steps: int | None = None) -> dict:
+    """Train one model; returns its metrics (and, for the LM, its validation curve)."""
     started = time.perf_counter()
+    extra = {}
     if task_name == "lm":
         train_text, validation_text, _ = stdlib_text(task.text_bytes)
-        model = charlm(seed, **task.model)
+        config = task.model if width is None else {**task.model, "dim": width}
+        model = charlm(seed, **config)
     else:
         data = digits(seed)
         model = (mlp(task.model["hidden"], seed) if task_name == "mlp"
@@ -95,21 +156,106 @@ def run(task_name: str, task: Task, pattern: str, method: str, sparsity: float,
         model = sparsefx.transform(model, pattern, sparsity, init="random", seed=seed,
                                    keep_first_dense=task.keep_first_dense,
                                    keep_last_dense=True)
-    dst_method = None if method == "dense" else method
+    dst_method = None if method == "dense" else VARIANTS[method](seed)
     if task_name == "lm":
-        context = task.model["context"]
-        fit(model, random_batches(train_text, task.steps, task.batch_size, context, seed),
-            task.steps, task.lr, method, seed, method=dst_method, delta_t=task.delta_t,
-            progress=False, loss_fn=lm_loss)
+        context, steps = task.model["context"], steps or task.steps
+        curve_text = validation_text[:task.curve_windows * context + context + 1]
+        every = steps // task.curve_points if task.curve_points else 0
+        fit(model, random_batches(train_text, steps, task.batch_size, context, seed),
+            steps, task.lr, method, seed, method=dst_method, delta_t=task.delta_t,
+            progress=False, loss_fn=lm_loss, evaluate_every=every,
+            evaluate=lambda m: validation_loss(m, curve_text, context))
+        curve = fit.curve
         loss = validation_loss(model, validation_text, context)
+        extra = dict(curve=[dict(step=s, seconds=t, val_loss=v) for s, t, v in curve],
+                     train_seconds=curve[-1][1], steps=steps,
+                     linear_weights=_linear_weights(model))
         metrics = dict(val_loss=loss, perplexity=perplexity(loss))
     else:
         train(model, data, task.epochs, task.batch_size, task.lr, method, seed,
               method=dst_method, delta_t=task.delta_t, progress=False)
         metrics = dict(accuracy=100 * accuracy(model.eval(), data))
     return dict(task=task_name, pattern=pattern, method=method,
-                sparsity=0.0 if pattern == "dense" else sparsity, seed=seed, **metrics,
-                seconds=time.perf_counter() - started)
+                sparsity=0.0 if pattern == "dense" else sparsity, seed=seed,
+                width=width or task.model.get("dim", task.model.get("hidden")), **metrics,
+                **extra, seconds=time.perf_counter() - started)
+
+
+def iso_time(task: Task, pattern: str, method: str, sparsity: float, seed: int,
+             width: int) -> list[dict]:
+    """The iso-time pair: dense for the task's steps, then the wide sparse model for as many
+    steps as its measured per-step time fits into the dense run's training seconds."""
+    dense = run("lm", task, "dense", "dense", sparsity, seed)
+    per_step = _seconds_per_step(task, pattern, method, sparsity, seed, width)
+    steps = max(task.delta_t + 1, round(dense["train_seconds"] / per_step))
+    wide = run("lm", task, pattern, method, sparsity, seed, width=width, steps=steps)
+    return [dict(dense, kind="iso-time"),
+            dict(wide, kind="iso-time", calibrated_seconds_per_step=per_step)]
+
+
+def _seconds_per_step(task, pattern, method, sparsity, seed, width, steps: int = 30) -> float:
+    train_text, _, _ = stdlib_text(task.text_bytes)
+    model = sparsefx.transform(charlm(seed, **{**task.model, "dim": width}), pattern,
+                               sparsity, init="random", seed=seed, keep_last_dense=True)
+    fit(model, random_batches(train_text, steps, task.batch_size, task.model["context"], seed),
+        10 * steps, task.lr, method, seed, method=VARIANTS[method](seed), delta_t=task.delta_t,
+        progress=False, loss_fn=lm_loss, evaluate_every=5, evaluate=lambda m: 0.0)
+    times = [seconds for _, seconds, _ in fit.curve]  # at steps 5, 10, ..., and the end
+    return (times[-1] - times[1]) / (steps - 10)  # the first 10 steps warm up
+
+
+def profile(task: Task, pattern: str, method: str, sparsity: float, width: int) -> dict:
+    """Where a training step's time goes, dense against the wide sparse model: CPU time by
+    kind of op (``torch.profiler``, self time, 10 steps after 5 to warm up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    train_text, _, _ = stdlib_text(task.text_bytes)
+    result = {}
+    for label, model_width, sparse in (("dense", task.model["dim"], False),
+                                        ("wide", width, True)):
+        model = charlm(0, **{**task.model, "dim": model_width})
+        if sparse:
+            model = sparsefx.transform(model, pattern, sparsity, init="random",
+                                       keep_last_dense=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)
+        batches = list(random_batches(train_text, 15, task.batch_size, task.model["context"],
+                                      0))
+        for index, (x, y) in enumerate(batches):
+            if index == 5:
+                profiler = torch_profile(activities=[ProfilerActivity.CPU])
+                profiler.__enter__()
+            loss = lm_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        profiler.__exit__(None, None, None)
+        kinds: dict[str, float] = {}
+        for event in profiler.key_averages():
+            kind = _kind(event.key)
+            kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 10 / 1e3
+        result[label] = dict(width=model_width, ms_per_step=dict(sorted(
+            kinds.items(), key=lambda item: -item[1])))
+    return result
+
+
+def _kind(name: str) -> str:
+    """The kind of work an op's name says it does."""
+    rules = [("sparsefx", "sparse linear (sparsefx ops)"),
+             ("scaled_dot_product", "attention"), ("flash_attention", "attention"),
+             ("softmax", "attention"), ("bmm", "attention"),
+             ("layer_norm", "layer norm"), ("gelu", "elementwise (gelu, add, mul, ...)"),
+             ("adam", "optimizer"), ("foreach", "optimizer"),
+             ("embedding", "embedding"), ("nll_loss", "loss"), ("log_softmax", "loss"),
+             ("addmm", "dense linear (head, dense model)"), ("mm", "dense linear (head, "
+                                                                  "dense model)"),
+             ("linear", "dense linear (head, dense model)"),
+             ("add", "elementwise (gelu, add, mul, ...)"),
+             ("mul", "elementwise (gelu, add, mul, ...)"),
+             ("copy", "copies and layout"), ("clone", "copies and layout"),
+             ("contiguous", "copies and layout"), ("transpose", "copies and layout"),
+             ("view", "copies and layout"), ("reshape", "copies and layout")]
+    lowered = name.lower()
+    return next((kind for key, kind in rules if key in lowered), "other")
 
 
 def _worker_init(threads: int) -> None:
@@ -129,138 +275,9 @@ def machine() -> dict:
 
 
 def key(row: dict) -> tuple:
-    return row["task"], row["pattern"], row["method"], row["sparsity"], row["seed"]
+    return (row["task"], row["pattern"], row["method"], row["sparsity"], row["seed"],
+            row.get("width"), row.get("kind", "cell"))
 
-
-# ---------------------------------------------------------------------------- summary
-
-METRIC = {"mlp": ("accuracy", "test accuracy %"), "vit": ("accuracy", "test accuracy %"),
-          "lm": ("perplexity", "validation perplexity per character")}
-
-
-def summarise(runs: list[dict], task: str, sparsities: list[float]) -> dict:
-    """``{(pattern, method): {sparsity: (mean, std, n)}}``; dense under every sparsity."""
-    metric = METRIC[task][0]
-    table = {}
-    for pattern, method in METHODS:
-        row = {}
-        for sparsity in sparsities:
-            wanted = 0.0 if pattern == "dense" else sparsity
-            values = [r[metric] for r in runs if r["task"] == task and r["pattern"] == pattern
-                      and r["method"] == method and r["sparsity"] == wanted]
-            if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                row[sparsity] = (statistics.fmean(values), std, len(values))
-        table[pattern, method] = row
-    return table
-
-
-def targets(tables: dict) -> list[str]:
-    """The issue's targets at 90 %, each marked met or missed, from the mean over seeds."""
-    lines = []
-
-    def mean(task, pattern, method, sparsity=0.9):
-        cell = tables[task].get((pattern, method), {}).get(sparsity)
-        return None if cell is None else cell[0]
-
-    for task in ("mlp", "vit"):
-        if task not in tables:
-            continue
-        dense, rigl = mean(task, "dense", "dense"), mean(task, "unstructured", "rigl")
-        for pattern, method in (("diag", "dynadiag"), ("fanin", "srigl")):
-            value = mean(task, pattern, method)
-            if None in (value, dense, rigl):
-                continue
-            met = value >= rigl - 1 and value >= dense - 2
-            lines.append(f"- {task}, {pattern} {method} at 90 %: {value:.2f} vs unstructured "
-                         f"rigl {rigl:.2f} (within 1 point?) and dense {dense:.2f} (within 2 "
-                         f"points?): **{'met' if met else 'missed'}**")
-        for method in ("rigl", "dynadiag"):  # blocked diagonals: as accurate as diagonals
-            blocked, diag = mean(task, "blockdiag", method), mean(task, "diag", method)
-            if None not in (blocked, diag):
-                lines.append(f"- {task}, blockdiag {method} at 90 %: {blocked:.2f} vs diag "
-                             f"{method} {diag:.2f} (within 1 point?): "
-                             f"**{'met' if blocked >= diag - 1 else 'missed'}**")
-        static, set_, rigl = (mean(task, "unstructured", m) for m in ("static", "set", "rigl"))
-        if None not in (static, set_, rigl):
-            met = static < set_ <= rigl
-            lines.append(f"- {task}, unstructured at 90 %: static {static:.2f} < set "
-                         f"{set_:.2f} <= rigl {rigl:.2f}: **{'met' if met else 'missed'}**")
-    if "lm" in tables:
-        dense = mean("lm", "dense", "dense")
-        for pattern, method in METHODS[1:]:
-            value = mean("lm", pattern, method)
-            if None in (value, dense):
-                continue
-            ratio = value / dense
-            lines.append(f"- lm, {pattern} {method} at 90 %: perplexity {value:.3f} vs dense "
-                         f"{dense:.3f} (+{100 * (ratio - 1):.1f} %, within 10 %?): "
-                         f"**{'met' if ratio <= 1.1 else 'missed'}**")
-    return lines
-
-
-def markdown(results: dict, tables: dict, sparsities: list[float]) -> str:
-    info = results["machine"]
-    lines = ["# Accuracy study", "",
-             f"Command: `{results['command']}`  ",
-             f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, "
-             f"{results['jobs']} runs at a time with {results['threads']} thread(s) each; "
-             f"torch {info['torch']}, Python {info['python']}.  ",
-             f"Seeds: {results['seeds']}; mean ± std over seeds.", ""]
-    for task, table in tables.items():
-        config = results["tasks"][task]
-        budget = (f"{config['epochs']} epochs" if config["epochs"]
-                  else f"{config['steps']} steps")
-        lines += [f"## {task}: {METRIC[task][1]}", "",
-                  f"Model {config['model']}, {budget}, batch {config['batch_size']}, "
-                  f"lr {config['lr']}, DST update every {config['delta_t']} steps.", "",
-                  "| pattern | method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
-                  "|---|---|" + "---|" * len(sparsities)]
-        for (pattern, method), row in table.items():
-            cells = [f"{row[s][0]:.2f} ± {row[s][1]:.2f}" if s in row else "" for s in
-                     sparsities]
-            if pattern == "dense":
-                cells = cells[:1] + ["″"] * (len(cells) - 1) if cells and cells[0] else cells
-            lines.append(f"| {pattern} | {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Targets (at 90 %)", ""] + (targets(tables) or ["- (not enough runs yet)"])
-    return "\n".join(lines) + "\n"
-
-
-def plot(tables: dict, sparsities: list[float], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.6), squeeze=False)
-    for axis, (task, table) in zip(axes[0], tables.items(), strict=True):
-        for index, ((pattern, method), row) in enumerate(table.items()):
-            if not row:
-                continue
-            if pattern == "dense":
-                mean, std, _ = next(iter(row.values()))
-                axis.axhline(mean, color="black", linestyle="--", label="dense")
-                axis.axhspan(mean - std, mean + std, color="black", alpha=0.08)
-                continue
-            shift = 0.15 * (index - len(table) / 2)  # side by side, so error bars stay legible
-            xs = [100 * s + shift for s in sparsities if s in row]
-            axis.errorbar(xs, [row[s][0] for s in sparsities if s in row],
-                          yerr=[row[s][1] for s in sparsities if s in row], marker="o",
-                          capsize=3, label=f"{pattern} {method}")
-        axis.set_title(task)
-        axis.set_xlabel("sparsity %")
-        axis.set_ylabel(METRIC[task][1])
-        axis.grid(alpha=0.3)
-    labelled = {}
-    for axis in axes[0]:
-        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
-            labelled.setdefault(label, handle)
-    figure.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=4, fontsize=8)
-    figure.tight_layout(rect=(0, 0.12, 1, 1))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-# ---------------------------------------------------------------------------- main
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -275,6 +292,11 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None,
                         choices=[f"{p}/{m}" for p, m in METHODS],
                         help="only these (default: all)")
+    parser.add_argument("--no-wide", action="store_true", help="leave out the iso rows")
+    parser.add_argument("--iso-time", action="store_true",
+                        help="run the iso-time pairs (one at a time: --jobs 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a training step, dense against the wide model")
     parser.add_argument("--set", nargs="+", default=[], metavar="TASK.FIELD=VALUE",
                         help="change a task's setting, e.g. vit.delta_t=50 lm.steps=1000")
     parser.add_argument("--quick", action="store_true", help="tiny models and budgets")
@@ -282,9 +304,9 @@ def main():
     args = parser.parse_args()
     tasks = {name: replace((QUICK if args.quick else FULL)[name]) for name in args.tasks}
     for setting in args.set:
-        (name, field), value = setting.split("=", 1)[0].split("."), setting.split("=", 1)[1]
-        old = getattr(tasks[name], field)
-        setattr(tasks[name], field, type(old)(ast.literal_eval(value)))
+        (name, field_name), value = setting.split("=", 1)[0].split("."), setting.split("=", 1)[1]
+        old = getattr(tasks[name], field_name)
+        setattr(tasks[name], field_name, type(old)(ast.literal_eval(value)))
     methods = [(p, m) for p, m in METHODS if args.methods is None or f"{p}/{m}" in args.methods]
     args.sparsities = args.sparsities or ([0.9] if args.quick else [0.8, 0.9, 0.95])
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -303,46 +325,71 @@ def main():
         results["tasks"] = {**{t: c for t, c in saved["tasks"].items()
                                if any(r["task"] == t for r in results["runs"])},
                             **results["tasks"]}
+        results["profile"] = saved.get("profile")
+        results["commands"] = saved.get("commands", [])
+    results.setdefault("commands", [])
+    results["commands"] = [*results["commands"], results["command"]]
     done = {key(r) for r in results["runs"]}
-    # the sparsity nearest 90 % first (the targets are there), then the other sparsities task
-    # by task, cheapest task first: a partial study is then the most useful one
-    order = sorted(args.sparsities, key=lambda s: abs(s - 0.9))
-    todo = [(task, pattern, method, sparsity, seed)
-            for sparsity in order[:1] for task in tasks for seed in args.seeds
-            for pattern, method in methods]
-    todo += [(task, pattern, method, sparsity, seed)
-             for task in tasks for sparsity in order[1:] for seed in args.seeds
-             for pattern, method in methods if pattern != "dense"]
-    todo = [(task, pattern, method, sparsity, seed) for task, pattern, method, sparsity, seed
-            in todo if (task, pattern, method, 0.0 if pattern == "dense" else sparsity, seed)
-            not in done]
+    lm = tasks.get("lm")
+    widths = {(p, m): wide_width(lm, p, 0.9) for p, m in WIDE} if lm else {}
+
+    todo = _cells(tasks, methods, args, widths) if not (args.iso_time or args.profile) else []
+    if args.iso_time and lm:
+        todo = [("iso", p, m, 0.9, seed, widths[p, m]) for p, m in WIDE for seed in args.seeds]
+    todo = [cell for cell in todo if _key_of(cell, tasks) not in done]
     print(f"{len(done)} runs saved in {path}, {len(todo)} to run, {args.jobs} at a time")
 
     def save():
         path.write_text(json.dumps(results, indent=1))
-        all_sparsities = sorted({r["sparsity"] for r in results["runs"] if r["sparsity"]})
-        tables = {task: summarise(results["runs"], task, all_sparsities)
-                  for task in results["tasks"]}
-        (args.out / "study.md").write_text(markdown(results, tables, all_sparsities))
-        if all_sparsities:
-            plot(tables, all_sparsities, args.out / "study.png")
 
+    if args.profile and lm:
+        (pattern, method), = WIDE[:1]
+        results["profile"] = profile(lm, pattern, method, 0.9, widths[pattern, method])
+        save()
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"),
                              initializer=_worker_init, initargs=(args.threads,)) as pool:
-        futures = [pool.submit(run, task, tasks[task], *rest) for task, *rest in todo]
+        futures = [pool.submit(iso_time, lm, *rest) if task == "iso"
+                   else pool.submit(run, task, tasks[task], *rest) for task, *rest in todo]
         for count, future in enumerate(futures, 1):
-            row = future.result()
-            results["runs"].append(row)
+            rows = future.result()
+            for row in rows if isinstance(rows, list) else [rows]:
+                results["runs"].append(row)
+                metric = "accuracy" if "accuracy" in row else "perplexity"
+                elapsed = time.perf_counter() - started
+                print(f"[{count}/{len(todo)} {elapsed / 60:5.1f} min] {row['task']:3s} "
+                      f"{row['pattern']:12s} {row['method']:12s} {row['sparsity']:.2f} "
+                      f"w{row['width']} seed {row['seed']} {row.get('kind', '')}: {metric} "
+                      f"{row[metric]:.3f} ({row['seconds']:.0f} s)", flush=True)
             save()
-            metric = METRIC[row["task"]][0]
-            elapsed = time.perf_counter() - started
-            print(f"[{count}/{len(todo)} {elapsed / 60:5.1f} min] {row['task']:3s} "
-                  f"{row['pattern']:12s} {row['method']:8s} {row['sparsity']:.2f} seed "
-                  f"{row['seed']}: {metric} {row[metric]:.3f} ({row['seconds']:.0f} s)",
-                  flush=True)
     save()
-    print((args.out / "study.md").read_text())
+    import study_report
+    study_report.write(args.out)
+
+
+def _cells(tasks, methods, args, widths) -> list[tuple]:
+    """The sparsity nearest 90 % first, seed by seed (the targets are there; a partial study
+    is then the most useful one), the iso rows, then the other sparsities' main methods."""
+    order = sorted(args.sparsities, key=lambda s: abs(s - 0.9))
+    todo = [(task, pattern, method, order[0], seed)
+            for seed in args.seeds for task in tasks for pattern, method in methods]
+    if "lm" in tasks and not args.no_wide:
+        todo += [("lm", p, m, 0.9, seed, widths[p, m]) for p, m in WIDE
+                 for seed in args.seeds if (p, m) in methods or args.methods is None]
+    todo += [(task, pattern, method, sparsity, seed)
+             for sparsity in order[1:] for seed in args.seeds for task in tasks
+             for pattern, method in methods if (pattern, method) in MAIN]
+    return todo
+
+
+def _key_of(cell: tuple, tasks: dict) -> tuple:
+    task, pattern, method, sparsity, seed, *rest = cell
+    if task == "iso":  # done when its wide run is saved
+        return ("lm", pattern, method, sparsity, seed, rest[0], "iso-time")
+    config = tasks[task].model
+    width = rest[0] if rest else config.get("dim", config.get("hidden"))
+    return (task, pattern, method, 0.0 if pattern == "dense" else sparsity, seed, width,
+            "cell")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,21 @@ the sparse layer:
 
 * ``"diagonals"`` (``structure`` = offsets): ``probe [P]``, the L2 norm of ``G`` along each
   candidate diagonal.
-* ``"rows"`` (``structure`` = fan-in ``indices [out, k]``), ``plan = [per_row, per_group,
-  group_size, layer_wide]``: ``|G|`` at the ``out * k`` active entries, then candidate lists
-  of inactive entries as ``(score, row, column)`` triples: the best ``per_row`` of each row,
-  the best ``per_group`` of each group of ``group_size`` columns, the best ``layer_wide`` of
-  the layer (a list of length 0 is left out).
-* ``"elements"`` (``structure`` = bool ``mask [out, in]``), ``plan = [0, 0, 0, layer_wide]``:
+* ``"rows"`` (``structure`` = fan-in ``indices [out, k]``), ``plan = [per_row, group_size,
+  layer_wide]``: ``|G|`` at the ``out * k`` active entries, then the best ``per_row`` inactive
+  entries of each row as ``(score, column)`` pairs, then the best ``layer_wide`` inactive
+  entries of the layer as ``(score, row, column)`` triples (a list of length 0 is left out).
+  With ``group_size = m > 0`` (N:M) instead: the rank of every entry within its group of
+  ``m`` columns (0 the largest ``|G|``, ties towards the lower column), packed ``24 //
+  bits`` ranks to a number -- all an N:M update compares, at 1/12 of ``G``'s size for 2:4.
+* ``"elements"`` (``structure`` = bool ``mask [out, in]``), ``plan = [0, 0, layer_wide]``:
   ``|G|`` at the active elements (in ``mask.nonzero()`` order), then the layer-wide list.
+
+Every probe ends with two numbers, ``[calls, non_finite]``: each call's backward adds 1 to
+``calls`` (autograd sums the gradients of a layer called twice in one forward, so a shared
+layer shows ``calls > 1`` and its lists, summed, mean nothing: the manager refuses it), and
+``non_finite`` is NaN if ``grad_out`` or ``x`` held a NaN or an infinity (ranks carry no
+NaN of their own), else 0.
 
 A manager that knows the most units it will move per row / group / layer sizes the lists so
 that every candidate it could grow is in them: the selection is then exact. Under
@@ -53,27 +61,41 @@ from . import patterns
 from .distributed import mean_over_ranks_, world_size
 
 __all__ = ["growth_tap", "probe_size", "listed_candidates", "candidate_scores", "top_ids",
-           "Listed", "GRANULARITIES"]
+           "trailer", "active_count", "group_ranks", "pack_ranks", "unpack_ranks", "rank_packing", "Listed",
+           "GRANULARITIES", "TRAILER"]
 
 GRANULARITIES = ("diagonals", "rows", "elements")
 
 
-def _active_count(structure: Tensor, granularity: str) -> int:
+TRAILER = 2  # [calls, non_finite] at the end of every probe
+
+
+def active_count(structure: Tensor, granularity: str) -> int:
+    """The active weights a probe lists the scores of first (diag: none)."""
+    if granularity == "diagonals":
+        return 0
     return structure.numel() if granularity == "rows" else int(structure.sum())
 
 
-def _list_lengths(out_features: int, in_features: int, plan: list[int]) -> list[int]:
-    per_row, per_group, group_size, layer_wide = plan
-    groups = in_features // group_size if group_size else 0
-    return [out_features * per_row, out_features * groups * per_group, layer_wide]
+def rank_packing(group_size: int) -> tuple[int, int]:
+    """``(bits, per_number)``: how within-group ranks are packed (exact in float32)."""
+    bits = max(1, (group_size - 1).bit_length())
+    return bits, 24 // bits
+
+
+def _packed_length(in_features: int, group_size: int) -> int:
+    return -(-in_features // rank_packing(group_size)[1])
 
 
 def probe_size(out_features: int, in_features: int, granularity: str, plan: list[int],
                active: int) -> int:
     """Length of the probe for a layer with ``active`` active weights (diag: ``P``)."""
     if granularity == "diagonals":
-        return patterns.diag_geometry(out_features, in_features)[0]
-    return active + 3 * sum(_list_lengths(out_features, in_features, plan))
+        return patterns.diag_geometry(out_features, in_features)[0] + TRAILER
+    per_row, group_size, layer_wide = plan
+    if group_size:
+        return out_features * _packed_length(in_features, group_size) + TRAILER
+    return active + 2 * out_features * per_row + 3 * layer_wide + TRAILER
 
 
 def _check(y: Tensor, x: Tensor, probe: Tensor, structure: Tensor, granularity: str,
@@ -87,14 +109,23 @@ def _check(y: Tensor, x: Tensor, probe: Tensor, structure: Tensor, granularity: 
     if probe.dtype != torch.float32 or probe.dim() != 1:
         raise ValueError(f"{op}: probe is {probe.dtype} of shape {tuple(probe.shape)}: expected "
                          "a 1-d float32 tensor")
-    if len(plan) != 4 or min(plan) < 0:
-        raise ValueError(f"{op}: plan={plan}: expected 4 counts >= 0")
+    if len(plan) != 3 or min(plan) < 0:
+        raise ValueError(f"{op}: plan={plan}: expected 3 counts >= 0 (per_row, group_size, "
+                         "layer_wide)")
     out_features, in_features = y.shape[-1], x.shape[-1]
-    if granularity == "diagonals":
-        expected = probe_size(out_features, in_features, granularity, plan, 0)
-    else:
-        expected = probe_size(out_features, in_features, granularity, plan,
-                              _active_count(structure, granularity))
+    per_row, group_size, layer_wide = plan
+    if granularity == "rows" and group_size and in_features % group_size:
+        raise ValueError(f"{op}: group_size={group_size} does not divide the {in_features} "
+                         "inputs")
+    if granularity != "diagonals":
+        active = active_count(structure, granularity)
+        inactive = out_features * in_features - active
+        if per_row > in_features - (active // max(1, out_features)) or layer_wide > inactive:
+            raise ValueError(f"{op}: plan={plan} lists more candidates than the {inactive} "
+                             f"inactive weights of a ({out_features}, {in_features}) layer "
+                             "hold: size the lists to what can be listed")
+    expected = probe_size(out_features, in_features, granularity, plan,
+                          0 if granularity == "diagonals" else active)
     if probe.numel() != expected:
         raise ValueError(f"{op}: probe has {probe.numel()} elements: expected {expected} for "
                          f"granularity {granularity!r} of a ({out_features}, {in_features}) "
@@ -306,169 +337,209 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     """The float32 probe gradient ``growth_tap`` hands back: see the module docstring."""
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1]).float()
     x_rows = x.reshape(-1, x.shape[-1]).float()
+    finite = torch.isfinite(grad_rows).all() & torch.isfinite(x_rows).all()
     if granularity == "diagonals":
-        return _diag_gradient_norms(grad_rows, x_rows)
-    if granularity == "rows":
-        return _fanin_scores(grad_rows, x_rows, structure.long(), plan)
-    # this layer's only dense matrix; reduced in place from here on
-    scores = mean_over_ranks_(grad_rows.T @ x_rows).abs_()
-    probe_grad, active, row_lists, group_lists, layer_list = _probe_parts(
-        scores.shape, int(structure.sum()), plan, scores.device)
-    torch.masked_select(scores, structure, out=active)
-    scores.masked_fill_(structure, float("-inf"))  # now only inactive entries can be listed
-    row_best = _list_rows(scores, 0, plan, row_lists, group_lists)
-    if layer_list is not None:
-        _list_layer(scores, row_best, layer_list)
+        num_candidates = patterns.diag_geometry(grad_rows.shape[1], x_rows.shape[1])[0]
+        probe_grad = grad_rows.new_empty(num_candidates + TRAILER)
+        probe_grad[:num_candidates] = _diag_gradient_norms(grad_rows, x_rows)
+    elif granularity == "rows":
+        probe_grad = _fanin_scores(grad_rows, x_rows, structure.long(), plan)
+    else:
+        probe_grad = _element_scores(grad_rows, x_rows, structure, plan)
+    probe_grad[-TRAILER] = 1.0
+    probe_grad[-1] = torch.where(finite, 0.0, float("nan"))
     return probe_grad
 
 
-def _probe_parts(shape: torch.Size, active: int, plan: list[int], device: torch.device):
-    """The probe gradient, and views of its parts: the active scores, the per-row lists
-    ``[out, per_row, 3]``, the per-group lists ``[out, groups, per_group, 3]`` and the
-    layer-wide list ``[layer_wide, 3]`` (``None`` for a list the plan leaves out)."""
-    out_features, in_features = shape
-    per_row, per_group, group_size, layer_wide = plan
-    groups = in_features // group_size if group_size else 0
-    probe_grad = torch.empty(probe_size(out_features, in_features, "rows", plan, active),
-                             device=device)
-    parts, start = [probe_grad[:active]], active
-    for length, view in [(out_features * per_row, (out_features, per_row, 3)),
-                         (out_features * groups * per_group,
-                          (out_features, groups, per_group, 3)),
-                         (layer_wide, (layer_wide, 3))]:
-        parts.append(probe_grad[start:start + 3 * length].view(view) if length else None)
-        start += 3 * length
-    return probe_grad, *parts
+def _element_scores(grad_rows: Tensor, x_rows: Tensor, mask: Tensor,
+                    plan: list[int]) -> Tensor:
+    """``growth_scores`` of an unstructured layer: ``|G|`` at the active elements, then the
+    layer-wide list of the best inactive ones."""
+    scores = mean_over_ranks_(grad_rows.T @ x_rows).abs_()  # its only dense matrix
+    active = int(mask.sum())
+    layer_wide = plan[2]
+    probe_grad = scores.new_empty(active + 3 * layer_wide + TRAILER)
+    torch.masked_select(scores, mask, out=probe_grad[:active])
+    scores.masked_fill_(mask, float("-inf"))  # now only inactive entries can be listed
+    if layer_wide:
+        _list_layer(scores, None, probe_grad[active:active + 3 * layer_wide].view(-1, 3))
+    return probe_grad
 
 
 def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list[int],
                   block: int = 1024) -> Tensor:
     """``growth_scores`` of a fan-in / N:M layer (active ``columns [out, k]``), ``G`` formed
-    and listed ``block`` rows at a time: the per-row and per-group lists need no more, and
-    each pass then runs on a few MiB that stay in cache. The layer-wide list needs every
+    and reduced ``block`` rows at a time: the per-row lists and the group ranks need no more,
+    and each pass then runs on a few MiB that stay in cache. The layer-wide list needs every
     row, so with one the rows are kept."""
     out_features, in_features = grad_rows.shape[1], x_rows.shape[1]
-    probe_grad, active, row_lists, group_lists, layer_list = _probe_parts(
-        (out_features, in_features), columns.numel(), plan, grad_rows.device)
-    active = active.view(columns.shape)
-    whole = grad_rows.new_empty(out_features, in_features) if layer_list is not None else None
-    buffer = grad_rows.new_empty(min(block, out_features), in_features) if whole is None else None
+    per_row, group_size, layer_wide = plan
+    probe_grad = grad_rows.new_empty(probe_size(out_features, in_features, "rows", plan,
+                                                columns.numel()))
+    if group_size:
+        packed = probe_grad[:-TRAILER].view(out_features, -1)
+    else:
+        active_size, pairs_size = columns.numel(), 2 * out_features * per_row
+        active = probe_grad[:active_size].view(columns.shape)
+        row_lists = probe_grad[active_size:active_size + pairs_size].view(out_features, -1, 2)
+        layer_list = probe_grad[active_size + pairs_size:-TRAILER].view(-1, 3)
+    keep_rows = not group_size and layer_wide > 0
+    whole = grad_rows.new_empty(out_features, in_features) if keep_rows else None
+    buffer = None if keep_rows else grad_rows.new_empty(min(block, out_features), in_features)
     row_best = []
     for start in range(0, out_features, block):
         rows = slice(start, min(start + block, out_features))
         scores = whole[rows] if buffer is None else buffer[:rows.stop - start]
         torch.mm(grad_rows[:, rows].T, x_rows, out=scores)
         mean_over_ranks_(scores).abs_()
+        if group_size:
+            packed[rows] = pack_ranks(group_ranks(scores, group_size), group_size)
+            continue
         torch.gather(scores, 1, columns[rows], out=active[rows])
         scores.scatter_(1, columns[rows], float("-inf"))  # only inactive ones are listed
-        row_best.append(_list_rows(scores, start, plan,
-                                   None if row_lists is None else row_lists[rows],
-                                   None if group_lists is None else group_lists[rows]))
-    if layer_list is not None:
-        _list_layer(whole, None if row_best[0] is None else
+        if per_row:
+            best, best_scores = _top_ids_per_row(scores, per_row)
+            row_lists[rows, :, 0] = best_scores
+            row_lists[rows, :, 1] = best
+            row_best.append((best, best_scores))
+    if layer_wide and not group_size:
+        _list_layer(whole, None if not row_best else
                     (torch.cat([ids for ids, _ in row_best]),
                      torch.cat([best_scores for _, best_scores in row_best])), layer_list)
     return probe_grad
 
 
-def _list_rows(scores: Tensor, first_row: int, plan: list[int], row_lists: Tensor | None,
-               group_lists: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """Write the per-row and per-group lists (those the plan asks for) of the inactive
-    ``scores`` of rows ``first_row, first_row + 1, ...`` as ``(score, row, column)``
-    triples; return the per-row list as ``(ids, scores) [rows, per_row]``."""
+def group_ranks(scores: Tensor, group_size: int) -> Tensor:
+    """``[rows, in]`` int32: each entry's rank within its group of ``group_size`` consecutive
+    columns, 0 for the largest score, ties towards the lower column (a stable sort)."""
     rows, in_features = scores.shape
-    per_row, per_group, group_size, _ = plan
-    row_ids = torch.arange(first_row, first_row + rows, device=scores.device)
-    row_best = None
-    if per_row:
-        row_best = best, best_scores = _top_ids_per_row(scores, per_row)
-        _write_triples(row_lists, best_scores, row_ids[:, None], best)
-    if per_group:
-        grouped = scores.view(rows, in_features // group_size, group_size)
-        best = top_ids(grouped, per_group, ordered=False)
-        first = torch.arange(0, in_features, group_size, device=scores.device)[None, :, None]
-        _write_triples(group_lists, grouped.gather(2, best), row_ids[:, None, None],
-                       best + first)
-    return row_best
+    grouped = scores.view(rows, in_features // group_size, group_size)
+    order = grouped.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order, dtype=torch.int32)
+    ranks.scatter_(-1, order, torch.arange(group_size, dtype=torch.int32,
+                                           device=scores.device).expand_as(order).contiguous())
+    return ranks.view(rows, in_features)
+
+
+def pack_ranks(ranks: Tensor, group_size: int) -> Tensor:
+    """``[rows, in]`` ranks packed ``rank_packing(group_size)`` to a float32 number."""
+    bits, per_number = rank_packing(group_size)
+    rows, in_features = ranks.shape
+    numbers = -(-in_features // per_number)
+    padded = ranks.new_zeros(rows, numbers * per_number)
+    padded[:, :in_features] = ranks
+    shifts = torch.arange(0, bits * per_number, bits, dtype=torch.int32, device=ranks.device)
+    return (padded.view(rows, numbers, per_number) << shifts).sum(dim=-1).float()
+
+
+def unpack_ranks(packed: Tensor, in_features: int, group_size: int) -> Tensor:
+    """``pack_ranks`` undone: ``[rows, in]`` int32 ranks."""
+    bits, per_number = rank_packing(group_size)
+    shifts = torch.arange(0, bits * per_number, bits, dtype=torch.int32, device=packed.device)
+    ranks = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return ranks.view(packed.shape[0], -1)[:, :in_features]
 
 
 def _list_layer(scores: Tensor, row_best: tuple[Tensor, Tensor] | None,
                 layer_list: Tensor) -> None:
-    """Write the layer-wide list of the inactive ``scores``: from the per-row lists
-    ``row_best`` when they hold enough entries, else from all of ``scores``."""
+    """Write the layer-wide list of the inactive ``scores`` as ``(score, row, column)``
+    triples: from the per-row lists ``row_best`` when they hold enough entries, else from all
+    of ``scores``."""
     count, in_features = layer_list.shape[0], scores.shape[1]
     if row_best is not None and count <= row_best[0].numel():
         best = _layer_top_from_rows(scores, *row_best, count)
     else:
         best = top_ids(scores.view(-1), count, ordered=False)
-    _write_triples(layer_list, scores.view(-1)[best], best // in_features, best % in_features)
-
-
-def _write_triples(triples: Tensor, scores: Tensor, rows: Tensor, columns: Tensor) -> None:
-    """``triples[..., :]`` = ``(score, row, column)``, broadcasting each to ``triples[..., 0]``."""
-    triples[..., 0] = scores
-    triples[..., 1] = rows
-    triples[..., 2] = columns
+    layer_list[:, 0] = scores.view(-1)[best]
+    layer_list[:, 1] = best // in_features
+    layer_list[:, 2] = best % in_features
 
 
 @dataclass
 class Listed:
     """A ``"rows"`` / ``"elements"`` probe gradient, parsed: ``active`` holds ``|G|`` at the
     active weights (``[out, k]`` in slot order, or ``[K]`` in ``mask.nonzero()`` order);
-    ``per_row``, ``per_group`` and ``layer_wide`` the ``(scores, rows, columns)`` of the
-    listed inactive candidates, flat (``None`` for a list the plan left out)."""
+    ``per_row`` the ``(scores, columns) [out, per_row]`` of each row's listed inactive
+    candidates and ``layer_wide`` the flat ``(scores, rows, columns)`` of the layer's
+    (``None`` for a list the plan left out)."""
 
     active: Tensor
-    per_row: tuple[Tensor, Tensor, Tensor] | None
-    per_group: tuple[Tensor, Tensor, Tensor] | None
+    per_row: tuple[Tensor, Tensor] | None
     layer_wide: tuple[Tensor, Tensor, Tensor] | None
 
     def row_candidates(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """``(ids, scores) [out, k + per_row]``: each row's active columns ``indices``, then
         its listed ones."""
-        scores, _, cols = self.per_row
-        rows = indices.shape[0]
-        return (torch.cat([indices.long(), cols.view(rows, -1)], dim=1),
-                torch.cat([self.active, scores.view(rows, -1)], dim=1))
+        if self.per_row is None:  # nothing inactive was listed
+            return indices.long(), self.active
+        scores, columns = self.per_row
+        return (torch.cat([indices.long(), columns], dim=1),
+                torch.cat([self.active, scores], dim=1))
 
     def layer_candidates(self, flat_active: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
         """``(ids, scores) [1, K + layer_wide]`` as flat ids ``row * in + column``: the active
         elements ``flat_active [1, K]``, then the listed ones."""
+        if self.layer_wide is None:
+            return flat_active, self.active.view(1, -1)
         scores, rows, cols = self.layer_wide
         return (torch.cat([flat_active, (rows * in_features + cols)[None, :]], dim=1),
                 torch.cat([self.active.view(1, -1), scores[None, :]], dim=1))
 
 
+def trailer(probe_grad: Tensor) -> Tensor:
+    """``[calls, non_finite]`` of a probe gradient (see the module docstring)."""
+    return probe_grad[-TRAILER:]
+
+
 def listed_candidates(probe_grad: Tensor, structure: Tensor, granularity: str,
                       plan: list[int], out_features: int, in_features: int) -> Listed:
-    active = _active_count(structure, granularity)
-    parts, start = [], active
-    for length in _list_lengths(out_features, in_features, plan):
-        triples = probe_grad[start:start + 3 * length].view(-1, 3)
-        start += 3 * length
-        parts.append((triples[:, 0], triples[:, 1].long(), triples[:, 2].long())
-                     if length else None)
+    """The lists of a ``"rows"`` (not N:M) or ``"elements"`` probe gradient."""
+    per_row, group_size, layer_wide = plan
+    if granularity not in ("rows", "elements") or group_size:
+        raise ValueError(f"listed_candidates: a {granularity!r} probe with plan {plan} "
+                         "holds no candidate lists")
+    active = active_count(structure, granularity)
     scores = probe_grad[:active]
     if granularity == "rows":
         scores = scores.view(structure.shape)
-    return Listed(scores, *parts)
+    pairs_end = active + 2 * out_features * per_row
+    row_lists = None
+    if per_row:
+        pairs = probe_grad[active:pairs_end].view(out_features, per_row, 2)
+        row_lists = pairs[..., 0], pairs[..., 1].long()
+    layer_lists = None
+    if layer_wide:
+        triples = probe_grad[pairs_end:pairs_end + 3 * layer_wide].view(-1, 3)
+        layer_lists = triples[:, 0], triples[:, 1].long(), triples[:, 2].long()
+    return Listed(scores, row_lists, layer_lists)
 
 
-def candidate_scores(probe_grad: Tensor, structure: Tensor, granularity: str,
-                     out_features: int, in_features: int) -> Tensor:
-    """``[out, in]`` float32 scores from a ``"rows"`` / ``"elements"`` probe gradient: the
-    listed candidates and the active weights carry their ``|G|``, the rest ``-inf``."""
+def candidate_scores(probe_grad: Tensor, structure: Tensor, granularity: str, plan: list[int],
+                     out_features: int, in_features: int,
+                     rows: slice | None = None) -> Tensor:
+    """``[out, in]`` float32 scores from a ``"rows"`` / ``"elements"`` probe gradient (only
+    ``rows`` of them, if given): the listed candidates and the active weights carry their
+    ``|G|``, the rest ``-inf``; an N:M probe gives ``group_size - rank`` within each group,
+    which orders every group's entries as ``|G|`` does (all an N:M update compares)."""
+    rows = slice(0, out_features) if rows is None else rows
+    group_size = plan[1]
+    if group_size:
+        packed = probe_grad[:-TRAILER].view(out_features, -1)[rows]
+        return (group_size - unpack_ranks(packed, in_features, group_size)).float()
+    listed = listed_candidates(probe_grad, structure, granularity, plan, out_features,
+                               in_features)
     scores = torch.full((out_features, in_features), float("-inf"), device=probe_grad.device)
-    active = _active_count(structure, granularity)
-    triples = probe_grad[active:].view(-1, 3)
-    listed = triples[:, 0] > float("-inf")
-    rows, cols = triples[listed, 1].long(), triples[listed, 2].long()
-    scores[rows, cols] = triples[listed, 0]
+    if listed.per_row is not None:
+        row_scores, columns = listed.per_row
+        scores.scatter_(1, columns, row_scores)
+    if listed.layer_wide is not None:
+        layer_scores, layer_rows, columns = listed.layer_wide
+        scores[layer_rows, columns] = layer_scores
     if granularity == "rows":
-        scores.scatter_(1, structure.long(), probe_grad[:active].view(out_features, -1))
+        scores.scatter_(1, structure.long(), listed.active)
     else:
-        scores[structure] = probe_grad[:active]
-    return scores
+        scores[structure] = listed.active
+    return scores[rows]
 
 
 @torch.library.custom_op("sparsefx::growth_scores", mutates_args=())

@@ -13,7 +13,9 @@
 Schedule (RigL): the structure is updated at steps ``t = delta_t, 2 delta_t, ...`` while
 ``t < t_end * total_steps``; an update moves the fraction
 ``f(t) = alpha / 2 * (1 + cos(pi * t / (t_end * total_steps)))`` of each layer's units,
-``n = round(f(t) * k)`` per row of slots (see ``sparsefx.regrow``). What moves, per method:
+``n = round(f(t) * k)`` per row of slots give or take one (the remainder carries over to the
+next update, so that a layer of few units moves too: ``CosineSchedule.units_moved``; see
+``sparsefx.regrow``). What moves, per method:
 
 ``static``, ``set`` and ``rigl`` work on every pattern, ``srigl`` on fan-in layers,
 ``dynadiag`` on diag layers; each is a strategy object in ``sparsefx.methods`` (one file
@@ -36,7 +38,9 @@ alone; a unit dropped and grown back in the same update keeps its slot, value an
 The dense gradient is read only at update steps, through ``torch.ops.sparsefx.growth_tap``
 on the step before: formed one layer at a time inside the backward and reduced there to the
 candidates an update could grow (``sparsefx.kernels.growth``). Non-finite gradients skip the
-update with a warning.
+update with a warning. A layer called more than once in a forward (a shared module) is
+refused by the methods that grow by the dense gradient: autograd would add the growth scores
+of its calls, which mean nothing summed.
 """
 from __future__ import annotations
 
@@ -83,6 +87,7 @@ class _Layer:
     name: str
     module: nn.Module
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
+    probe_for: tuple[int, ...] = ()  # the structure shape the probe was sized for
     # what the layer held when DST was made: an update checks it still does
     trained: torch.Tensor | None = None
     structure_shape: tuple[int, ...] = ()
@@ -193,6 +198,12 @@ class DST:
         """The fraction of each layer's units the update at ``step`` moves."""
         return self.schedule.drop_fraction(step)
 
+    def units_moved(self, units: int, step: int | None = None) -> int:
+        """How many of ``units`` the update at ``step`` (default: the current one) moves:
+        ``round(drop_fraction(step) * units)``, give or take the remainder carried from the
+        updates before (``CosineSchedule.units_moved``)."""
+        return self.schedule.units_moved(self._step if step is None else step, units)
+
     def is_update_step(self, step: int) -> bool:
         return self.method.moves and self.schedule.is_update_step(step)
 
@@ -243,7 +254,8 @@ class DST:
                     is not layer.trained else
                     f"has a {layer.module.structure_name} of shape "
                     f"{tuple(layer.module.structure.shape)}, not {layer.structure_shape}"
-                    if tuple(layer.module.structure.shape) != layer.structure_shape else None)
+                    if tuple(layer.module.structure.shape) != layer.structure_shape
+                    and getattr(layer.module, "fan_in_budget", None) is None else None)
             if what:
                 raise RuntimeError(f"{where}: layer {layer.name} {what}: the model was changed "
                                    "after DST(...) was made. Write weights and structure in "
@@ -254,15 +266,27 @@ class DST:
                      and all(module is not layer.module for layer in self.layers)]
             raise RuntimeError(f"{where}: the model has sparse layers DST was not made with "
                                f"({added}): make a new DST for the changed model")
-        if self.method.needs_gradient and all(layer.probe.grad is None for layer in self.layers):
-            raise RuntimeError(f"{where}: no backward reached a sparse layer since the last "
-                               "dst.step(): call dst.step() once per training step, after "
-                               "loss.backward() and optimizer.step()")
+        if self.method.needs_gradient:
+            if all(layer.probe.grad is None for layer in self.layers):
+                raise RuntimeError(f"{where}: no backward reached a sparse layer since the "
+                                   "last dst.step(): call dst.step() once per training step, "
+                                   "after loss.backward() and optimizer.step()")
+            self._check_single_calls(where)
         if not self._optimizer_stepped and not _layers_with_non_finite_gradients(self.layers):
             raise RuntimeError(f"{where}: the optimizer DST was given has not stepped since the "
                                "last dst.step(). Call dst.step() after optimizer.step(); if "
                                "the optimizer was rebuilt, hand DST the new one "
                                "(dst.optimizer = optimizer)")
+
+    def _check_single_calls(self, where: str) -> None:
+        """Raise unless every layer's last backward came from one call of the layer (the
+        growth tap counts them in the probe's trailer)."""
+        tapped = [layer for layer in self.layers if layer.probe.grad is not None]
+        calls = torch.stack([growth.trailer(layer.probe.grad)[0] for layer in tapped]).tolist()
+        shared = {layer.name: int(count) for layer, count in zip(tapped, calls, strict=True)
+                  if count > 1}
+        if shared:
+            raise _shared_layers_error(where, shared, self.method.name)
 
     def _record_grad_scale(self) -> None:
         """``1 / scale`` of the GradScaler (0-dim, on its device; no host sync): the scale
@@ -308,6 +332,8 @@ class DST:
         armed = self.method.needs_gradient and self.is_update_step(self._step + 1)
         if armed != self._armed:
             for layer in self.layers:
+                if armed and layer.probe_for != tuple(layer.module.structure.shape):
+                    self._attach_probe(layer)  # resized since (a checkpoint loaded)
                 layer.module._growth_probe = layer.probe if armed else None
             self._armed = armed
 
@@ -338,14 +364,19 @@ class DST:
         if max(out_features, in_features) >= 2**24:  # ids travel as float32
             raise ValueError(f"sparsefx.DST: layer {layer.name} is ({out_features}, "
                              f"{in_features}): expected both dimensions < 2**24")
-        plan = module.growth_plan(self.alpha, whole_rows=self.method.whole_rows(layer))
+        calls = _calls_per_forward(self.model, layer.module)
+        if calls > 1:
+            raise _shared_layers_error("sparsefx.DST", {layer.name: calls}, self.method.name)
+        plan = module.growth_plan(self.alpha, **self.method.growth_needs(layer))
         size = growth.probe_size(out_features, in_features, module.growth_granularity, plan,
-                                 self.budget(layer))
+                                 growth.active_count(module.structure,
+                                                     module.growth_granularity))
         # only the shape matters (scores arrive as its gradient): one element of storage
         storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
         layer.probe = storage.expand(size).requires_grad_(True)
         layer.probe.register_hook(_latest_scores_only(layer.probe))
         module._growth_plan = plan
+        layer.probe_for = tuple(module.structure.shape)
 
     # ------------------------------------------------------------ what methods call
 
@@ -368,6 +399,32 @@ class DST:
         where = layer.module.write_structure(new_active, grown)
         layer.param.masked_fill_(where, 0)
         self.zero_state(self.optimizer, layer.param, where)
+
+    def write_slots(self, layer: _Layer, new_active: torch.Tensor,
+                    source: torch.Tensor) -> None:
+        """Store ``new_active [R, k']`` where each unit continues the old slot ``source``
+        names (-1: a new unit, at zero with zeroed optimizer state). With ``k'`` the stored
+        fan-in and every unit in its own slot, this is ``write``; otherwise the layer is
+        resized (``FanInLinear.resize``: the same Parameter, new data) and the optimizer's
+        state tensors are carried over with it. The growth probe is sized anew."""
+        module = layer.module
+        slots = torch.arange(new_active.shape[1], device=source.device)[None, :]
+        if (new_active.shape == module.slots().shape
+                and bool(((source == slots) | (source < 0)).all())):
+            self.write(layer, new_active, source < 0)
+            return
+        param = layer.param
+        old_shape = param.shape
+        module.resize(new_active, source)
+        for key, value in self.optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.shape == old_shape:
+                self.optimizer.state[param][key] = _carried(value, source)
+        param.grad = None  # this step's gradient was for the old slots, and is spent
+        layer.structure_shape = tuple(module.structure.shape)
+        if self.method.needs_gradient:
+            self._attach_probe(layer)
+            if self._armed:
+                module._growth_probe = layer.probe
 
     @staticmethod
     def zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
@@ -407,8 +464,10 @@ class DST:
                              f"{saved_format!r}: this sparsefx reads formats 1 to "
                              f"{CHECKPOINT_FORMAT} (a checkpoint from a newer sparsefx?)")
         config = self._config()
-        # format 1 recorded every method's options; compare those this method has
-        saved = {key: state["config"].get(key) for key in config}
+        # format 1 recorded every method's options; compare those this method has (an option
+        # added since is what the method did before it existed)
+        legacy = getattr(self.method, "legacy_options", {})
+        saved = {key: state["config"].get(key, legacy.get(key)) for key in config}
         if saved != config:
             differ = {key: (saved[key], value) for key, value in config.items()
                       if saved[key] != value}
@@ -443,6 +502,45 @@ class DST:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _shared_layers_error(where: str, calls: dict[str, int], method: str) -> ValueError:
+    described = ", ".join(f"{name} ({count} times)" for name, count in calls.items())
+    error = (RuntimeError if where != "sparsefx.DST" else ValueError)
+    return error(f"{where}: layer{'s' if len(calls) > 1 else ''} {described} called more than "
+                 f"once in one forward (a shared module): method={method!r} grows by the "
+                 "dense gradient of each layer, and the gradients of several calls cannot be "
+                 "told apart in its growth scores. Give each use a layer of its own, keep the "
+                 "shared layer dense (sparsefx.transform(..., exclude=...)), or use "
+                 "method='set' or 'static', which read no gradient")
+
+
+def _calls_per_forward(model: nn.Module, layer: nn.Module) -> int:
+    """The most calls of ``layer`` in one traced graph of ``model`` (``sparsefx.transform``'s
+    GraphModules): a layer called twice there is known to be shared before any step. Eager
+    code is not visible; the growth tap counts its calls at the first update."""
+    most = 0
+    for module in model.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(module, torch.fx.GraphModule) or graph is None:
+            continue
+        calls = sum(1 for node in graph.nodes if node.op == "call_module"
+                    and _submodule(module, node.target) is layer)
+        most = max(most, calls)
+    return most
+
+
+def _submodule(module: nn.Module, target: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(target)
+    except AttributeError:
+        return None
+
+
+def _carried(state: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """An optimizer state tensor for the slots ``source`` (old slot, or -1: zero)."""
+    moved = state.gather(1, source.clamp(min=0).to(state.device))
+    return moved.masked_fill_(source.to(state.device) < 0, 0)
 
 
 def _latest_scores_only(probe: torch.Tensor):
@@ -498,14 +596,18 @@ def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
 
 
 def _layers_with_non_finite_gradients(layers: list[_Layer]) -> list[str]:
-    """Names of the layers whose weight or growth-score gradient holds a NaN or an infinity:
-    one pass (the smallest and largest entry, NaN if any is) and one host sync for all."""
+    """Names of the layers whose weight gradient holds a NaN or an infinity, or whose growth
+    tap saw one (its trailer says): one pass (the smallest and largest entry, NaN if any is)
+    and one host sync for all."""
     names, extremes = [], []
     for layer in layers:
-        for grad in (layer.param.grad, None if layer.probe is None else layer.probe.grad):
-            if grad is not None and grad.numel():
-                names.append(layer.name)
-                extremes.append(torch.stack(grad.aminmax()).float())
+        grad = layer.param.grad
+        if grad is not None and grad.numel():
+            names.append(layer.name)
+            extremes.append(torch.stack(grad.aminmax()).float())
+        if layer.probe is not None and layer.probe.grad is not None:
+            names.append(layer.name)
+            extremes.append(growth.trailer(layer.probe.grad).float())
     if not extremes:
         return []
     finite = torch.stack(extremes).isfinite().all(dim=1).tolist()

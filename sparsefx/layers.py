@@ -94,7 +94,7 @@ class _SparseLinear(nn.Module, abc.ABC):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._growth_probe: torch.Tensor | None = None
-        self._growth_plan: list[int] = [0, 0, 0, 0]
+        self._growth_plan: list[int] = [0, 0, 0]
         # built on the meta device (sparsefx.transform): the structure as drawn on the CPU,
         # written into the buffers when they leave meta
         self._drawn_on_cpu: dict[str, torch.Tensor] | None = None
@@ -136,7 +136,7 @@ class _SparseLinear(nn.Module, abc.ABC):
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"layer {name}: {key} in the checkpoint is a "
                                  f"{type(value).__name__}: expected a tensor")
-            if value.shape != own[key].shape:
+            if value.shape != own[key].shape and not self._loads_resized(key, value):
                 sparsities = ""
                 if key in ("values", self.structure_name) and self.structure_name in saved:
                     theirs = 1.0 - self._stored_in(saved) / (self.out_features
@@ -161,12 +161,28 @@ class _SparseLinear(nn.Module, abc.ABC):
                 raise ValueError(f"layer {name}: the checkpoint's {self.structure_name} are not "
                                  f"a valid {self.pattern_label} structure: {error}") from None
 
+    def _loads_resized(self, key: str, value: torch.Tensor) -> bool:
+        """Whether the checkpoint's ``key`` may differ in shape from the layer's own, the
+        layer resizing itself to load it (a fan-in layer whose SRigL run changed its
+        fan-in)."""
+        return False
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         if not self.param.is_meta:  # on meta, to_empty has yet to make real tensors
             self.check_state(state_dict, prefix, strict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def __getstate__(self) -> dict:
+        """What ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep of the layer: everything
+        but the growth probe of a step ``sparsefx.DST`` armed. A copy belongs to no manager,
+        so it must never route its backwards through the tap (the dense gradient formed
+        every step, for nothing)."""
+        state = super().__getstate__()
+        if state.get("_growth_probe") is not None:
+            state = {**state, "_growth_probe": None}
+        return state
 
     def _readable(self, name: str) -> torch.Tensor:
         """The structure buffer ``name``, or while the layer is on the meta device the copy
@@ -250,21 +266,29 @@ class _SparseLinear(nn.Module, abc.ABC):
         (SRigL's ablation), default all."""
         return self.stored
 
-    def growth_plan(self, alpha: float, whole_rows: bool = False) -> list[int]:
-        """The growth tap's lists ``[per_row, per_group, group_size, layer_wide]`` (see
+    def growth_plan(self, alpha: float, per_row: int | None = None,
+                    layer_wide: bool = False) -> list[int]:
+        """The growth tap's lists ``[per_row, group_size, layer_wide]`` (see
         ``sparsefx.kernels.growth``), long enough for everything an update moving at most
-        ``alpha`` of the units could grow; ``whole_rows``: a row may also regrow all ``k``
-        of its entries and the layer-wide list is needed (SRigL)."""
-        return [0, 0, 0, 0]
+        ``alpha`` of the units could grow, and never longer than the inactive candidates
+        there are; ``per_row``: how many a row may grow at most, if more than that (SRigL's
+        refill); ``layer_wide``: the layer-wide list is needed too (SRigL's salience)."""
+        return [0, 0, 0]
 
-    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
-        """``[R, C]`` growth scores over every candidate from the tap's ``probe_grad``."""
+    def growth_scores(self, probe_grad: torch.Tensor, rows: slice | None = None
+                      ) -> torch.Tensor:
+        """``[R, C]`` growth scores over every candidate from the tap's ``probe_grad`` (only
+        ``rows`` of them, if given)."""
         return growth.candidate_scores(probe_grad, self.structure, self.growth_granularity,
-                                       self.out_features, self.in_features)
+                                       self._growth_plan, self.out_features,
+                                       self.in_features, rows)
 
-    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
-        """``[R, C]`` uniform scores (SET's random growth), drawn on the CPU by ``generator``."""
-        scores = torch.rand(self.out_features, self.in_features, generator=generator)
+    def random_scores(self, generator: torch.Generator, rows: slice | None = None
+                      ) -> torch.Tensor:
+        """``[R, C]`` uniform scores (SET's random growth) of the slot rows ``rows`` (default
+        all), drawn on the CPU by ``generator``."""
+        count = len(range(self.out_features)[rows or slice(None)])
+        scores = torch.rand(count, self.in_features, generator=generator)
         return scores.to(self.param.device)
 
     def listed_candidates(self, listed: growth.Listed, active: torch.Tensor
@@ -366,7 +390,8 @@ class DiagLinear(_SparseLinear):
         self.values = nn.Parameter(values.detach().clone())
         self.register_buffer("offsets", offsets.detach().to(torch.int64).clone())
         # values -> the values the op computes with, while a DST method wants that (DynaDiag's
-        # gates, sparsefx.methods.dynadiag.Gates); None: the values themselves
+        # gates, sparsefx.methods.dynadiag.Gates), or -> (values, offsets) of more diagonals
+        # than the layer keeps (its reference rule gates all P); None: the values themselves
         self.value_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
@@ -393,8 +418,9 @@ class DiagLinear(_SparseLinear):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
-        y = torch.ops.sparsefx.diag_linear(x, self.effective_values(), self.offsets,
-                                           self.out_features, self._bias(bias))
+        values, offsets = self.effective()
+        y = torch.ops.sparsefx.diag_linear(x, values, offsets, self.out_features,
+                                           self._bias(bias))
         return self._tap(y, x)
 
     weight = _DENSE_WEIGHT
@@ -434,10 +460,13 @@ class DiagLinear(_SparseLinear):
     def active_units(self, rows: int | None = None) -> int:
         return self.offsets.numel()
 
-    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
-        return probe_grad.reshape(1, -1)  # the tap leaves every diagonal's gradient norm
+    def growth_scores(self, probe_grad: torch.Tensor, rows: slice | None = None
+                      ) -> torch.Tensor:
+        # the tap leaves every diagonal's gradient norm
+        return probe_grad[:-growth.TRAILER].reshape(1, -1)
 
-    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+    def random_scores(self, generator: torch.Generator, rows: slice | None = None
+                      ) -> torch.Tensor:
         return torch.rand(1, self.num_candidates, generator=generator).to(self.param.device)
 
     def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
@@ -454,9 +483,16 @@ class DiagLinear(_SparseLinear):
             return self.values
         return self.value_transform(self.values)
 
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, offsets)`` the op computes with: ``effective_values()`` on ``offsets``,
+        or the diagonals a ``value_transform`` returns with their values."""
+        values = self.effective_values()
+        return values if isinstance(values, tuple) else (values, self.offsets)
+
     def dense_weight(self) -> torch.Tensor:
-        return patterns.diag_to_dense(self.effective_values().detach(), self.offsets,
-                                      self.out_features, self.in_features)
+        values, offsets = self.effective()
+        return patterns.diag_to_dense(values.detach(), offsets, self.out_features,
+                                      self.in_features)
 
 
 def _check_coset_layout(offsets: torch.Tensor, out_features: int, in_features: int,
@@ -561,11 +597,14 @@ class BlockDiagLinear(DiagLinear):
     def active_units(self, rows: int | None = None) -> int:
         return self.num_cosets
 
-    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
+    def growth_scores(self, probe_grad: torch.Tensor, rows: slice | None = None
+                      ) -> torch.Tensor:
         # the tap leaves every diagonal's gradient norm; a coset's is the norm over its own
-        return probe_grad.square().view(-1, self.groups).sum(dim=0).sqrt()[None, :]
+        norms = probe_grad[:-growth.TRAILER]
+        return norms.square().view(-1, self.groups).sum(dim=0).sqrt()[None, :]
 
-    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+    def random_scores(self, generator: torch.Generator, rows: slice | None = None
+                      ) -> torch.Tensor:
         return torch.rand(1, self.groups, generator=generator).to(self.param.device)
 
     def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
@@ -600,6 +639,49 @@ class FanInLinear(_SparseLinear):
         self.values = nn.Parameter(values.detach().clone())
         self.register_buffer("indices", indices.detach().to(
             patterns.fanin_index_dtype(in_features)).clone())
+        # the weights a resize may spread over the rows (SRigL's fan_in="budget" sets it);
+        # None: the fan-in is fixed, and a checkpoint must have the layer's own
+        self.fan_in_budget: int | None = None
+
+    def resize(self, new_indices: torch.Tensor, source: torch.Tensor) -> None:
+        """Hold ``new_indices [out, k']``, each entry continuing the value of the old slot
+        ``source`` names (-1: zero). ``values`` stays the same Parameter object with new
+        contents (so optimizers keep it; their state is the caller's to carry over) and
+        ``indices`` the same buffer: a compiled model recompiles once for the new shape.
+        The contents are swapped in whole (``torch.utils.swap_tensors``), autograd's record
+        of the parameter included: a graph of an earlier step still alive (a loss kept in a
+        variable) would otherwise hand the next backward the old shape."""
+        if self.nm is not None:
+            raise ValueError(f"layer {self.layer_name}: an N:M layer's fan-in is n * in / m: "
+                             "it cannot be resized")
+        patterns.check_fanin_indices(new_indices, self.in_features)
+        with torch.no_grad():
+            old = self.values.detach()
+            moved = old.gather(1, source.clamp(min=0)).masked_fill_(source < 0, 0)
+            replacement = nn.Parameter(moved, requires_grad=self.values.requires_grad)
+            try:
+                torch.utils.swap_tensors(self.values, replacement)
+            except RuntimeError:  # something holds a weak reference: no graph can be alive
+                self.values.data = moved
+            self.indices.data = new_indices.to(self.indices.dtype).contiguous()
+
+    def _loads_resized(self, key: str, value: torch.Tensor) -> bool:
+        return (self.fan_in_budget is not None and key in ("values", "indices")
+                and value.dim() == 2 and value.shape[0] == self.out_features
+                and 1 <= value.shape[1] <= self.in_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        saved = state_dict.get(prefix + "indices")
+        if (isinstance(saved, torch.Tensor) and saved.shape != self.indices.shape
+                and self._loads_resized("indices", saved) and not self.values.is_meta):
+            self.check_state(state_dict, prefix, strict)
+            fan_in = saved.shape[1]
+            columns = torch.arange(fan_in, device=self.indices.device).expand(
+                self.out_features, -1)
+            self.resize(columns, torch.full_like(columns, -1))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def pattern(self) -> str:
@@ -687,15 +769,16 @@ class FanInLinear(_SparseLinear):
     def active_units(self, rows: int | None = None) -> int:
         return (self.out_features if rows is None else rows) * self.indices.shape[1]
 
-    def growth_plan(self, alpha: float, whole_rows: bool = False) -> list[int]:
+    def growth_plan(self, alpha: float, per_row: int | None = None,
+                    layer_wide: bool = False) -> list[int]:
+        if self.nm is not None:  # every group's order: all an N:M regrowth compares
+            return [0, self.nm[1], 0]
         fan_in = self.indices.shape[1]
-        most_per_row = math.ceil(alpha * fan_in)
-        if self.nm is not None:
-            return [0, min(self.nm[0], most_per_row), self.nm[1], 0]
-        if whole_rows:  # a revived row takes its best k columns; the salience counts need
-            return [fan_in, 0, 0, min(math.ceil(alpha * self.indices.numel()),  # the layer
-                                      self.out_features * self.in_features)]     # -wide list
-        return [most_per_row, 0, 0, 0]
+        inactive_per_row = self.in_features - fan_in
+        most = max(math.ceil(alpha * fan_in), per_row or 0)
+        layer_list = math.ceil(alpha * self.indices.numel()) if layer_wide else 0
+        return [min(most, inactive_per_row), 0,
+                min(layer_list, self.out_features * inactive_per_row)]
 
     def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
         self.indices.copy_(new_active.to(self.indices.dtype))
@@ -784,13 +867,17 @@ class MaskedLinear(_SparseLinear):
     def num_candidates(self) -> int:
         return self.out_features * self.in_features
 
-    def growth_plan(self, alpha: float, whole_rows: bool = False) -> list[int]:
-        return [0, 0, 0, min(math.ceil(alpha * self.stored), self.num_candidates)]
+    def growth_plan(self, alpha: float, per_row: int | None = None,
+                    layer_wide: bool = False) -> list[int]:
+        stored = self.stored
+        return [0, 0, min(math.ceil(alpha * stored), self.num_candidates - stored)]
 
-    def growth_scores(self, probe_grad: torch.Tensor) -> torch.Tensor:
+    def growth_scores(self, probe_grad: torch.Tensor, rows: slice | None = None
+                      ) -> torch.Tensor:
         return super().growth_scores(probe_grad).reshape(1, -1)
 
-    def random_scores(self, generator: torch.Generator) -> torch.Tensor:
+    def random_scores(self, generator: torch.Generator, rows: slice | None = None
+                      ) -> torch.Tensor:
         return super().random_scores(generator).reshape(1, -1)
 
     def listed_candidates(self, listed: growth.Listed, active: torch.Tensor

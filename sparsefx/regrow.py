@@ -28,7 +28,20 @@ import torch
 
 from sparsefx.kernels.growth import top_ids
 
-__all__ = ["drop_and_grow", "kept_mask", "keeps_at_least", "layerwise_salience"]
+__all__ = ["drop_and_grow", "kept_mask", "layerwise_drop", "rowwise_drop",
+           "salience", "live_rows", "refill", "row_blocks"]
+
+# what an update may hold at once for a block of rows scored over every candidate: the
+# scores, their int32 keys, a kept mask and a few index tensors, about 16 bytes a candidate
+BLOCK_BYTES = 16 << 20
+
+
+def row_blocks(rows: int, slots: int, num_candidates: int, block_bytes: int = BLOCK_BYTES):
+    """Slices of rows whose all-candidate scores (about 16 bytes each) fit ``block_bytes``:
+    an update scores one block at a time, so that it never holds a layer's worth of them."""
+    per_block = max(1, block_bytes // (16 * max(1, num_candidates)))
+    for start in range(0, rows, per_block):
+        yield slice(start, min(start + per_block, rows))
 
 
 def kept_mask(active: torch.Tensor, keep: torch.Tensor, num_candidates: int) -> torch.Tensor:
@@ -140,54 +153,166 @@ def _assign(active: torch.Tensor, dropped_slots: torch.Tensor, grown_ids: torch.
     return new_active, grown
 
 
-def layerwise_salience(magnitude: torch.Tensor, row_active: torch.Tensor,
-                       active_scores: torch.Tensor, listed_rows: torch.Tensor,
-                       listed_scores: torch.Tensor, num_moved: int) -> torch.Tensor:
-    """SRigL's salient count per row: entries in the layer-wide RigL keep set (the largest
-    ``total - num_moved`` magnitudes over the active rows) plus entries in the layer-wide
-    grow set (the ``num_moved`` best scores among all positions not kept).
-
-    ``active_scores [R, k]`` are the growth scores of the slots (an ablated row's slots and
-    the dropped ones are candidates too); ``listed_rows`` / ``listed_scores`` the best
-    inactive positions of the layer, at least ``num_moved`` of them.
-    """
+def layerwise_drop(magnitude: torch.Tensor, row_live: torch.Tensor,
+                   num_dropped: int) -> torch.Tensor:
+    """``[R, k]`` bool, the slots kept: all but the ``num_dropped`` smallest ``magnitude``
+    over the slots of the live rows (``row_live [R]``), ties towards the lower row and slot
+    dropped; a row that is not live keeps nothing. SRigL's drop (its reference's layer-wide
+    rule: a row may lose anything from none to all of its entries)."""
     rows, slots = magnitude.shape
-    total = int(row_active.sum()) * slots
-    flat_magnitude = magnitude.float().masked_fill(~row_active[:, None], float("-inf"))
-    # not kept: the ablated rows and the num_moved smallest of the active ones
-    not_kept = top_ids(flat_magnitude.view(1, -1), rows * slots - total + num_moved,
-                       largest=False, ordered=False)[0]
-    keep = torch.ones(rows * slots, dtype=torch.bool, device=magnitude.device)
-    keep = keep.index_fill_(0, not_kept, False).view(rows, slots)
-    # grow set: the best num_moved of the slots not kept and the listed positions, ties
-    # towards the lower of [slots, listed] (kept slots are out of it; they cannot be reached
-    # anyway: there are num_moved or more slots not kept, and their scores are finite)
-    listed = torch.arange(rows * slots, rows * slots + listed_rows.numel(),
-                          device=magnitude.device)
-    candidate_ids = torch.cat([not_kept, listed])
-    candidate_scores = torch.cat([active_scores.float().reshape(-1)[not_kept],
-                                  listed_scores.float()])
-    grown = top_ids(candidate_scores[None, :], num_moved, ordered=False,
-                    ids=candidate_ids[None, :])[0]
-    candidate_rows = torch.cat([not_kept // slots, listed_rows])
-    grown_per_row = torch.bincount(candidate_rows[grown], minlength=rows)
-    return keep.sum(dim=1) + grown_per_row
+    live = row_live[:, None].expand(rows, slots)
+    flat = magnitude.float().masked_fill(~live, float("inf")).reshape(1, -1)
+    dropped = top_ids(flat, num_dropped, largest=False, ordered=False)[0]
+    kept = live.reshape(-1).clone()
+    kept[dropped] = False
+    return kept.view(rows, slots)
 
 
-def keeps_at_least(magnitude: torch.Tensor, num_moved: int, minimum: int) -> bool:
-    """A sufficient test, with every row active: does each row keep at least ``minimum`` of
-    its slots in the layer-wide RigL keep set (all but the ``num_moved`` smallest
-    ``magnitude [R, k]``)? Then no row's salience can fall below ``minimum``.
-
-    If ``num_moved`` magnitudes are below the smallest of the rows' ``(k - minimum + 1)``-th
-    smallest, every dropped slot is below it too, so no row loses more than ``k - minimum``.
-    One per-row selection and one count, against ``layerwise_salience``'s two over the layer.
-    """
+def rowwise_drop(magnitude: torch.Tensor, row_live: torch.Tensor,
+                 num_dropped: int) -> torch.Tensor:
+    """``[R, k]`` bool, the slots kept: all but the ``num_dropped`` smallest ``magnitude`` of
+    every live row, ties towards the lower slot dropped (sparsefx 0.1's SRigL)."""
     rows, slots = magnitude.shape
-    if num_moved == 0 or minimum <= 0:
-        return True
-    if minimum > slots:
-        return False
-    magnitude = magnitude.float()  # the minimum-th largest is the (k - minimum + 1)-th smallest
-    lowest_kept = magnitude.topk(minimum, dim=1, sorted=False).values.min()
-    return int((magnitude < lowest_kept).sum()) >= num_moved
+    kept = torch.ones(rows, slots, dtype=torch.bool, device=magnitude.device)
+    kept.scatter_(1, top_ids(magnitude, num_dropped, largest=False, ordered=False), False)
+    return kept & row_live[:, None]
+
+
+def salience(kept: torch.Tensor, active: torch.Tensor, active_scores: torch.Tensor,
+             listed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_features: int,
+             num_grown: int) -> torch.Tensor:
+    """SRigL's salient entries per row, as its reference counts them: the union of the kept
+    set ``kept [R, k]`` and the grow set, the ``num_grown`` largest scores over *every*
+    position of the layer (kept ones, dropped ones, ablated rows' and inactive ones), ties
+    towards the lower position ``row * in + column``.
+
+    ``active [R, k]`` are the slots' columns and ``active_scores`` their scores; ``listed``
+    the ``(scores, rows, columns)`` of the best inactive positions of the layer, at least
+    ``num_grown`` of them (the best of all positions are among the slots and those).
+    """
+    rows, slots = active.shape
+    device = active.device
+    slot_ids = (torch.arange(rows, device=device)[:, None] * in_features + active).view(-1)
+    listed_scores, listed_rows, listed_columns = listed
+    ids = torch.cat([slot_ids, listed_rows * in_features + listed_columns])
+    scores = torch.cat([active_scores.float().reshape(-1), listed_scores.float()])
+    grown = top_ids(scores[None, :], num_grown, ordered=False, ids=ids[None, :])[0]
+    in_grow_set = torch.zeros(ids.numel(), dtype=torch.bool, device=device)
+    in_grow_set[grown] = True
+    slots_salient = kept | in_grow_set[:rows * slots].view(rows, slots)
+    listed_salient = torch.bincount(listed_rows[in_grow_set[rows * slots:]], minlength=rows)
+    return slots_salient.sum(dim=1) + listed_salient
+
+
+def live_rows(salient: torch.Tensor, minimum: int, fewest: int) -> torch.Tensor:
+    """``[R]`` bool, the rows SRigL keeps: those with at least ``minimum`` salient entries;
+    but if that would leave fewer than ``fewest`` rows, the threshold drops to the salience
+    of the ``fewest``-th most salient row (its reference's rule: so at least ``fewest`` rows,
+    and all rows tied with the last of them, stay)."""
+    ranked = salient.sort(descending=True).values
+    fewest = min(max(fewest, 1), salient.numel())
+    threshold = min(minimum, int(ranked[fewest - 1]))
+    return salient >= threshold
+
+
+def refill(active: torch.Tensor, kept: torch.Tensor, magnitude: torch.Tensor,
+           candidate_ids: torch.Tensor, candidate_scores: torch.Tensor,
+           row_live: torch.Tensor, fan_in: int, num_candidates: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every live row back to ``fan_in`` entries: its kept slots (``kept [R, k]``; the
+    ``fan_in`` largest ``magnitude`` of them, should it keep more), then the best-scoring of
+    its dropped slots and listed candidates (``candidate_ids`` / ``candidate_scores [R, k +
+    c]``, the slots first) until it holds ``fan_in``; ties towards the lower column of the
+    candidate list. A row that is not live holds its old columns (more, if ``fan_in`` grew:
+    the lowest it lacks) at zero.
+
+    Returns ``(new_active [R, fan_in], source [R, fan_in])``: the new ids, and for each the
+    old slot whose unit (value, optimizer state) it continues, or -1 for a new unit. A unit
+    that stays keeps its slot where it can (always when ``fan_in == k``)."""
+    rows, slots = active.shape
+    device = active.device
+    kept = kept & row_live[:, None]
+    if fan_in < slots:  # fan-in shrank: a row keeps at most fan_in, the largest
+        order = magnitude.float().masked_fill(~kept, float("-inf"))
+        kept &= _ranks(order) < fan_in
+    need = torch.where(row_live, fan_in - kept.sum(dim=1), 0)
+    choosable = candidate_scores.float().clone()
+    choosable[:, :slots].masked_fill_(kept, float("-inf"))
+    most = int(need.max()) if rows else 0
+    columns = torch.arange(candidate_ids.shape[1], device=device).expand(rows, -1)
+    best = top_ids(choosable, most, ordered=True, ids=columns)
+    chosen = torch.arange(most, device=device)[None, :] < need[:, None]
+    regrown = torch.zeros(rows, slots + 1, dtype=torch.bool, device=device)
+    regrown.scatter_(1, torch.where(chosen, best.clamp(max=slots), slots), True)
+    surviving = kept | regrown[:, :slots]
+    new = chosen & (best >= slots)
+    new_ids = torch.where(new, candidate_ids.gather(1, best), -1)
+    new_active, source = _place(active, surviving, new_ids, fan_in, num_candidates)
+    return _fill_dead_rows(new_active, source, active, row_live, num_candidates)
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank in its row, 0 for the largest, ties towards the lower column."""
+    order = top_ids(scores, scores.shape[1], ordered=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device)
+                          .expand_as(order).contiguous())
+
+
+def _place(active: torch.Tensor, surviving: torch.Tensor, new_ids: torch.Tensor,
+           fan_in: int, num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay out each row's ``fan_in`` units: a surviving slot ``j < fan_in`` stays at ``j``;
+    the positions left take the surviving slots beyond ``fan_in`` (in slot order), then the
+    new ids (``new_ids``, -1 padded; ascending)."""
+    rows, slots = active.shape
+    device = active.device
+    positions = torch.arange(fan_in, device=device).expand(rows, -1)
+    stays = torch.zeros(rows, fan_in, dtype=torch.bool, device=device)
+    width = min(slots, fan_in)
+    stays[:, :width] = surviving[:, :width]
+    new_active = torch.where(stays, _pad(active, fan_in), 0)
+    source = torch.where(stays, positions, -1)
+    # what fills the free positions, in order: movers by slot, then new units by id
+    big = num_candidates + slots + 1
+    slot_numbers = torch.arange(slots, device=device).expand(rows, -1)
+    movers = surviving & (slot_numbers >= fan_in)
+    keys = torch.cat([torch.where(movers, slot_numbers, big),
+                      torch.where(new_ids >= 0, slots + new_ids, big)], dim=1)
+    order = keys.argsort(dim=1)
+    ids = torch.cat([active, new_ids], dim=1).gather(1, order)
+    sources = torch.cat([slot_numbers, torch.full_like(new_ids, -1)], dim=1).gather(1, order)
+    valid = keys.gather(1, order) < big
+    free = torch.where(stays, fan_in + positions, positions).argsort(dim=1)
+    count = min(free.shape[1], ids.shape[1])
+    fill = valid[:, :count] & (torch.arange(count, device=device)[None, :]
+                               < (~stays).sum(dim=1, keepdim=True))
+    target = free[:, :count]
+    new_active.scatter_(1, target, torch.where(fill, ids[:, :count],
+                                               new_active.gather(1, target)))
+    source.scatter_(1, target, torch.where(fill, sources[:, :count], source.gather(1, target)))
+    return new_active, source
+
+
+def _pad(active: torch.Tensor, width: int) -> torch.Tensor:
+    if width <= active.shape[1]:
+        return active[:, :width]
+    return torch.cat([active, active.new_zeros(active.shape[0], width - active.shape[1])], 1)
+
+
+def _fill_dead_rows(new_active: torch.Tensor, source: torch.Tensor, active: torch.Tensor,
+                    row_live: torch.Tensor, num_candidates: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that are not live: their old columns, then the lowest columns they lack."""
+    dead = (~row_live).nonzero()[:, 0]
+    if dead.numel() == 0:
+        return new_active, source
+    fan_in = new_active.shape[1]
+    old = active[dead]
+    held = torch.zeros(dead.numel(), num_candidates, dtype=torch.bool, device=active.device)
+    held.scatter_(1, old, True)
+    lacking = torch.where(~held, torch.arange(num_candidates, device=active.device),
+                          num_candidates).sort(dim=1).values
+    columns = torch.cat([old, lacking], dim=1)[:, :fan_in]
+    new_active[dead] = columns
+    source[dead] = -1
+    return new_active, source

@@ -2,10 +2,12 @@
 
 Updates happen at steps ``t = delta_t, 2 delta_t, ...`` while ``t < t_end * total_steps``;
 the update at step ``t`` moves the fraction
-``f(t) = alpha / 2 * (1 + cos(pi * t / (t_end * total_steps)))`` of each layer's units.
+``f(t) = alpha / 2 * (1 + cos(pi * t / (t_end * total_steps)))`` of each layer's units, in
+whole units with the remainder carried to the next update (``units_moved``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,3 +45,24 @@ class CosineSchedule:
 
     def is_update_step(self, step: int) -> bool:
         return step > 0 and step % self.delta_t == 0 and step < self.end_step
+
+    def units_moved(self, step: int, units: int) -> int:
+        """How many of ``units`` the update at ``step`` moves: ``round(units * F(step)) -
+        round(units * F(step - delta_t))`` (rounding half up), where ``F(t)`` sums ``f`` over the updates up to
+        ``t``. Over a run a layer moves ``round(units * F)`` units, which per update is
+        ``round(f * units)`` give or take one; but a layer of few units (one diagonal at
+        99 % sparsity, a row of 2 entries) still moves every few updates, where
+        ``round(f * units)`` would be 0 every time."""
+        if not self.is_update_step(step):
+            return 0
+        # rounding half up (not to even): then no update moves more than ceil(f * units),
+        # what the growth tap's lists are sized for
+        return (math.floor(units * self._moved_so_far(step) + 0.5)
+                - math.floor(units * self._moved_so_far(step - self.delta_t) + 0.5))
+
+    @functools.lru_cache(maxsize=64)
+    def _moved_so_far(self, step: int) -> float:
+        """``F(step)``: the sum of the fractions of the updates at or before ``step``."""
+        return math.fsum(self.drop_fraction(t) for t in range(self.delta_t, step + 1,
+                                                               self.delta_t)
+                         if self.is_update_step(t))

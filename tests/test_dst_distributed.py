@@ -68,8 +68,12 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def _train(model: nn.Module, wrapped: nn.Module, rows: slice, method: str) -> list[dict]:
     """The state after every step; ``moved`` counts the structure changes."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    dst = sparsefx.DST(wrapped, optimizer, method=method, total_steps=12, delta_t=DELTA_T, alpha=0.5,
-                       seed=3)
+    # SRigL's fan-in stays fixed under torch.distributed (its default there): the same rule
+    # in the one-process reference run
+    chosen, options = ((sparsefx.SRigL(fan_in="fixed"), {}) if method == "srigl"
+                       else (method, {"seed": 3}))
+    dst = sparsefx.DST(wrapped, optimizer, method=chosen, total_steps=12, delta_t=DELTA_T,
+                       alpha=0.5, **options)
     states, moved = [], 0
     for step in range(STEPS):
         x, target = _batch(step)

@@ -39,84 +39,152 @@ def _tap_gradient(out_features, in_features, structure, granularity, plan, seed)
        seed=st.integers(0, 2**16))
 def test_diag_scores_are_gradient_norms_along_every_candidate(out_features, in_features, seed):
     offsets = torch.tensor([0])
-    scores, dense = _tap_gradient(out_features, in_features, offsets, "diagonals",
-                                  [0, 0, 0, 0], seed)
-    torch.testing.assert_close(scores, patterns.diag_norms(dense), rtol=1e-5, atol=1e-6)
+    probe_grad, dense = _tap_gradient(out_features, in_features, offsets, "diagonals",
+                                      [0, 0, 0], seed)
+    torch.testing.assert_close(probe_grad[:-growth.TRAILER], patterns.diag_norms(dense),
+                               rtol=1e-5, atol=1e-6)
+    assert growth.trailer(probe_grad).tolist() == [1.0, 0.0], "one call, finite"
+
+
+def _fanin_plan(out_features, in_features, fan_in, alpha, srigl):
+    """The plan a fan-in layer asks for (RigL: a row grows at most ceil(alpha k); SRigL: up
+    to its whole fan-in, and the layer-wide list), capped by what can be listed."""
+    inactive = in_features - fan_in
+    if srigl:
+        return [min(fan_in, inactive), 0,
+                min(math.ceil(alpha * out_features * fan_in), out_features * inactive)]
+    return [min(math.ceil(alpha * fan_in), inactive), 0, 0]
 
 
 @given(out_features=st.integers(1, 12), in_features=st.integers(2, 24),
-       density=st.floats(0.05, 0.95), alpha=st.sampled_from([0.1, 0.3, 0.6, 1.0]),
+       density=st.floats(0.05, 0.99), alpha=st.sampled_from([0.1, 0.3, 0.6, 1.0]),
        srigl=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
 def test_fanin_lists_select_exactly_what_the_dense_gradient_selects(
         out_features, in_features, density, alpha, srigl, seed, data):
     generator = torch.Generator().manual_seed(seed)
     fan_in = max(1, round(density * in_features))
     indices = patterns.random_fanin_indices(out_features, in_features, fan_in, generator)
-    most = math.ceil(alpha * fan_in)
-    plan = ([fan_in, 0, 0, min(math.ceil(alpha * indices.numel()), out_features * in_features)]
-            if srigl else [most, 0, 0, 0])
+    plan = _fanin_plan(out_features, in_features, fan_in, alpha, srigl)
     probe_grad, dense = _tap_gradient(out_features, in_features, indices, "rows", plan, seed)
     listed = growth.listed_candidates(probe_grad, indices, "rows", plan, out_features,
                                       in_features)
     assert torch.equal(listed.active, dense.gather(1, indices.long()))
+    if not plan[0]:
+        return  # a dense row: nothing inactive to list
     candidate_ids, scores = listed.row_candidates(indices)
     magnitude = torch.rand(out_features, fan_in, generator=generator)
-    moved = data.draw(st.integers(0, min(most, fan_in)))
+    moved = data.draw(st.integers(0, min(plan[0], fan_in)))
     exact = regrow.drop_and_grow(indices.long(), magnitude, dense, moved)
     compact = regrow.drop_and_grow(indices.long(), magnitude, scores, moved,
                                    candidate_ids=candidate_ids)
     _assert_same_selection(exact, compact)
-    if srigl:
-        row_active = torch.rand(out_features, generator=generator) > 0.3
-        total = round(alpha * int(row_active.sum()) * fan_in)
-        listed_scores, listed_rows, _ = listed.layer_wide
+    if srigl and plan[2]:
+        row_live = torch.rand(out_features, generator=generator) > 0.3
+        live = int(row_live.sum())
+        dropped = data.draw(st.integers(0, min(live * fan_in,
+                                               math.ceil(alpha * out_features * fan_in),
+                                               plan[2])))
+        kept = regrow.layerwise_drop(magnitude, row_live, dropped)
+        assert torch.equal(kept, _dense_layerwise_kept(magnitude, row_live, dropped))
         assert torch.equal(
-            _dense_salience(magnitude, indices.long(), dense, row_active, total),
-            regrow.layerwise_salience(magnitude, row_active, listed.active, listed_rows,
-                                      listed_scores, total))
-        # a revived row takes its best k columns: of its slots and its listed ones
-        best = growth.top_ids(scores, fan_in)
-        assert torch.equal(candidate_ids.gather(1, best).sort(1)[0],
-                           dense.argsort(dim=1, descending=True, stable=True)[:, :fan_in]
-                           .sort(1)[0])
+            regrow.salience(kept, indices.long(), listed.active, listed.layer_wide,
+                            in_features, dropped),
+            _dense_salience(kept, indices.long(), dense, dropped))
+        new_live = row_live | (torch.rand(out_features, generator=generator) > 0.5)
+        new_fan_in = data.draw(st.integers(1, fan_in))  # a refill never needs more than k
+        new_active, source = regrow.refill(indices.long(), kept, magnitude, candidate_ids,
+                                           scores, new_live, new_fan_in, in_features)
+        _assert_refilled(new_active, source, indices.long(), kept, magnitude, dense,
+                         new_live, new_fan_in)
 
 
-def _dense_salience(magnitude, indices, dense, row_active, moved):
-    """SRigL's salient counts straight from the definition, on the full |G|."""
-    rows, slots = indices.shape
-    total = int(row_active.sum()) * slots
-    flat = magnitude.masked_fill(~row_active[:, None], float("-inf")).view(-1)
-    keep = torch.zeros(rows * slots, dtype=torch.bool)
-    keep[flat.argsort(descending=True, stable=True)[:total - moved]] = True
-    keep = keep.view(rows, slots)
-    not_kept = dense.clone()
+def _dense_layerwise_kept(magnitude, row_live, dropped):
+    """All but the ``dropped`` smallest magnitudes of the live rows (a stable sort)."""
+    flat = magnitude.masked_fill(~row_live[:, None], float("inf")).view(-1)
+    kept = row_live[:, None].expand_as(magnitude).reshape(-1).clone()
+    kept[flat.argsort(stable=True)[:dropped]] = False
+    return kept.view_as(magnitude)
+
+
+def _dense_salience(kept, indices, dense, num_grown):
+    """SRigL's salient counts straight from its reference's definition, on the full |G|:
+    the kept set united with the top ``num_grown`` of |G| over every position."""
+    rows, in_features = dense.shape
+    salient = torch.zeros(rows, in_features, dtype=torch.bool)
     for row in range(rows):
-        not_kept[row, indices[row][keep[row]]] = float("-inf")
-    grow = torch.zeros(dense.numel(), dtype=torch.bool)
-    grow[not_kept.view(-1).argsort(descending=True, stable=True)[:moved]] = True
-    return keep.sum(dim=1) + grow.view_as(dense).sum(dim=1)
+        salient[row, indices[row][kept[row]]] = True
+    grow = dense.view(-1).argsort(descending=True, stable=True)[:num_grown]
+    salient.view(-1)[grow] = True
+    return salient.sum(dim=1)
+
+
+def _assert_refilled(new_active, source, active, kept, magnitude, dense, live, fan_in):
+    """Every live row holds its kept entries (the ``fan_in`` largest, if more) and then the
+    best of the rest by |G|; a dropped entry grown back continues its slot; dead rows hold
+    distinct columns and only new (zero) units."""
+    for row in range(active.shape[0]):
+        columns = new_active[row].tolist()
+        assert len(set(columns)) == fan_in
+        if not live[row]:
+            assert bool((source[row] < 0).all())
+            continue
+        kept_columns = active[row][kept[row]]
+        order = magnitude[row][kept[row]].argsort(descending=True, stable=True)
+        kept_columns = kept_columns[order][:fan_in].tolist()
+        free = dense[row].clone()
+        free[kept_columns] = float("-inf")
+        # ties towards the lower place in [slots, listed]: slots in slot order first
+        place = {c: i for i, c in enumerate(active[row].tolist())}
+        others = sorted((c for c in range(dense.shape[1]) if c not in kept_columns),
+                        key=lambda c: (-free[c].item(), place.get(c, active.shape[1] + c)))
+        expected = set(kept_columns) | set(others[:fan_in - len(kept_columns)])
+        assert set(columns) == expected
+        for slot, column in enumerate(columns):
+            old = source[row, slot].item()
+            was = place.get(column)
+            assert old == (was if was is not None else -1)
 
 
 @given(out_features=st.integers(1, 10), groups=st.integers(1, 5),
-       nm=st.sampled_from([(1, 4), (2, 4), (3, 4), (4, 8), (1, 2)]),
+       nm=st.sampled_from([(1, 4), (2, 4), (3, 4), (4, 8), (1, 2), (7, 8), (5, 16)]),
        alpha=st.sampled_from([0.1, 0.3, 1.0]), seed=st.integers(0, 2**16), data=st.data())
-def test_nm_lists_select_exactly_what_the_dense_gradient_selects(out_features, groups, nm,
+def test_nm_ranks_select_exactly_what_the_dense_gradient_selects(out_features, groups, nm,
                                                                  alpha, seed, data):
     n, m = nm
     in_features = groups * m
     generator = torch.Generator().manual_seed(seed)
     indices = patterns.random_nm_indices(out_features, in_features, n, m, generator)
     fan_in = indices.shape[1]
-    most = math.ceil(alpha * fan_in)
-    plan = [0, min(n, most), m, 0]
+    plan = [0, m, 0]
     probe_grad, dense = _tap_gradient(out_features, in_features, indices, "rows", plan, seed)
-    scores = growth.candidate_scores(probe_grad, indices, "rows", out_features, in_features)
+    scores = growth.candidate_scores(probe_grad, indices, "rows", plan, out_features,
+                                     in_features)
     magnitude = torch.rand(out_features, fan_in, generator=generator)
-    moved = data.draw(st.integers(0, min(most, fan_in)))
+    moved = data.draw(st.integers(0, fan_in))
     exact = regrow.drop_and_grow(indices.long(), magnitude, dense, moved, m)
     compact = regrow.drop_and_grow(indices.long(), magnitude, scores, moved, m)
     _assert_same_selection(exact, compact)
     patterns.check_nm_indices(compact[0], in_features, n, m)
+
+
+@given(rows=st.integers(1, 5), groups=st.integers(1, 7), m=st.sampled_from([2, 3, 4, 8, 16]),
+       kind=st.sampled_from(["random", "ties"]), seed=st.integers(0, 2**16))
+def test_group_ranks_are_a_stable_sort_and_unpack_exactly(rows, groups, m, kind, seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, groups * m, generator=generator)
+    if kind == "ties":
+        scores = (scores * 3).floor()
+    ranks = growth.group_ranks(scores, m)
+    expected = scores.view(rows, groups, m).argsort(dim=-1, descending=True, stable=True)
+    assert torch.equal(ranks.view(rows, groups, m).argsort(dim=-1), expected)
+    packed = growth.pack_ranks(ranks, m)
+    assert packed.dtype == torch.float32 and bool((packed < 2**24).all())
+    assert torch.equal(growth.unpack_ranks(packed, groups * m, m), ranks)
+
+
+def _assert_same_selection(exact, compact):
+    assert torch.equal(exact[0], compact[0])
+    assert torch.equal(exact[1], compact[1])
 
 
 @given(out_features=st.integers(1, 12), in_features=st.integers(1, 12),
@@ -130,21 +198,17 @@ def test_element_lists_select_exactly_what_the_dense_gradient_selects(
     mask = torch.zeros(total, dtype=torch.bool)
     mask[torch.randperm(total, generator=generator)[:kept]] = True
     mask = mask.view(out_features, in_features)
-    plan = [0, 0, 0, min(math.ceil(alpha * kept), total)]
+    plan = [0, 0, min(math.ceil(alpha * kept), total - kept)]
     probe_grad, dense = _tap_gradient(out_features, in_features, mask, "elements", plan, seed)
     listed = growth.listed_candidates(probe_grad, mask, "elements", plan, out_features,
                                       in_features)
     active = mask.view(1, -1).nonzero()[:, 1][None, :]
     candidate_ids, scores = listed.layer_candidates(active, in_features)
     magnitude = torch.rand(1, kept, generator=generator)
-    moved = data.draw(st.integers(0, min(plan[3], kept)))
+    moved = data.draw(st.integers(0, min(plan[2], kept)))
     exact = regrow.drop_and_grow(active, magnitude, dense.view(1, -1), moved)
     compact = regrow.drop_and_grow(active, magnitude, scores, moved, candidate_ids=candidate_ids)
     _assert_same_selection(exact, compact)
-
-
-def _assert_same_selection(exact, compact):
-    assert torch.equal(exact[0], compact[0]) and torch.equal(exact[1], compact[1])
 
 
 @given(rows=st.integers(1, 4), columns=st.integers(1, 40), seed=st.integers(0, 2**16),
@@ -164,19 +228,45 @@ def test_top_ids_is_a_stable_sort(rows, columns, seed, largest, data):
     assert torch.equal(got[exact], expected[exact])
 
 
+def test_the_trailer_counts_calls_and_flags_non_finite_inputs():
+    """Autograd adds a probe's gradients: a layer tapped twice in one backward shows 2
+    calls (and lists that mean nothing summed); a NaN or an infinity in the inputs shows
+    as NaN, whatever the packed numbers before it say."""
+    indices = torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16)
+    plan = [0, 2, 0]  # N:M 1:2 ranks: no NaN of their own
+    size = growth.probe_size(3, 4, "rows", plan, indices.numel())
+    probe = torch.zeros(1).expand(size).requires_grad_(True)
+    x = torch.randn(5, 4)
+    y = torch.randn(5, 3, requires_grad=True)
+    twice = (torch.ops.sparsefx.growth_tap(y, x, probe, indices, "rows", plan)
+             + torch.ops.sparsefx.growth_tap(y, x, probe, indices, "rows", plan))
+    twice.sum().backward()
+    assert growth.trailer(probe.grad).tolist() == [2.0, 0.0]
+    probe.grad = None
+    x[1, 2] = float("inf")
+    torch.ops.sparsefx.growth_tap(y, x, probe, indices, "rows", plan).sum().backward()
+    calls, non_finite = growth.trailer(probe.grad).tolist()
+    assert calls == 1.0 and math.isnan(non_finite)
+
+
 def test_the_lists_are_about_the_size_of_the_sparse_layer():
-    # fan-in at 90 %, alpha 0.3: active scores plus 3 numbers per listed candidate
     out_features, in_features = 512, 512
+    dense = out_features * in_features
+    # fan-in at 90 %, alpha 0.3: active scores, then (score, column) per listed candidate
     fan_in = patterns.fanin_num_kept(in_features, 0.9)
-    plan = [math.ceil(0.3 * fan_in), 0, 0, 0]
+    plan = _fanin_plan(out_features, in_features, fan_in, 0.3, srigl=False)
     size = growth.probe_size(out_features, in_features, "rows", plan, out_features * fan_in)
-    assert size < 2 * out_features * fan_in < 0.25 * out_features * in_features
+    assert size < 1.7 * out_features * fan_in < 0.2 * dense
+    # N:M 2:4: within-group ranks, twelve to a number
+    assert growth.probe_size(out_features, in_features, "rows", [0, 4, 0], dense // 2) \
+        == out_features * math.ceil(in_features / 12) + growth.TRAILER
 
 
 @pytest.mark.parametrize("granularity,structure,plan", [
-    ("diagonals", torch.tensor([0, 3]), [0, 0, 0, 0]),
-    ("rows", torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16), [1, 0, 0, 2]),
-    ("elements", torch.tensor([[True, False, False, True]] * 3), [0, 0, 0, 2]),
+    ("diagonals", torch.tensor([0, 3]), [0, 0, 0]),
+    ("rows", torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16), [1, 0, 2]),
+    ("rows", torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16), [0, 2, 0]),
+    ("elements", torch.tensor([[True, False, False, True]] * 3), [0, 0, 2]),
 ])
 def test_opcheck(granularity, structure, plan):
     active = structure.numel() if granularity == "rows" else int(structure.sum())
@@ -189,12 +279,17 @@ def test_opcheck(granularity, structure, plan):
 
 def test_bad_probe_raises():
     probe = torch.zeros(5, requires_grad=True)
-    with pytest.raises(ValueError, match="probe has 5 elements: expected 4"):
+    with pytest.raises(ValueError, match="probe has 5 elements: expected 6"):
         torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
-                                      torch.tensor([0]), "diagonals", [0, 0, 0, 0])
+                                      torch.tensor([0]), "diagonals", [0, 0, 0])
     with pytest.raises(ValueError, match="granularity='rowz'"):
         torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe,
-                                      torch.tensor([0]), "rowz", [0, 0, 0, 0])
+                                      torch.tensor([0]), "rowz", [0, 0, 0])
+    indices = torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"plan=\[3, 0, 0\] lists more candidates than the 6 "
+                                         "inactive weights"):
+        torch.ops.sparsefx.growth_tap(torch.randn(2, 3), torch.randn(2, 4), probe, indices,
+                                      "rows", [3, 0, 0])
 
 
 # ------------------------------------------------ the fast selections against plain sorts
@@ -283,7 +378,7 @@ def test_diag_norms_are_correctly_rounded_in_any_block(out_features, in_features
 
 def test_scores_op_opcheck():
     structure = torch.tensor([[0, 2], [1, 3], [2, 0]], dtype=torch.int16)
-    plan = [1, 0, 0, 2]
+    plan = [1, 0, 2]
     size = growth.probe_size(3, 4, "rows", plan, structure.numel())
     torch.library.opcheck(torch.ops.sparsefx.growth_scores.default,
                           (torch.randn(2, 3), torch.randn(2, 4), structure, "rows", plan, size))
@@ -303,15 +398,13 @@ def test_wide_layer_lists_match_the_dense_gradient(out_features, in_features, fa
     grad_out[:, torch.rand(out_features, generator=generator) < 0.3] = 0.0
     x = torch.randn(5, in_features, generator=generator)
     x[:, torch.rand(in_features, generator=generator) < 0.3] = 0.0
-    most = math.ceil(0.3 * fan_in)
-    plan = ([fan_in, 0, 0, math.ceil(0.3 * indices.numel())] if srigl else [most, 0, 0, 0])
+    plan = _fanin_plan(out_features, in_features, fan_in, 0.3, srigl)
     scores = growth.growth_scores(grad_out, x, indices, "rows", plan)
     listed = growth.listed_candidates(scores, indices, "rows", plan, out_features, in_features)
     inactive = (grad_out.T @ x).abs().scatter(1, indices.long(), float("-inf"))
-    _, _, columns = listed.per_row
-    assert torch.equal(columns.view(out_features, -1).sort(1).values,
-                       _stable_top_set(inactive, plan[0]))
+    _, columns = listed.per_row
+    assert torch.equal(columns.sort(1).values, _stable_top_set(inactive, plan[0]))
     if srigl:
         _, rows, columns = listed.layer_wide
         assert torch.equal((rows * in_features + columns).sort().values,
-                           _stable_top_set(inactive.view(-1), plan[3]))
+                           _stable_top_set(inactive.view(-1), plan[2]))

@@ -52,9 +52,10 @@ class Method:
         """Before an update (and, if ``works_every_step``, on every step)."""
         self.between_updates(dst)
 
-    def whole_rows(self, layer: _Layer) -> bool:
-        """Whether the layer's growth tap lists whole rows and the layer-wide set (SRigL)."""
-        return False
+    def growth_needs(self, layer: _Layer) -> dict:
+        """What the layer's growth tap must list beyond what an update moving ``alpha`` of the
+        units needs (``growth_plan``'s keywords: ``per_row``, ``layer_wide``)."""
+        return {}
 
     def live_rows(self, layer: _Layer) -> int | None:
         """Output rows that still compute (SRigL's ablation); ``None``: all."""
@@ -64,29 +65,36 @@ class Method:
         """``[R, k]``: what drop ranks (smallest dropped)."""
         return layer.module.unit_magnitudes(active)
 
-    def growth_scores(self, dst: DST, layer: _Layer) -> torch.Tensor:
-        """``[R, C]`` scores over every candidate: what growth ranks (largest grown)."""
-        return layer.module.growth_scores(layer.probe.grad)
+    def growth_scores(self, dst: DST, layer: _Layer, rows: slice) -> torch.Tensor:
+        """``[rows, C]`` scores over every candidate of the slot rows ``rows``: what growth
+        ranks (largest grown)."""
+        return layer.module.growth_scores(layer.probe.grad, rows)
 
     def grows_from_lists(self, layer: _Layer) -> bool:
         """Whether growth ranks the tap's listed candidates instead of every candidate."""
         return False
 
     def update_layer(self, dst: DST, layer: _Layer, fraction: float) -> bool:
-        """Move ``fraction`` of the layer's units; whether anything moved."""
+        """Move ``fraction`` of the layer's units (``dst.units_moved``); whether anything
+        moved."""
         module = layer.module
         active = module.slots()
-        num_moved = min(round(fraction * active.shape[1]),
+        num_moved = min(dst.units_moved(active.shape[1]),
                         module.num_candidates - active.shape[1])
+        if num_moved == 0:
+            return False
         magnitude = self.magnitudes(layer, active)
         if self.grows_from_lists(layer):
             candidate_ids, scores, _ = dst.listed(layer, active)
             new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
                                                      candidate_ids=candidate_ids)
-        else:
-            new_active, grown = regrow.drop_and_grow(active, magnitude,
-                                                     self.growth_scores(dst, layer), num_moved,
-                                                     module.group_size)
+        else:  # scores over every candidate: a block of rows at a time, a few MiB each
+            new_active, grown = torch.empty_like(active), torch.empty_like(active,
+                                                                            dtype=torch.bool)
+            for rows in regrow.row_blocks(*active.shape, module.num_candidates):
+                new_active[rows], grown[rows] = regrow.drop_and_grow(
+                    active[rows], magnitude[rows], self.growth_scores(dst, layer, rows),
+                    num_moved, module.group_size)
         if not bool(grown.any()):
             return False
         dst.write(layer, new_active, grown)

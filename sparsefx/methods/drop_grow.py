@@ -3,6 +3,7 @@
 ``n`` smallest-magnitude units of a row of slots (see ``sparsefx.regrow``)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,9 @@ class Static(Method):
 @dataclass
 class SET(Method):
     """Grow ``n`` units at random among those not kept, drawn from ``seed`` (the same draws on
-    every rank of a data-parallel run)."""
+    every rank of a data-parallel run). The draws come from a stream of SET's own, derived
+    from ``seed``: ``transform(init="random", seed=s)`` draws the first structure from ``s``
+    itself, and SET's first draw, were it the same, would grow back exactly what it drew."""
 
     seed: int = 0
     name = "set"
@@ -29,10 +32,10 @@ class SET(Method):
     _generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(_stream_seed("SET", self.seed))
 
-    def growth_scores(self, dst, layer) -> torch.Tensor:
-        return layer.module.random_scores(self._generator)
+    def growth_scores(self, dst, layer, rows: slice) -> torch.Tensor:
+        return layer.module.random_scores(self._generator, rows)
 
     def state_dict(self) -> dict:
         return {"generator": self._generator.get_state()}
@@ -52,3 +55,10 @@ class RigL(Method):
 
     def grows_from_lists(self, layer) -> bool:
         return layer.module.grows_from_lists
+
+
+def _stream_seed(stream: str, seed: int) -> int:
+    """A seed for the random stream ``stream`` of a run seeded ``seed``, unrelated to ``seed``
+    itself and to other streams' (the same on every machine and process)."""
+    digest = hashlib.sha256(f"sparsefx.{stream}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

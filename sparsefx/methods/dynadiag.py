@@ -11,9 +11,21 @@ they are folded into the values and removed, so the trained layer is a plain
 ``n`` not-kept candidates of largest dense-gradient norm (how inactive diagonals, which
 have no gate, re-enter), give grown diagonals the median ``a`` of the diagonals active
 before the update, and reset every inactive ``a`` to ``min(active a) - 1``. Only the ``K``
-active diagonals are stored and computed."""
+active diagonals are stored and computed.
+
+``selection="reference"`` is the rule of DynaDiag's reference code instead, for measuring
+against: until ``t_end`` every one of the ``P`` diagonals computes, gated by
+``clamp(K * softmax(a / T), 0, 1)`` with ``a`` starting at ``1 / P`` and ``T`` falling on a
+cosine from ``temperature`` to ``end_temperature`` (its MLP example: 5 to 0.05); at
+``t_end`` the ``K`` diagonals of largest ``a`` are kept with gates of exactly 1 and the
+rest removed. The ``P - K`` diagonals the layer does not store are held by the method and
+trained by an optimizer of the model optimizer's class and settings (its learning rate
+followed every step), so that all ``P`` train as the reference trains them. It costs dense
+work and memory until ``t_end``. Diag layers only, one process."""
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,16 +53,45 @@ class Gates:
         return values * self.gates().to(values.dtype)[:, None]
 
 
+class ReferenceGates:
+    """A layer's ``value_transform`` under ``selection="reference"``: every candidate
+    diagonal, the layer's ``K`` and the ``P - K`` of ``bank`` (on ``bank_offsets``), times
+    ``clamp(K * softmax(importance / temperature), 0, 1)``."""
+
+    def __init__(self, importance: torch.Tensor, layer, bank: torch.Tensor,
+                 bank_offsets: torch.Tensor, temperature: torch.Tensor):
+        self.importance, self.layer, self.temperature = importance, layer, temperature
+        self.bank, self.bank_offsets = bank, bank_offsets
+
+    def all_gates(self) -> torch.Tensor:
+        """``[P]``, by diagonal."""
+        num_kept = self.layer.offsets.numel()
+        soft = torch.softmax(self.importance / self.temperature, dim=0)
+        return (num_kept * soft).clamp(0.0, 1.0)
+
+    def __call__(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.cat([self.layer.offsets, self.bank_offsets])
+        every = torch.cat([values, self.bank.to(values.dtype)])
+        return every * self.all_gates()[offsets].to(values.dtype)[:, None], offsets
+
+
+SELECTIONS = ("sparse", "reference")
+
+
 @dataclass
 class DynaDiag(Method):
     temperature: float = 0.25    # the gates' initial temperature, falling to 0 at t_end
     importance_lr: float = 1e-2  # Adam's learning rate for the importances
+    selection: str = "sparse"    # "reference": all P diagonals gated by a softmax
+    end_temperature: float = 0.05  # selection="reference": the temperature at t_end
     name = "dynadiag"
-    option_names = ("temperature", "importance_lr")
+    option_names = ("temperature", "importance_lr", "selection", "end_temperature")
+    legacy_options = {"selection": "sparse", "end_temperature": 0.05}
     patterns = ("diag", "blockdiag")
-    needs_gradient = True
-    gates: dict[str, Gates] = field(init=False, repr=False)  # by layer name, while gated
+    gates: dict[str, Gates | ReferenceGates] = field(init=False, repr=False)  # while gated
     _optimizer: torch.optim.Adam | None = field(init=False, default=None, repr=False)
+    _bank_optimizer: torch.optim.Optimizer | None = field(init=False, default=None,
+                                                          repr=False)
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -58,13 +99,34 @@ class DynaDiag(Method):
         if not self.importance_lr > 0:
             raise ValueError(f"sparsefx.DST: importance_lr={self.importance_lr!r}: "
                              "expected > 0")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"sparsefx.DynaDiag: selection={self.selection!r}: expected one "
+                             f"of {SELECTIONS}")
+        if not self.end_temperature > 0:
+            raise ValueError(f"sparsefx.DynaDiag: end_temperature={self.end_temperature!r}: "
+                             "expected > 0")
         self.gates = {}
+
+    @property
+    def reference(self) -> bool:
+        return self.selection == "reference"
+
+    @property
+    def moves(self) -> bool:  # the reference rule selects by its gates, with no updates
+        return not self.reference
+
+    @property
+    def needs_gradient(self) -> bool:
+        return not self.reference
 
     @property
     def works_every_step(self) -> bool:
         return self._optimizer is not None
 
     def attach(self, dst) -> None:
+        if self.reference:
+            self._attach_reference(dst)
+            return
         temperatures = {}
         for layer in dst.layers:
             module = layer.module
@@ -88,10 +150,98 @@ class DynaDiag(Method):
         # holds the state (and its checkpoint format); _importance_adam_step takes the steps
         self._optimizer = torch.optim.Adam(importances, lr=self.importance_lr, fused=True)
 
+    def _attach_reference(self, dst) -> None:
+        from sparsefx.layers import BlockDiagLinear
+        blocked = [layer.name for layer in dst.layers
+                   if isinstance(layer.module, BlockDiagLinear)]
+        if blocked:
+            raise ValueError(f"sparsefx.DST: DynaDiag(selection='reference') gates single "
+                             f"diagonals: layers {blocked} are blockdiag")
+        if dst.world > 1:
+            raise ValueError("sparsefx.DST: DynaDiag(selection='reference') runs in one "
+                             "process (its bank of diagonals is not reduced over ranks)")
+        temperature = torch.tensor(self.temperature, dtype=torch.float32)
+        banks, groups = [], []
+        for layer in dst.layers:
+            module = layer.module
+            device = module.values.device
+            num_candidates = module.num_candidates
+            importance = torch.full((num_candidates,), 1.0 / num_candidates, device=device,
+                                    requires_grad=True)
+            inactive = torch.ones(num_candidates, dtype=torch.bool, device=device)
+            inactive[module.offsets] = False
+            bank_offsets = inactive.nonzero()[:, 0]
+            bound = 1.0 / math.sqrt(module.in_features)  # nn.Linear's initialisation
+            bank = torch.empty(bank_offsets.numel(), module.values.shape[1], device=device,
+                               dtype=module.values.dtype).uniform_(-bound, bound)
+            bank.requires_grad_(True)
+            self.gates[layer.name] = ReferenceGates(importance, module, bank, bank_offsets,
+                                                    temperature.to(device))
+            module.value_transform = self.gates[layer.name]
+            banks.append(bank)
+            groups.append(_group_of(dst.optimizer, module.values))
+        self._temperatures = [gates.temperature for gates in self.gates.values()]
+        self._bank_groups = groups
+        optimizer = dst.optimizer
+        self._bank_optimizer = type(optimizer)(
+            [{"params": [bank], **_settings(optimizer, group)}
+             for bank, group in zip(banks, groups, strict=True)],
+            **_settings(optimizer, optimizer.defaults))
+        self._found_inf = torch.zeros(())
+        self._one = torch.ones(())
+        self._optimizer = torch.optim.Adam([gates.importance for gates in self.gates.values()],
+                                           lr=self.importance_lr, fused=True)
+
+    def _reference_step(self, dst) -> None:
+        """Until ``t_end``: the importances' Adam step, the bank's step at the model
+        optimizer's current settings, the next temperature; at ``t_end``, the freeze."""
+        if dst.step_count <= dst.end_step:
+            _importance_adam_step(self._optimizer, self._found_inf, self._one, self._one)
+            for bank_group, group in zip(self._bank_optimizer.param_groups, self._bank_groups,
+                                         strict=True):
+                bank_group.update(_settings(dst.optimizer, group))
+            if all(gates.bank.grad is not None for gates in self.gates.values()):
+                self._bank_optimizer.step()
+        for gates in self.gates.values():
+            gates.importance.grad = gates.bank.grad = None
+        if dst.step_count >= dst.end_step:
+            self._freeze(dst)
+            return
+        for tensor in self._temperatures:
+            tensor.fill_(self._temperature_at(dst, dst.step_count))
+
+    def _freeze(self, dst) -> None:
+        """Keep the ``K`` diagonals of largest importance (ties: the lower offset) with
+        gates of 1, as the reference does; a kept diagonal from the bank brings its value
+        and its optimizer state into a slot the layer's dropped diagonals freed."""
+        from sparsefx.kernels.growth import top_ids
+        for layer in dst.layers:
+            gates, module = self.gates[layer.name], layer.module
+            num_kept = module.offsets.numel()
+            chosen = torch.zeros(module.num_candidates, dtype=torch.bool,
+                                 device=module.offsets.device)
+            chosen[top_ids(gates.importance.detach()[None, :], num_kept, ordered=False)[0]] = True
+            freed = (~chosen[module.offsets]).nonzero()[:, 0]
+            incoming = chosen[gates.bank_offsets].nonzero()[:, 0]
+            module.offsets[freed] = gates.bank_offsets[incoming]
+            module.values.data[freed] = gates.bank.detach()[incoming].to(module.values.dtype)
+            user_state = dst.optimizer.state.get(module.values, {})
+            bank_state = self._bank_optimizer.state.get(gates.bank, {})
+            for key, value in user_state.items():
+                if torch.is_tensor(value) and value.shape == module.values.shape:
+                    theirs = bank_state.get(key)
+                    value[freed] = (theirs[incoming].to(value.dtype) if torch.is_tensor(theirs)
+                                    and theirs.shape == gates.bank.shape else 0)
+            module.value_transform = None
+        self.gates, self._optimizer, self._bank_optimizer, self._temperatures = {}, None, None, []
+
     def every_step(self, dst) -> None:
         """One Adam step on the importances (skipped if a gradient is not finite), then the
         temperature of the next step. Runs every step, so kept to a few small ops."""
         if self._optimizer is None:
+            return
+        if self.reference:
+            self._reference_step(dst)
             return
         importances = [gates.importance for gates in self.gates.values()]
         if dst.step_count <= dst.end_step:
@@ -116,6 +266,10 @@ class DynaDiag(Method):
             tensor.fill_(temperature)
 
     def _temperature_at(self, dst, step: int) -> float:
+        if self.reference:
+            progress = min(1.0, step / dst.end_step)
+            return self.end_temperature + (self.temperature - self.end_temperature) * (
+                1 + math.cos(math.pi * progress)) / 2
         return self.temperature * max(0.0, 1.0 - step / dst.end_step)
 
     def magnitudes(self, layer, active: torch.Tensor) -> torch.Tensor:
@@ -136,6 +290,9 @@ class DynaDiag(Method):
         ``densify`` and a state_dict loaded elsewhere do."""
         if self._optimizer is None:
             return
+        if self.reference:
+            self._freeze(dst)
+            return
         for layer in dst.layers:
             gates = self.gates[layer.name].gates()
             layer.module.values.mul_(gates[:, None].to(layer.module.values.dtype))
@@ -147,6 +304,10 @@ class DynaDiag(Method):
                                 for name, gates in self.gates.items()}}
         if self._optimizer is not None:
             state["importance_optimizer"] = self._optimizer.state_dict()
+        if self._bank_optimizer is not None:
+            state["bank"] = {name: (gates.bank.detach().clone(), gates.bank_offsets.clone())
+                             for name, gates in self.gates.items()}
+            state["bank_optimizer"] = self._bank_optimizer.state_dict()
         return state
 
     @torch.no_grad()
@@ -158,10 +319,15 @@ class DynaDiag(Method):
             self.finish(dst)  # saved after the run finished
         for name, importance in state["importance"].items():
             self.gates[name].importance.copy_(importance)
+        for name, (bank, offsets) in state.get("bank", {}).items():
+            self.gates[name].bank.copy_(bank)
+            self.gates[name].bank_offsets.copy_(offsets)
         for tensor in getattr(self, "_temperatures", []):
             tensor.fill_(self._temperature_at(dst, dst.step_count))
         if self._optimizer is not None:
             self._optimizer.load_state_dict(state["importance_optimizer"])
+        if self._bank_optimizer is not None and "bank_optimizer" in state:
+            self._bank_optimizer.load_state_dict(state["bank_optimizer"])
 
 
 def _importance_adam_step(optimizer: torch.optim.Adam, found_inf: torch.Tensor,
@@ -198,3 +364,17 @@ def _importance_adam_step(optimizer: torch.optim.Adam, found_inf: torch.Tensor,
                        lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                        weight_decay=0.0, eps=group["eps"], maximize=False, grad_scale=None,
                        found_inf=None)
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise ValueError("sparsefx.DST: the optimizer does not train a diag layer's values")
+
+
+def _settings(optimizer: torch.optim.Optimizer, group: dict) -> dict:
+    """The constructor settings of ``group`` (lr, betas, weight decay, ...), as a learning
+    rate schedule left them this step."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    return {key: group[key] for key in optimizer.defaults if key in group and key in accepted}

@@ -100,7 +100,7 @@ FULL = {
     "mlp": Task(model=dict(hidden=256), lr=3e-3, batch_size=64, epochs=30),
     "vit": Task(model=dict(dim=128, depth=2), lr=2e-3, batch_size=64, epochs=30,
                 keep_first_dense=True),  # the patch embedding sees 4 pixels
-    "lm": Task(model=dict(dim=128, depth=4, context=128), lr=3e-3, batch_size=16, steps=2000,
+    "lm": Task(model=dict(dim=128, depth=4, context=128), lr=3e-3, batch_size=16, steps=1000,
                text_bytes=2_000_000, curve_points=20, curve_windows=128),
 }
 QUICK = {  # tiny: every code path, in seconds

@@ -61,8 +61,8 @@ from . import patterns
 from .distributed import mean_over_ranks_, world_size
 
 __all__ = ["growth_tap", "probe_size", "listed_candidates", "candidate_scores", "top_ids",
-           "trailer", "active_count", "group_ranks", "pack_ranks", "unpack_ranks", "rank_packing", "Listed",
-           "GRANULARITIES", "TRAILER"]
+           "trailer", "active_count", "group_ranks", "pack_ranks", "unpack_ranks",
+           "rank_packing", "Listed", "GRANULARITIES", "TRAILER"]
 
 GRANULARITIES = ("diagonals", "rows", "elements")
 
@@ -296,11 +296,14 @@ def _block_size(width: int, count: int) -> int:
     return best
 
 
-def _layer_top_from_rows(scores: Tensor, row_best: Tensor, row_scores: Tensor,
-                         count: int) -> Tensor:
-    """``top_ids(scores.view(-1), count, ordered=False)`` (flat ids) for the scores of
-    ``_top_ids_per_row``, given its ids ``row_best [out, c]`` of each row's ``c`` best, and
-    the scores there.
+def _layer_top_from_rows(rescore, row_best: Tensor, row_scores: Tensor, count: int,
+                         in_features: int, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """``top_ids(scores.view(-1), count, ordered=False)`` (flat ids), and the scores there,
+    for the ``[out, in]``
+    scores of ``_top_ids_per_row``, given its ids ``row_best [out, c]`` of each row's ``c``
+    best (int64, or float32 holding whole numbers), the scores there, and ``rescore(rows)``:
+    the scores of the rows ``rows`` (read only where a row may hold more than it listed,
+    ``block`` rows at a time; the scores are never needed whole).
 
     Exact, not a heuristic: let ``S`` be the best ``count`` of the listed entries. If a row
     had a better entry than ``S`` holds that is not listed, all ``c`` of its listed entries
@@ -310,26 +313,31 @@ def _layer_top_from_rows(scores: Tensor, row_best: Tensor, row_scores: Tensor,
     ``S`` (the answer's worst can only be better), and the best ``count`` of those and
     ``S``'s entries from other rows is the answer: a row not full in ``S`` lost nothing.
     """
-    out_features, in_features = scores.shape
-    slots = row_best.shape[1]
-    flat_ids = (row_best + torch.arange(0, out_features * in_features, in_features,
-                                        device=scores.device)[:, None]).view(-1)
+    out_features, slots = row_best.shape
+    device = row_best.device
+    flat_ids = row_best.to(torch.int64, copy=True).add_(
+        torch.arange(0, out_features * in_features, in_features, device=device)[:, None])
+    flat_ids = flat_ids.view(-1)
     listed_keys = row_scores.reshape(-1).view(torch.int32)
     best, best_keys = _stable_top(listed_keys[None, :], count, ids=flat_ids[None, :])
     best, best_keys = best[0], best_keys[0]
     best_rows = best // slots
     full = torch.bincount(best_rows, minlength=out_features) == slots
     if not bool(full.any()):
-        return flat_ids[best]
-    rows = full.nonzero()[:, 0]
-    whole_keys = scores.view(torch.int32)[rows].view(-1)
-    good = (whole_keys >= best_keys.amin()).nonzero()[:, 0]  # ties at the cut: ids decide
-    whole_ids = (rows[:, None] * in_features
-                 + torch.arange(in_features, device=scores.device)[None, :]).view(-1)
+        return flat_ids[best], best_keys.view(torch.float32)
+    cut = best_keys.amin()
     elsewhere = (~full[best_rows]).nonzero()[:, 0]
-    pool_keys = torch.cat([best_keys[elsewhere], whole_keys[good]])
-    pool_ids = torch.cat([flat_ids[best[elsewhere]], whole_ids[good]])
-    return pool_ids[_stable_top(pool_keys[None, :], count, ids=pool_ids[None, :])[0][0]]
+    pool_keys, pool_ids = [best_keys[elsewhere]], [flat_ids[best[elsewhere]]]
+    full_rows = full.nonzero()[:, 0]
+    for start in range(0, full_rows.numel(), block):
+        rows = full_rows[start:start + block]
+        whole_keys = rescore(rows).view(torch.int32).view(-1)
+        good = (whole_keys >= cut).nonzero()[:, 0]  # ties at the cut: ids decide
+        pool_keys.append(whole_keys[good])
+        pool_ids.append(rows[good // in_features] * in_features + good % in_features)
+    pool_keys, pool_ids = torch.cat(pool_keys), torch.cat(pool_ids)
+    best, best_keys = _stable_top(pool_keys[None, :], count, ids=pool_ids[None, :])
+    return pool_ids[best[0]], best_keys[0].view(torch.float32)
 
 
 def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: str,
@@ -362,7 +370,7 @@ def _element_scores(grad_rows: Tensor, x_rows: Tensor, mask: Tensor,
     torch.masked_select(scores, mask, out=probe_grad[:active])
     scores.masked_fill_(mask, float("-inf"))  # now only inactive entries can be listed
     if layer_wide:
-        _list_layer(scores, None, probe_grad[active:active + 3 * layer_wide].view(-1, 3))
+        _list_layer(scores, probe_grad[active:active + 3 * layer_wide].view(-1, 3))
     return probe_grad
 
 
@@ -383,10 +391,11 @@ def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list
         active = probe_grad[:active_size].view(columns.shape)
         row_lists = probe_grad[active_size:active_size + pairs_size].view(out_features, -1, 2)
         layer_list = probe_grad[active_size + pairs_size:-TRAILER].view(-1, 3)
-    keep_rows = not group_size and layer_wide > 0
+    # the layer-wide list comes from the per-row lists where they can hold it (rereading the
+    # few rows that may hold more); only otherwise are the scores kept whole
+    keep_rows = not group_size and layer_wide > out_features * per_row
     whole = grad_rows.new_empty(out_features, in_features) if keep_rows else None
     buffer = None if keep_rows else grad_rows.new_empty(min(block, out_features), in_features)
-    row_best = []
     for start in range(0, out_features, block):
         rows = slice(start, min(start + block, out_features))
         scores = whole[rows] if buffer is None else buffer[:rows.stop - start]
@@ -401,11 +410,17 @@ def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list
             best, best_scores = _top_ids_per_row(scores, per_row)
             row_lists[rows, :, 0] = best_scores
             row_lists[rows, :, 1] = best
-            row_best.append((best, best_scores))
     if layer_wide and not group_size:
-        _list_layer(whole, None if not row_best else
-                    (torch.cat([ids for ids, _ in row_best]),
-                     torch.cat([best_scores for _, best_scores in row_best])), layer_list)
+        if whole is not None:
+            _list_layer(whole, layer_list)
+        else:
+            def rescore(rows: Tensor) -> Tensor:
+                scores = mean_over_ranks_(grad_rows[:, rows].T @ x_rows).abs_()
+                return scores.scatter_(1, columns[rows], float("-inf"))
+
+            best, best_scores = _layer_top_from_rows(rescore, row_lists[..., 1],
+                                                     row_lists[..., 0], layer_wide, in_features)
+            _write_layer_list(layer_list, best, best_scores, in_features)
     return probe_grad
 
 
@@ -440,17 +455,17 @@ def unpack_ranks(packed: Tensor, in_features: int, group_size: int) -> Tensor:
     return ranks.view(packed.shape[0], -1)[:, :in_features]
 
 
-def _list_layer(scores: Tensor, row_best: tuple[Tensor, Tensor] | None,
-                layer_list: Tensor) -> None:
-    """Write the layer-wide list of the inactive ``scores`` as ``(score, row, column)``
-    triples: from the per-row lists ``row_best`` when they hold enough entries, else from all
-    of ``scores``."""
-    count, in_features = layer_list.shape[0], scores.shape[1]
-    if row_best is not None and count <= row_best[0].numel():
-        best = _layer_top_from_rows(scores, *row_best, count)
-    else:
-        best = top_ids(scores.view(-1), count, ordered=False)
-    layer_list[:, 0] = scores.view(-1)[best]
+def _list_layer(scores: Tensor, layer_list: Tensor) -> None:
+    """Write the layer-wide list of the inactive ``scores [out, in]`` as ``(score, row,
+    column)`` triples."""
+    best = top_ids(scores.view(-1), layer_list.shape[0], ordered=False)
+    _write_layer_list(layer_list, best, scores.view(-1)[best], scores.shape[1])
+
+
+def _write_layer_list(layer_list: Tensor, best: Tensor, scores: Tensor,
+                      in_features: int) -> None:
+    """``layer_list [count, 3]`` = ``(score, row, column)`` of the flat ids ``best``."""
+    layer_list[:, 0] = scores
     layer_list[:, 1] = best // in_features
     layer_list[:, 2] = best % in_features
 
@@ -466,6 +481,14 @@ class Listed:
     active: Tensor
     per_row: tuple[Tensor, Tensor] | None
     layer_wide: tuple[Tensor, Tensor, Tensor] | None
+
+    def rows(self, rows: slice) -> Listed:
+        """The lists of the slot rows ``rows`` (views): per-row lists and, for a one-row
+        (unstructured) layer, all of it; a layer-wide list of several rows stays whole."""
+        if self.active.dim() == 1:  # "elements": one row of slots
+            return self
+        per_row = None if self.per_row is None else tuple(part[rows] for part in self.per_row)
+        return Listed(self.active[rows], per_row, self.layer_wide)
 
     def row_candidates(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """``(ids, scores) [out, k + per_row]``: each row's active columns ``indices``, then

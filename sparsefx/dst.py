@@ -384,15 +384,22 @@ class DST:
         """Active units of ``layer``: diagonals, entries or elements (of its live rows)."""
         return layer.module.active_units(self.method.live_rows(layer))
 
-    def listed(self, layer: _Layer, active: torch.Tensor
+    def listed(self, layer: _Layer, active: torch.Tensor, rows: slice | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
-        """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots,
-        then the inactive candidates the growth tap listed; and the parsed lists."""
+        """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots
+        ``active`` (of the slot rows ``rows``, default all), then the inactive candidates the
+        growth tap listed; and the parsed lists (of those rows)."""
+        listed = self.lists(layer)
+        if rows is not None:
+            listed = listed.rows(rows)
+        return (*layer.module.listed_candidates(listed, active), listed)
+
+    def lists(self, layer: _Layer) -> growth.Listed:
+        """The growth tap's lists of ``layer`` at this update (views of its probe)."""
         module = layer.module
-        listed = growth.listed_candidates(layer.probe.grad, module.structure,
-                                          module.growth_granularity, module._growth_plan,
-                                          module.out_features, module.in_features)
-        return (*module.listed_candidates(listed, active), listed)
+        return growth.listed_candidates(layer.probe.grad, module.structure,
+                                        module.growth_granularity, module._growth_plan,
+                                        module.out_features, module.in_features)
 
     def write(self, layer: _Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
         """Store the new structure in place; zero the grown units and their optimizer state."""

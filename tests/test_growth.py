@@ -339,8 +339,10 @@ def test_layer_list_from_the_row_lists_is_a_stable_sort(rows, columns, kind, see
     per_row = data.draw(st.integers(1, columns))
     count = data.draw(st.integers(1, rows * per_row))
     row_best = growth._top_ids_per_row(scores, per_row)
-    got = growth._layer_top_from_rows(scores, *row_best, count)
+    got, got_scores = growth._layer_top_from_rows(lambda some: scores[some].clone(),
+                                                  *row_best, count, columns, block=2)
     assert torch.equal(got.sort().values, _stable_top_set(scores.view(-1), count))
+    assert torch.equal(got_scores.view(torch.int32), scores.view(-1)[got].view(torch.int32))
 
 
 @given(rows=st.integers(1, 4), columns=st.integers(1, 40), seed=st.integers(0, 2**16),

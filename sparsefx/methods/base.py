@@ -84,13 +84,16 @@ class Method:
         if num_moved == 0:
             return False
         magnitude = self.magnitudes(layer, active)
+        new_active, grown = torch.empty_like(active), torch.empty_like(active, dtype=torch.bool)
+        # a block of rows at a time, a few MiB each: never a layer's worth of temporaries
         if self.grows_from_lists(layer):
-            candidate_ids, scores, _ = dst.listed(layer, active)
-            new_active, grown = regrow.drop_and_grow(active, magnitude, scores, num_moved,
-                                                     candidate_ids=candidate_ids)
-        else:  # scores over every candidate: a block of rows at a time, a few MiB each
-            new_active, grown = torch.empty_like(active), torch.empty_like(active,
-                                                                            dtype=torch.bool)
+            width = dst.listed(layer, active[:1], slice(0, 1))[0].shape[1]
+            for rows in regrow.row_blocks(*active.shape, width):
+                candidate_ids, scores, _ = dst.listed(layer, active[rows], rows)
+                new_active[rows], grown[rows] = regrow.drop_and_grow(
+                    active[rows], magnitude[rows], scores, num_moved,
+                    candidate_ids=candidate_ids)
+        else:  # scores over every candidate
             for rows in regrow.row_blocks(*active.shape, module.num_candidates):
                 new_active[rows], grown[rows] = regrow.drop_and_grow(
                     active[rows], magnitude[rows], self.growth_scores(dst, layer, rows),

@@ -165,7 +165,7 @@ class SRigL(Method):
             kept = regrow.rowwise_drop(magnitude, row_active, per_row)
         if num_dropped == 0 and layer.name not in self._ablated_rows:
             return False
-        candidate_ids, scores, listed = dst.listed(layer, active)
+        listed = dst.lists(layer)
         new_row_active = row_active
         start_fan_in = self.budget[layer.name] // rows
         minimum = max(1, math.floor(self.gamma_sal * start_fan_in))
@@ -180,8 +180,15 @@ class SRigL(Method):
             new_row_active = regrow.live_rows(salient, minimum, fewest)
         new_fan_in = (self.budget[layer.name] // int(new_row_active.sum()) if self.resizes
                       else fan_in)
-        new_active, source = regrow.refill(active, kept, magnitude, candidate_ids, scores,
-                                           new_row_active, new_fan_in, module.num_candidates)
+        new_active = active.new_empty(rows, new_fan_in)
+        source = torch.empty_like(new_active)
+        width = dst.listed(layer, active[:1], slice(0, 1))[0].shape[1]
+        # a block of rows at a time, a few MiB each: never a layer's worth of temporaries
+        for block in regrow.row_blocks(rows, fan_in, width):
+            candidate_ids, scores, _ = dst.listed(layer, active[block], block)
+            new_active[block], source[block] = regrow.refill(
+                active[block], kept[block], magnitude[block], candidate_ids, scores,
+                new_row_active[block], new_fan_in, module.num_candidates)
         source[~row_active] = -1  # a revived row's old slots held zeros: all new
         # a unit new to a live row (a dead row's slots are always "new": zeros)
         changed = (new_fan_in != fan_in or not torch.equal(new_row_active, row_active)

@@ -475,8 +475,9 @@ class Listed:
     """A ``"rows"`` / ``"elements"`` probe gradient, parsed: ``active`` holds ``|G|`` at the
     active weights (``[out, k]`` in slot order, or ``[K]`` in ``mask.nonzero()`` order);
     ``per_row`` the ``(scores, columns) [out, per_row]`` of each row's listed inactive
-    candidates and ``layer_wide`` the flat ``(scores, rows, columns)`` of the layer's
-    (``None`` for a list the plan left out)."""
+    candidates (views of the probe: the columns are float32 whole numbers), and
+    ``layer_wide`` the flat ``(scores, rows, columns)`` of the layer's (``None`` for a list
+    the plan left out)."""
 
     active: Tensor
     per_row: tuple[Tensor, Tensor] | None
@@ -496,7 +497,7 @@ class Listed:
         if self.per_row is None:  # nothing inactive was listed
             return indices.long(), self.active
         scores, columns = self.per_row
-        return (torch.cat([indices.long(), columns], dim=1),
+        return (torch.cat([indices.long(), columns.long()], dim=1),
                 torch.cat([self.active, scores], dim=1))
 
     def layer_candidates(self, flat_active: Tensor, in_features: int) -> tuple[Tensor, Tensor]:
@@ -529,7 +530,7 @@ def listed_candidates(probe_grad: Tensor, structure: Tensor, granularity: str,
     row_lists = None
     if per_row:
         pairs = probe_grad[active:pairs_end].view(out_features, per_row, 2)
-        row_lists = pairs[..., 0], pairs[..., 1].long()
+        row_lists = pairs[..., 0], pairs[..., 1]  # columns as whole float32 numbers
     layer_lists = None
     if layer_wide:
         triples = probe_grad[pairs_end:pairs_end + 3 * layer_wide].view(-1, 3)
@@ -554,7 +555,7 @@ def candidate_scores(probe_grad: Tensor, structure: Tensor, granularity: str, pl
     scores = torch.full((out_features, in_features), float("-inf"), device=probe_grad.device)
     if listed.per_row is not None:
         row_scores, columns = listed.per_row
-        scores.scatter_(1, columns, row_scores)
+        scores.scatter_(1, columns.long(), row_scores)
     if listed.layer_wide is not None:
         layer_scores, layer_rows, columns = listed.layer_wide
         scores[layer_rows, columns] = layer_scores

@@ -416,7 +416,7 @@ class DST:
         state tensors are carried over with it. The growth probe is sized anew."""
         module = layer.module
         slots = torch.arange(new_active.shape[1], device=source.device)[None, :]
-        if (new_active.shape == module.slots().shape
+        if (tuple(new_active.shape) == module.slot_shape
                 and bool(((source == slots) | (source < 0)).all())):
             self.write(layer, new_active, source < 0)
             return

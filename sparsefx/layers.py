@@ -249,12 +249,23 @@ class _SparseLinear(nn.Module, abc.ABC):
         return self.values
 
     @abc.abstractmethod
-    def slots(self) -> torch.Tensor:
-        """Active unit ids as rows of slots ``[R, k]`` (int64)."""
+    def slots(self, rows: slice | None = None) -> torch.Tensor:
+        """Active unit ids as rows of slots ``[R, k]`` (int64); ``rows``: only those."""
+
+    @property
+    def slot_shape(self) -> tuple[int, int]:
+        """``slots().shape``, without forming them."""
+        return tuple(self.slots().shape)
+
+    def new_slots(self) -> torch.Tensor:
+        """An empty ``[R, k]`` for a new structure, in a dtype ``write_structure`` stores
+        without a copy."""
+        return self.slots().new_empty(self.slot_shape)
 
     @abc.abstractmethod
-    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
-        """``[R, k]``: what drop ranks for the units ``active`` (``slots()``)."""
+    def unit_magnitudes(self, active: torch.Tensor, rows: slice | None = None
+                        ) -> torch.Tensor:
+        """``[R, k]``: what drop ranks for the units ``active`` (``slots(rows)``)."""
 
     @property
     @abc.abstractmethod
@@ -439,8 +450,8 @@ class DiagLinear(_SparseLinear):
         return cls(tensors["values"], tensors["offsets"], options["out_features"],
                    options["in_features"], tensors.get("bias"))
 
-    def slots(self) -> torch.Tensor:
-        return self.offsets[None, :]
+    def slots(self, rows: slice | None = None) -> torch.Tensor:
+        return self.offsets[None, :]  # one row
 
     def unit_ids(self) -> torch.Tensor:
         """The active units' ids ``[K]`` (DynaDiag gates one per unit)."""
@@ -450,7 +461,8 @@ class DiagLinear(_SparseLinear):
         """A value per active unit, spread over the value rows (a diagonal is one row)."""
         return per_unit
 
-    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+    def unit_magnitudes(self, active: torch.Tensor, rows: slice | None = None
+                        ) -> torch.Tensor:
         return self.values.detach().float().norm(dim=1)[None, :]  # a diagonal's L2 norm
 
     @property
@@ -577,8 +589,8 @@ class BlockDiagLinear(DiagLinear):
     def num_diagonals(self) -> int:
         return patterns.diag_geometry(self.out_features, self.in_features)[0]
 
-    def slots(self) -> torch.Tensor:
-        return self.unit_ids()[None, :]
+    def slots(self, rows: slice | None = None) -> torch.Tensor:
+        return self.unit_ids()[None, :]  # one row
 
     def unit_ids(self) -> torch.Tensor:
         return self.offsets.view(-1, self._per_coset)[:, 0] % self.groups  # the cosets
@@ -586,7 +598,8 @@ class BlockDiagLinear(DiagLinear):
     def unit_rows(self, per_unit: torch.Tensor) -> torch.Tensor:
         return per_unit.repeat_interleave(self._per_coset)  # a coset's P / g diagonals
 
-    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+    def unit_magnitudes(self, active: torch.Tensor, rows: slice | None = None
+                        ) -> torch.Tensor:
         squares = self.values.detach().float().square().sum(dim=1)
         return squares.view(-1, self._per_coset).sum(dim=1).sqrt()[None, :]
 
@@ -756,11 +769,19 @@ class FanInLinear(_SparseLinear):
         return cls(tensors["values"], tensors["indices"], options["in_features"],
                    tensors.get("bias"), None if nm is None else tuple(nm))
 
-    def slots(self) -> torch.Tensor:
-        return self.indices.to(torch.int64)
+    def slots(self, rows: slice | None = None) -> torch.Tensor:
+        return (self.indices if rows is None else self.indices[rows]).to(torch.int64)
 
-    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
-        return self.values.detach().abs()
+    @property
+    def slot_shape(self) -> tuple[int, int]:
+        return tuple(self.indices.shape)
+
+    def new_slots(self) -> torch.Tensor:
+        return torch.empty_like(self.indices)
+
+    def unit_magnitudes(self, active: torch.Tensor, rows: slice | None = None
+                        ) -> torch.Tensor:
+        return (self.values if rows is None else self.values[rows]).detach().abs()
 
     @property
     def num_candidates(self) -> int:
@@ -857,10 +878,11 @@ class MaskedLinear(_SparseLinear):
     def param(self) -> nn.Parameter:
         return self.weight
 
-    def slots(self) -> torch.Tensor:
-        return self.mask.reshape(1, -1).nonzero()[:, 1][None, :]
+    def slots(self, rows: slice | None = None) -> torch.Tensor:
+        return self.mask.reshape(1, -1).nonzero()[:, 1][None, :]  # one row
 
-    def unit_magnitudes(self, active: torch.Tensor) -> torch.Tensor:
+    def unit_magnitudes(self, active: torch.Tensor, rows: slice | None = None
+                        ) -> torch.Tensor:
         return self.weight.detach().reshape(1, -1).gather(1, active).abs()
 
     @property

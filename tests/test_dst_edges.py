@@ -239,3 +239,34 @@ def test_a_copy_taken_on_an_armed_step_is_not_armed(pattern, method, take_copy):
     finally:
         growth.growth_scores = original
     assert not calls, "the copy's backward formed the dense gradient"
+
+
+def test_dynadiag_grows_diagonals_at_the_median_importance_of_the_old_ones():
+    """A grown diagonal starts at the median importance of the diagonals active before the
+    update."""
+    model = sparsefx.transform(_mlp(), "diag", 0.9, init="random")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    method = sparsefx.DynaDiag()
+    dst = sparsefx.DST(model, optimizer, method, total_steps=200, delta_t=5)
+    before = {}
+    write = dst.write
+
+    def recording_write(layer, new_active, grown):
+        gates = method.gates[layer.name]
+        before[layer.name] = (gates.importance.detach().clone(), layer.module.offsets.clone(),
+                              new_active[0][grown[0]].clone())
+        write(layer, new_active, grown)
+
+    dst.write = recording_write
+    for x, y in _batches(6):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        dst.step()
+        for name, (importance, old, grown_offsets) in before.items():
+            assert grown_offsets.numel() > 0
+            assert torch.equal(method.gates[name].importance.detach()[grown_offsets],
+                               importance[old].median().expand(grown_offsets.numel()))
+        if before:
+            return
+    raise AssertionError("no update wrote a structure")

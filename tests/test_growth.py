@@ -405,7 +405,7 @@ def test_wide_layer_lists_match_the_dense_gradient(out_features, in_features, fa
     listed = growth.listed_candidates(scores, indices, "rows", plan, out_features, in_features)
     inactive = (grad_out.T @ x).abs().scatter(1, indices.long(), float("-inf"))
     _, columns = listed.per_row
-    assert torch.equal(columns.sort(1).values, _stable_top_set(inactive, plan[0]))
+    assert torch.equal(columns.long().sort(1).values, _stable_top_set(inactive, plan[0]))
     if srigl:
         _, rows, columns = listed.layer_wide
         assert torch.equal((rows * in_features + columns).sort().values,

@@ -61,9 +61,11 @@ class Method:
         """Output rows that still compute (SRigL's ablation); ``None``: all."""
         return None
 
-    def magnitudes(self, layer: _Layer, active: torch.Tensor) -> torch.Tensor:
-        """``[R, k]``: what drop ranks (smallest dropped)."""
-        return layer.module.unit_magnitudes(active)
+    def magnitudes(self, layer: _Layer, active: torch.Tensor, rows: slice | None = None
+                   ) -> torch.Tensor:
+        """``[R, k]``: what drop ranks (smallest dropped) of the units ``active`` (the slot
+        rows ``rows``, default all)."""
+        return layer.module.unit_magnitudes(active, rows)
 
     def growth_scores(self, dst: DST, layer: _Layer, rows: slice) -> torch.Tensor:
         """``[rows, C]`` scores over every candidate of the slot rows ``rows``: what growth
@@ -78,35 +80,42 @@ class Method:
         """Move ``fraction`` of the layer's units (``dst.units_moved``); whether anything
         moved."""
         module = layer.module
-        active = module.slots()
-        num_moved = min(dst.units_moved(active.shape[1]),
-                        module.num_candidates - active.shape[1])
+        num_rows, slots = module.slot_shape
+        num_moved = min(dst.units_moved(slots), module.num_candidates - slots)
         if num_moved == 0:
             return False
-        magnitude = self.magnitudes(layer, active)
-        new_active, grown = torch.empty_like(active), torch.empty_like(active, dtype=torch.bool)
+        new_active = module.new_slots()
+        grown = torch.empty(num_rows, slots, dtype=torch.bool, device=new_active.device)
         # a block of rows at a time, a few MiB each: never a layer's worth of temporaries
-        if self.grows_from_lists(layer):
-            width = dst.listed(layer, active[:1], slice(0, 1))[0].shape[1]
-            for rows in regrow.row_blocks(*active.shape, width):
-                candidate_ids, scores, _ = dst.listed(layer, active[rows], rows)
+        listed = self.grows_from_lists(layer)
+        width = (dst.listed(layer, module.slots(slice(0, 1)), slice(0, 1))[0].shape[1]
+                 if listed else module.num_candidates)
+        for rows in regrow.row_blocks(num_rows, slots, width):
+            active = module.slots(rows)
+            magnitude = self.magnitudes(layer, active, rows)
+            if listed:
+                candidate_ids, scores, _ = dst.listed(layer, active, rows)
                 new_active[rows], grown[rows] = regrow.drop_and_grow(
-                    active[rows], magnitude[rows], scores, num_moved,
-                    candidate_ids=candidate_ids)
-        else:  # scores over every candidate
-            for rows in regrow.row_blocks(*active.shape, module.num_candidates):
+                    active, magnitude, scores, num_moved, candidate_ids=candidate_ids)
+            else:  # scores over every candidate
                 new_active[rows], grown[rows] = regrow.drop_and_grow(
-                    active[rows], magnitude[rows], self.growth_scores(dst, layer, rows),
-                    num_moved, module.group_size)
+                    active, magnitude, self.growth_scores(dst, layer, rows), num_moved,
+                    module.group_size)
         if not bool(grown.any()):
             return False
+        if self.needs_old_slots:  # a copy: the slots may be a view of what write changes
+            active = module.slots().clone()
         dst.write(layer, new_active, grown)
-        self.after_write(dst, layer, active, new_active, grown)
+        self.after_write(dst, layer, active if self.needs_old_slots else None, new_active,
+                         grown)
         return True
 
-    def after_write(self, dst: DST, layer: _Layer, active: torch.Tensor,
+    needs_old_slots = False  # whether after_write is handed the old slots
+
+    def after_write(self, dst: DST, layer: _Layer, active: torch.Tensor | None,
                     new_active: torch.Tensor, grown: torch.Tensor) -> None:
-        """What the method keeps about a layer whose structure just changed."""
+        """What the method keeps about a layer whose structure just changed: ``active`` its
+        old slots if ``needs_old_slots``, ``new_active`` and ``grown`` its new ones."""
 
     def finish(self, dst: DST) -> None:
         """At the last step."""

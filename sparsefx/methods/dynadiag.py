@@ -272,7 +272,9 @@ class DynaDiag(Method):
                 1 + math.cos(math.pi * progress)) / 2
         return self.temperature * max(0.0, 1.0 - step / dst.end_step)
 
-    def magnitudes(self, layer, active: torch.Tensor) -> torch.Tensor:
+    needs_old_slots = True
+
+    def magnitudes(self, layer, active: torch.Tensor, rows=None) -> torch.Tensor:
         return self.gates[layer.name].importance[active]
 
     def after_write(self, dst, layer, active, new_active, grown) -> None:

@@ -62,7 +62,7 @@ from .distributed import mean_over_ranks_, world_size
 
 __all__ = ["growth_tap", "probe_size", "listed_candidates", "candidate_scores", "top_ids",
            "trailer", "active_count", "group_ranks", "pack_ranks", "unpack_ranks",
-           "rank_packing", "Listed", "GRANULARITIES", "TRAILER"]
+           "rank_packing", "Listed", "LayerPool", "GRANULARITIES", "TRAILER"]
 
 GRANULARITIES = ("diagonals", "rows", "elements")
 
@@ -297,13 +297,13 @@ def _block_size(width: int, count: int) -> int:
 
 
 def _layer_top_from_rows(rescore, row_best: Tensor, row_scores: Tensor, count: int,
-                         in_features: int, block: int = 1024) -> tuple[Tensor, Tensor]:
+                         in_features: int, block: int = 256) -> tuple[Tensor, Tensor]:
     """``top_ids(scores.view(-1), count, ordered=False)`` (flat ids), and the scores there,
-    for the ``[out, in]``
-    scores of ``_top_ids_per_row``, given its ids ``row_best [out, c]`` of each row's ``c``
-    best (int64, or float32 holding whole numbers), the scores there, and ``rescore(rows)``:
-    the scores of the rows ``rows`` (read only where a row may hold more than it listed,
-    ``block`` rows at a time; the scores are never needed whole).
+    for the ``[out, in]`` scores of ``_top_ids_per_row``, given its ids ``row_best [out, c]``
+    of each row's ``c`` best (int64, or float32 holding whole numbers), the scores there,
+    and ``rescore(rows)``: the scores of the rows ``rows`` (read only where a row may hold
+    more than it listed). Everything is read ``block`` rows at a time: the scores are never
+    needed whole, nor the lists as int64.
 
     Exact, not a heuristic: let ``S`` be the best ``count`` of the listed entries. If a row
     had a better entry than ``S`` holds that is not listed, all ``c`` of its listed entries
@@ -314,20 +314,20 @@ def _layer_top_from_rows(rescore, row_best: Tensor, row_scores: Tensor, count: i
     ``S``'s entries from other rows is the answer: a row not full in ``S`` lost nothing.
     """
     out_features, slots = row_best.shape
-    device = row_best.device
-    flat_ids = row_best.to(torch.int64, copy=True).add_(
-        torch.arange(0, out_features * in_features, in_features, device=device)[:, None])
-    flat_ids = flat_ids.view(-1)
-    listed_keys = row_scores.reshape(-1).view(torch.int32)
-    best, best_keys = _stable_top(listed_keys[None, :], count, ids=flat_ids[None, :])
-    best, best_keys = best[0], best_keys[0]
-    best_rows = best // slots
+    offsets = torch.arange(0, out_features * in_features, in_features, device=row_best.device)
+    listed = LayerPool(count)
+    for start in range(0, out_features, block):  # a block of rows at a time: a few MiB
+        part = slice(start, min(start + block, out_features))
+        listed.add(row_scores[part].clone(),
+                   ids=(row_best[part].to(torch.int64) + offsets[part, None]).view(-1))
+    best_ids, best_keys = listed.ids, listed.keys
+    best_rows = best_ids // in_features
     full = torch.bincount(best_rows, minlength=out_features) == slots
     if not bool(full.any()):
-        return flat_ids[best], best_keys.view(torch.float32)
+        return best_ids, best_keys.view(torch.float32)
     cut = best_keys.amin()
-    elsewhere = (~full[best_rows]).nonzero()[:, 0]
-    pool_keys, pool_ids = [best_keys[elsewhere]], [flat_ids[best[elsewhere]]]
+    elsewhere = ~full[best_rows]
+    pool_keys, pool_ids = [best_keys[elsewhere]], [best_ids[elsewhere]]
     full_rows = full.nonzero()[:, 0]
     for start in range(0, full_rows.numel(), block):
         rows = full_rows[start:start + block]
@@ -359,27 +359,72 @@ def growth_scores(grad_out: Tensor, x: Tensor, structure: Tensor, granularity: s
     return probe_grad
 
 
-def _element_scores(grad_rows: Tensor, x_rows: Tensor, mask: Tensor,
-                    plan: list[int]) -> Tensor:
+def _element_scores(grad_rows: Tensor, x_rows: Tensor, mask: Tensor, plan: list[int],
+                    block: int = 256) -> Tensor:
     """``growth_scores`` of an unstructured layer: ``|G|`` at the active elements, then the
-    layer-wide list of the best inactive ones."""
-    scores = mean_over_ranks_(grad_rows.T @ x_rows).abs_()  # its only dense matrix
-    active = int(mask.sum())
-    layer_wide = plan[2]
-    probe_grad = scores.new_empty(active + 3 * layer_wide + TRAILER)
-    torch.masked_select(scores, mask, out=probe_grad[:active])
-    scores.masked_fill_(mask, float("-inf"))  # now only inactive entries can be listed
+    layer-wide list of the best inactive ones. ``G`` is formed ``block`` rows at a time and
+    the list kept as a running pool, so that no ``[out, in]`` matrix is ever held."""
+    out_features, in_features = grad_rows.shape[1], x_rows.shape[1]
+    active, layer_wide = int(mask.sum()), plan[2]
+    probe_grad = grad_rows.new_empty(active + 3 * layer_wide + TRAILER)
+    buffer = grad_rows.new_empty(min(block, out_features), in_features)
+    pool = LayerPool(layer_wide)
+    filled = 0
+    for start in range(0, out_features, block):
+        rows = slice(start, min(start + block, out_features))
+        scores, block_mask = buffer[:rows.stop - start], mask[rows]
+        torch.mm(grad_rows[:, rows].T, x_rows, out=scores)
+        mean_over_ranks_(scores).abs_()
+        count = int(block_mask.sum())
+        torch.masked_select(scores, block_mask, out=probe_grad[filled:filled + count])
+        filled += count
+        if layer_wide:
+            pool.add(scores.masked_fill_(block_mask, float("-inf")), start * in_features)
     if layer_wide:
-        _list_layer(scores, probe_grad[active:active + 3 * layer_wide].view(-1, 3))
+        ids, best_scores = pool.best()
+        _write_layer_list(probe_grad[active:active + 3 * layer_wide].view(-1, 3), ids,
+                          best_scores, in_features)
     return probe_grad
+
+
+class LayerPool:
+    """The ``count`` largest of scores seen a block at a time, ties towards the lower flat
+    id: what ``top_ids`` over all of them gives, holding at most ``2 * count`` at once.
+    Scores must be ``>= 0``, ``-inf`` or NaN with the sign bit clear (their float32 bits are
+    then monotone int32 keys)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.keys: Tensor | None = None
+        self.ids: Tensor | None = None
+
+    def add(self, scores: Tensor, first_id: int = 0, ids: Tensor | None = None) -> None:
+        """Offer ``scores`` (any shape; used as scratch), whose flat ids are ``ids`` (int64,
+        one per score), or run on from ``first_id``."""
+        keys = scores.reshape(-1).view(torch.int32)
+        best, best_keys = _stable_top(keys[None, :], min(self.count, keys.numel()),
+                                      ids=None if ids is None else ids[None, :], scratch=True)
+        best_ids = best[0] + first_id if ids is None else ids[best[0]]
+        if self.keys is None:
+            self.keys, self.ids = best_keys[0], best_ids
+            return
+        keys, ids = torch.cat([self.keys, best_keys[0]]), torch.cat([self.ids, best_ids])
+        if keys.numel() > self.count:
+            best, best_keys = _stable_top(keys[None, :], self.count, ids=ids[None, :])
+            keys, ids = best_keys[0], ids[best[0]]
+        self.keys, self.ids = keys, ids
+
+    def best(self) -> tuple[Tensor, Tensor]:
+        """``(flat ids, scores)`` of the ``count`` best, in no particular order."""
+        return self.ids, self.keys.view(torch.float32)
 
 
 def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list[int],
                   block: int = 1024) -> Tensor:
     """``growth_scores`` of a fan-in / N:M layer (active ``columns [out, k]``), ``G`` formed
     and reduced ``block`` rows at a time: the per-row lists and the group ranks need no more,
-    and each pass then runs on a few MiB that stay in cache. The layer-wide list needs every
-    row, so with one the rows are kept."""
+    and each pass then runs on a few MiB that stay in cache; so does the layer-wide list,
+    from the per-row lists or a running pool (``LayerPool``)."""
     out_features, in_features = grad_rows.shape[1], x_rows.shape[1]
     per_row, group_size, layer_wide = plan
     probe_grad = grad_rows.new_empty(probe_size(out_features, in_features, "rows", plan,
@@ -392,13 +437,13 @@ def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list
         row_lists = probe_grad[active_size:active_size + pairs_size].view(out_features, -1, 2)
         layer_list = probe_grad[active_size + pairs_size:-TRAILER].view(-1, 3)
     # the layer-wide list comes from the per-row lists where they can hold it (rereading the
-    # few rows that may hold more); only otherwise are the scores kept whole
-    keep_rows = not group_size and layer_wide > out_features * per_row
-    whole = grad_rows.new_empty(out_features, in_features) if keep_rows else None
-    buffer = None if keep_rows else grad_rows.new_empty(min(block, out_features), in_features)
+    # few rows that may hold more), else from a running pool of the blocks' best
+    from_rows = layer_wide <= out_features * per_row
+    pool = LayerPool(layer_wide) if layer_wide and not group_size and not from_rows else None
+    buffer = grad_rows.new_empty(min(block, out_features), in_features)
     for start in range(0, out_features, block):
         rows = slice(start, min(start + block, out_features))
-        scores = whole[rows] if buffer is None else buffer[:rows.stop - start]
+        scores = buffer[:rows.stop - start]
         torch.mm(grad_rows[:, rows].T, x_rows, out=scores)
         mean_over_ranks_(scores).abs_()
         if group_size:
@@ -410,17 +455,25 @@ def _fanin_scores(grad_rows: Tensor, x_rows: Tensor, columns: Tensor, plan: list
             best, best_scores = _top_ids_per_row(scores, per_row)
             row_lists[rows, :, 0] = best_scores
             row_lists[rows, :, 1] = best
+        if pool is not None:
+            pool.add(scores, start * in_features)
     if layer_wide and not group_size:
-        if whole is not None:
-            _list_layer(whole, layer_list)
+        if pool is not None:
+            best, best_scores = pool.best()
         else:
-            def rescore(rows: Tensor) -> Tensor:
-                scores = mean_over_ranks_(grad_rows[:, rows].T @ x_rows).abs_()
-                return scores.scatter_(1, columns[rows], float("-inf"))
+            def rescore(rows: Tensor) -> Tensor:  # bit for bit the loop's: its blocks again
+                scores = grad_rows.new_empty(rows.numel(), in_features)
+                for number in (rows // block).unique().tolist():
+                    part = slice(number * block, min((number + 1) * block, out_features))
+                    again = mean_over_ranks_(torch.mm(grad_rows[:, part].T, x_rows)).abs_()
+                    again.scatter_(1, columns[part], float("-inf"))
+                    here = rows // block == number
+                    scores[here] = again[rows[here] - part.start]
+                return scores
 
             best, best_scores = _layer_top_from_rows(rescore, row_lists[..., 1],
                                                      row_lists[..., 0], layer_wide, in_features)
-            _write_layer_list(layer_list, best, best_scores, in_features)
+        _write_layer_list(layer_list, best, best_scores, in_features)
     return probe_grad
 
 
@@ -453,13 +506,6 @@ def unpack_ranks(packed: Tensor, in_features: int, group_size: int) -> Tensor:
     shifts = torch.arange(0, bits * per_number, bits, dtype=torch.int32, device=packed.device)
     ranks = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
     return ranks.view(packed.shape[0], -1)[:, :in_features]
-
-
-def _list_layer(scores: Tensor, layer_list: Tensor) -> None:
-    """Write the layer-wide list of the inactive ``scores [out, in]`` as ``(score, row,
-    column)`` triples."""
-    best = top_ids(scores.view(-1), layer_list.shape[0], ordered=False)
-    _write_layer_list(layer_list, best, scores.view(-1)[best], scores.shape[1])
 
 
 def _write_layer_list(layer_list: Tensor, best: Tensor, scores: Tensor,

@@ -906,6 +906,28 @@ class MaskedLinear(_SparseLinear):
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         return listed.layer_candidates(active, self.in_features)  # layer-wide, flat ids
 
+    def random_candidates(self, generator: torch.Generator, active: torch.Tensor, count: int,
+                          block: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(candidate_ids, scores) [1, K + count]`` for ``regrow.drop_and_grow``: the
+        active elements ``active [1, K]`` and the ``count`` inactive ones of largest score,
+        every element scored uniformly at random by ``generator`` (on the CPU, ``block`` at
+        a time: the layer's worth of scores is never held). The ``count`` best of what is
+        not kept are then among these, so growing them is growing uniformly at random."""
+        flat_mask = self.mask.detach().reshape(-1).cpu()
+        active_scores = torch.empty(active.shape[1])
+        pool, filled = growth.LayerPool(count), 0
+        for start in range(0, flat_mask.numel(), block):
+            scores = torch.rand(min(block, flat_mask.numel() - start), generator=generator)
+            held = flat_mask[start:start + block]
+            stored = int(held.sum())
+            active_scores[filled:filled + stored] = scores[held]
+            filled += stored
+            pool.add(scores.masked_fill_(held, float("-inf")), start)
+        ids, scores = pool.best()
+        device = active.device
+        return (torch.cat([active, ids[None, :].to(device)], dim=1),
+                torch.cat([active_scores, scores])[None, :].to(device))
+
     def write_structure(self, new_active: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
         new_mask = torch.zeros_like(self.mask).view(-1).scatter_(
             0, new_active[0], True).view_as(self.mask)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsefx.kernels.growth import top_ids
+from sparsefx.kernels.growth import LayerPool, top_ids
 
 __all__ = ["drop_and_grow", "kept_mask", "layerwise_drop", "rowwise_drop",
            "salience", "live_rows", "refill", "row_blocks"]
@@ -180,7 +180,7 @@ def rowwise_drop(magnitude: torch.Tensor, row_live: torch.Tensor,
 
 def salience(kept: torch.Tensor, active: torch.Tensor, active_scores: torch.Tensor,
              listed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], in_features: int,
-             num_grown: int) -> torch.Tensor:
+             num_grown: int, block: int = 256) -> torch.Tensor:
     """SRigL's salient entries per row, as its reference counts them: the union of the kept
     set ``kept [R, k]`` and the grow set, the ``num_grown`` largest scores over *every*
     position of the layer (kept ones, dropped ones, ablated rows' and inactive ones), ties
@@ -190,18 +190,20 @@ def salience(kept: torch.Tensor, active: torch.Tensor, active_scores: torch.Tens
     the ``(scores, rows, columns)`` of the best inactive positions of the layer, at least
     ``num_grown`` of them (the best of all positions are among the slots and those).
     """
-    rows, slots = active.shape
-    device = active.device
-    slot_ids = (torch.arange(rows, device=device)[:, None] * in_features + active).view(-1)
+    rows = active.shape[0]
+    offsets = torch.arange(0, rows * in_features, in_features, device=active.device)
+    grow_set = LayerPool(num_grown)  # a block of rows at a time: a few MiB
+    for start in range(0, rows, block):
+        part = slice(start, min(start + block, rows))
+        grow_set.add(active_scores[part].float().clone(),
+                     ids=(active[part] + offsets[part, None]).view(-1))
     listed_scores, listed_rows, listed_columns = listed
-    ids = torch.cat([slot_ids, listed_rows * in_features + listed_columns])
-    scores = torch.cat([active_scores.float().reshape(-1), listed_scores.float()])
-    grown = top_ids(scores[None, :], num_grown, ordered=False, ids=ids[None, :])[0]
-    in_grow_set = torch.zeros(ids.numel(), dtype=torch.bool, device=device)
-    in_grow_set[grown] = True
-    slots_salient = kept | in_grow_set[:rows * slots].view(rows, slots)
-    listed_salient = torch.bincount(listed_rows[in_grow_set[rows * slots:]], minlength=rows)
-    return slots_salient.sum(dim=1) + listed_salient
+    grow_set.add(listed_scores.float().clone(), ids=listed_rows * in_features + listed_columns)
+    grown = grow_set.best()[0]
+    kept_at = torch.zeros(rows, in_features, dtype=torch.bool, device=active.device)
+    kept_at.scatter_(1, active, kept)  # a bool per weight: a quarter of a dense gradient
+    new = grown[~kept_at.view(-1)[grown]]
+    return kept.sum(dim=1) + torch.bincount(new // in_features, minlength=rows)
 
 
 def live_rows(salient: torch.Tensor, minimum: int, fewest: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ about the sparse layer's for fan-in and unstructured layers, 1/12 of the dense l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -65,8 +66,12 @@ SCRIPT = textwrap.dedent("""
 
 
 def _measure(pattern: str, method: str) -> dict:
+    # every allocation above 128 KiB its own mapping, returned when freed: the peak resident
+    # memory is then the peak of what was live, not of what glibc's heap kept after a free
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
     done = subprocess.run([sys.executable, "-c", SCRIPT, pattern, method, str(WIDTH),
-                           str(LAYERS)], capture_output=True, text=True, timeout=600)
+                           str(LAYERS)], capture_output=True, text=True, timeout=600,
+                          env=environment)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -75,6 +80,8 @@ def _measure(pattern: str, method: str) -> dict:
 def test_an_update_holds_at_most_one_dense_layer_beyond_the_probes(pattern, method):
     measured = _measure(pattern, method)
     extra = measured["update"] - measured["plain"]
+    print(f"{pattern}/{method}: {extra / 2**20:.0f} MiB above the plain steps, probes "
+          f"{sum(measured['probes']) / 2**20:.0f} MiB")
     probes = sum(measured["probes"])
     assert extra <= DENSE_LAYER + probes + SLACK, (
         f"{pattern}/{method}: an update step peaked {extra / 2**20:.0f} MiB above the plain "
@@ -89,7 +96,7 @@ def test_an_update_holds_at_most_one_dense_layer_beyond_the_probes(pattern, meth
             assert numbers <= dense_numbers // 12 + 2 * WIDTH
         elif pattern == "fanin" and method != "srigl":
             assert numbers <= 1.7 * stored  # |G| at the k active, (score, column) at 0.3 k
-        elif pattern == "fanin":  # a row may refill all of its 2k largest fan-in
-            assert numbers <= 5.3 * stored
+        elif pattern == "fanin":  # a row may refill all of its 2k largest fan-in (pairs),
+            assert numbers <= 5.9 * stored + 2  # and 0.3 of the layer's best (triples)
         elif pattern == "unstructured":
             assert numbers <= 0.35 * dense_numbers  # 10 % active, 3 numbers at 3 %

@@ -410,3 +410,58 @@ def test_wide_layer_lists_match_the_dense_gradient(out_features, in_features, fa
         _, rows, columns = listed.layer_wide
         assert torch.equal((rows * in_features + columns).sort().values,
                            _stable_top_set(inactive.view(-1), plan[2]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 12), columns=st.sampled_from([8, 32, 64]),
+       kind=st.sampled_from(["random", "ties", "zero rows", "loud rows"]),
+       seed=st.integers(0, 2**16), block=st.integers(1, 5), data=st.data())
+def test_the_layer_pool_is_a_stable_sort_over_its_blocks(rows, columns, kind, seed, block,
+                                                         data):
+    scores = _tied_scores(rows, columns, torch.Generator().manual_seed(seed), kind)
+    count = data.draw(st.integers(1, rows * columns))
+    pool = growth.LayerPool(count)
+    for start in range(0, rows, block):
+        pool.add(scores[start:start + block].clone(), start * columns)
+    ids, listed = pool.best()
+    assert torch.equal(ids.sort().values, _stable_top_set(scores.view(-1), count))
+    assert torch.equal(listed.view(torch.int32), scores.view(-1)[ids].view(torch.int32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(out_features=st.integers(1, 9), in_features=st.sampled_from([4, 16, 24]),
+       seed=st.integers(0, 2**16), block=st.integers(1, 4), data=st.data())
+def test_blocked_taps_list_what_the_whole_gradient_lists(out_features, in_features, seed,
+                                                         block, data):
+    """The taps form G a block of rows at a time (the layer-wide list from a running pool
+    or from the rows' lists): the lists are those of the whole gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(3, out_features, generator=generator)
+    x = torch.randn(3, in_features, generator=generator)
+    inactive = data.draw(st.integers(1, out_features * in_features - 1))
+    mask = torch.ones(out_features * in_features, dtype=torch.bool)
+    mask[torch.randperm(mask.numel(), generator=generator)[:inactive]] = False
+    mask = mask.view(out_features, in_features)
+    plan = [0, 0, data.draw(st.integers(1, inactive))]
+    whole = growth._element_scores(grad_out, x, mask, plan, block=out_features)
+    blocked = growth._element_scores(grad_out, x, mask, plan, block=block)
+    assert torch.equal(whole[:int(mask.sum())], blocked[:int(mask.sum())])
+    for probe in (whole, blocked):
+        _, rows, cols = growth.listed_candidates(probe, mask, "elements", plan, out_features,
+                                                 in_features).layer_wide
+        scores = (grad_out.T @ x).abs().masked_fill(mask, float("-inf"))
+        assert torch.equal((rows * in_features + cols).sort().values,
+                           _stable_top_set(scores.view(-1), plan[2]))
+    fan_in = data.draw(st.integers(1, in_features - 1))
+    indices = torch.stack([torch.randperm(in_features, generator=generator)[:fan_in]
+                           for _ in range(out_features)])
+    for per_row, layer_wide in [(0, 1), (1, out_features * (in_features - fan_in))]:
+        layer_wide = min(layer_wide, out_features * (in_features - fan_in))
+        plan = [min(per_row, in_features - fan_in), 0, layer_wide]
+        probe = growth._fanin_scores(grad_out, x, indices, plan, block=block)
+        listed = growth.listed_candidates(probe, indices, "rows", plan, out_features,
+                                          in_features)
+        _, rows, cols = listed.layer_wide
+        scores = (grad_out.T @ x).abs().scatter(1, indices, float("-inf"))
+        assert torch.equal((rows * in_features + cols).sort().values,
+                           _stable_top_set(scores.view(-1), layer_wide))

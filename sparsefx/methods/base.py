@@ -73,8 +73,20 @@ class Method:
         return layer.module.growth_scores(layer.probe.grad, rows)
 
     def grows_from_lists(self, layer: _Layer) -> bool:
-        """Whether growth ranks the tap's listed candidates instead of every candidate."""
+        """Whether growth ranks listed candidates (``candidates``) instead of every
+        candidate."""
         return False
+
+    def candidates(self, dst: DST, layer: _Layer, active: torch.Tensor, rows: slice,
+                   num_moved: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(candidate_ids, scores) [rows, k + c]``: the slots ``active`` of the slot rows
+        ``rows``, then the candidates listed for them (default: the growth tap's), enough
+        for a move of ``num_moved`` units."""
+        return dst.listed(layer, active, rows)[:2]
+
+    def list_width(self, dst: DST, layer: _Layer, num_moved: int) -> int:
+        """``k + c`` of ``candidates``."""
+        return dst.listed(layer, layer.module.slots(slice(0, 1)), slice(0, 1))[0].shape[1]
 
     def update_layer(self, dst: DST, layer: _Layer, fraction: float) -> bool:
         """Move ``fraction`` of the layer's units (``dst.units_moved``); whether anything
@@ -88,13 +100,12 @@ class Method:
         grown = torch.empty(num_rows, slots, dtype=torch.bool, device=new_active.device)
         # a block of rows at a time, a few MiB each: never a layer's worth of temporaries
         listed = self.grows_from_lists(layer)
-        width = (dst.listed(layer, module.slots(slice(0, 1)), slice(0, 1))[0].shape[1]
-                 if listed else module.num_candidates)
+        width = self.list_width(dst, layer, num_moved) if listed else module.num_candidates
         for rows in regrow.row_blocks(num_rows, slots, width):
             active = module.slots(rows)
             magnitude = self.magnitudes(layer, active, rows)
             if listed:
-                candidate_ids, scores, _ = dst.listed(layer, active, rows)
+                candidate_ids, scores = self.candidates(dst, layer, active, rows, num_moved)
                 new_active[rows], grown[rows] = regrow.drop_and_grow(
                     active, magnitude, scores, num_moved, candidate_ids=candidate_ids)
             else:  # scores over every candidate

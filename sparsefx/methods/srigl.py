@@ -184,7 +184,8 @@ class SRigL(Method):
         source = torch.empty_like(new_active)
         width = dst.listed(layer, active[:1], slice(0, 1))[0].shape[1]
         # a block of rows at a time, a few MiB each: never a layer's worth of temporaries
-        for block in regrow.row_blocks(rows, fan_in, width):
+        # refill holds about four times the scores' bytes (ids, ranks, a sort): a quarter block
+        for block in regrow.row_blocks(rows, fan_in, 4 * width):
             candidate_ids, scores, _ = dst.listed(layer, active[block], block)
             new_active[block], source[block] = regrow.refill(
                 active[block], kept[block], magnitude[block], candidate_ids, scores,

@@ -23,10 +23,11 @@ the fraction ``f`` of a layer with ``A`` live rows of fan-in ``k``:
    kept (a dropped entry grown back keeps its value); ablated rows hold zeros.
 
 A fan-in change resizes the layer's ``values`` and ``indices`` (the same Parameter, its
-optimizer state carried over): a compiled model recompiles once for it. DistributedDataParallel
-and FSDP2 fix parameter sizes, so under ``torch.distributed`` the default (``fan_in=None``)
-is ``"fixed"``, with a warning, and ``fan_in="budget"`` is refused. Counts round where the reference truncates (``int()``); where it keeps
-arbitrary entries of a row holding more than the new fan-in, the largest are kept here.
+optimizer state carried over): a compiled model recompiles once for it.
+DistributedDataParallel and FSDP2 fix parameter sizes, so under ``torch.distributed`` the
+default (``fan_in=None``) is ``"fixed"``, with a warning, and ``fan_in="budget"`` is
+refused. Counts round where the reference truncates (``int()``); where it keeps arbitrary
+entries of a row holding more than the new fan-in, the largest are kept here.
 """
 from __future__ import annotations
 

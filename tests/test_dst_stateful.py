@@ -1,5 +1,6 @@
 """sparsefx.DST under random training sequences (stateful hypothesis): the spec's invariants
-after every step, at sparsities from 5 % to 99 %, with copies of the model taken on any step.
+after every step, at sparsities from 5 % to 99 %, with copies of the model taken on any step
+and a layer called twice in a forward on any step.
 
 Units are compared as dense positions, not slots, so the checks hold whatever the layout
 (SRigL's fan-in changes move units to new slots): after every step, a unit active before
@@ -16,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
+                                 precondition, rule)
 
 import sparsefx
 from sparsefx.kernels import patterns
@@ -103,6 +105,9 @@ class DSTMachine(RuleBasedStateMachine):
                 self.optimizer.state[param].items()
                 if torch.is_tensor(value) and value.shape == param.shape}
 
+    refused = False  # a shared-layer step was refused: the run is over
+
+    @precondition(lambda self: not self.refused)
     @rule(seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 10.0]))
     def train(self, seed, scale):
         generator = torch.Generator().manual_seed(seed)
@@ -137,6 +142,34 @@ class DSTMachine(RuleBasedStateMachine):
                 if key in state:
                     assert torch.equal(value[stayed], state[key][stayed]), \
                         f"optimizer {key} of kept units changed"
+
+    @precondition(lambda self: not self.refused)
+    @rule(seed=st.integers(0, 2**16))
+    def train_with_a_shared_layer(self, seed):
+        """The first sparse layer called three times in one forward (on its own twice, then in
+        the model). On a step whose growth taps are armed, a method that grows by the
+        gradient refuses it, naming the layer, before anything changes; otherwise the step
+        trains as any other."""
+        generator = torch.Generator().manual_seed(seed)
+        x, again = torch.randn(2, 16, 12, generator=generator)
+        target = torch.randint(0, 6, (16,), generator=generator)
+        shared = self.layers[0]
+        armed = shared._growth_probe is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), target) + shared(again).square().mean()
+        (loss + shared(x).square().mean()).backward()
+        self.optimizer.step()
+        before = [(_active(layer), _dense(layer, _param(layer))) for layer in self.layers]
+        if not armed:
+            self.dst.step()
+            return
+        with pytest.raises(RuntimeError, match=rf"{self.dst.layers[0].name} \(3 times\) "
+                                               "called more than once in one forward"):
+            self.dst.step()
+        for (active, values), layer in zip(before, self.layers, strict=True):
+            assert torch.equal(_active(layer), active), "a refused step moved nothing"
+            assert torch.equal(_dense(layer, _param(layer)), values)
+        self.refused = True
 
     @rule()
     def forward_without_backward(self):
@@ -178,7 +211,8 @@ class DSTMachine(RuleBasedStateMachine):
                     assert fan_in == self.budgets[i] // int(live.sum())
                 else:
                     assert layer.indices.numel() == self.counts[i]
-                assert torch.all(layer.values[~live] == 0), "ablated rows hold zeros"
+                if not self.refused:  # (the refused step's optimizer step moved them)
+                    assert torch.all(layer.values[~live] == 0), "ablated rows hold zeros"
                 method = self.dst.method
                 if hasattr(method, "may_ablate") and not method.may_ablate(self.dst.layers[i]):
                     assert bool(live.all()), "the output head is never ablated"

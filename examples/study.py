@@ -369,7 +369,8 @@ def main():
 
 def _cells(tasks, methods, args, widths) -> list[tuple]:
     """The sparsity nearest 90 % first, seed by seed (the targets are there; a partial study
-    is then the most useful one), the iso rows, then the other sparsities' main methods."""
+    is then the most useful one), the iso rows, then the other sparsities' main methods, seed
+    by seed again (every sparsity has a first seed before any has a second)."""
     order = sorted(args.sparsities, key=lambda s: abs(s - 0.9))
     todo = [(task, pattern, method, order[0], seed)
             for seed in args.seeds for task in tasks for pattern, method in methods]
@@ -377,7 +378,7 @@ def _cells(tasks, methods, args, widths) -> list[tuple]:
         todo += [("lm", p, m, 0.9, seed, widths[p, m]) for p, m in WIDE
                  for seed in args.seeds if (p, m) in methods or args.methods is None]
     todo += [(task, pattern, method, sparsity, seed)
-             for sparsity in order[1:] for seed in args.seeds for task in tasks
+             for seed in args.seeds for sparsity in order[1:] for task in tasks
              for pattern, method in methods if (pattern, method) in MAIN]
     return todo
 

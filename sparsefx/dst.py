@@ -161,6 +161,7 @@ class DST:
         self._record_grad_scale()
         self._step = 0
         self._skipped_updates = 0
+        self._lists: tuple[_Layer, growth.Listed] | None = None  # see lists()
         method.attach(self)
         if method.needs_gradient:
             for layer in self.layers:
@@ -351,7 +352,10 @@ class DST:
                               "gradient this step (not used in the forward?); its structure "
                               "is left as it is", stacklevel=3)
                 continue
-            changed |= self.method.update_layer(self, layer, fraction)
+            try:
+                changed |= self.method.update_layer(self, layer, fraction)
+            finally:
+                self._lists = None  # parsed once per layer and update
         logger.info("sparsefx.DST: step %d: structure update, fraction %.4f", self._step,
                     fraction)
         return changed
@@ -395,11 +399,14 @@ class DST:
         return (*layer.module.listed_candidates(listed, active), listed)
 
     def lists(self, layer: _Layer) -> growth.Listed:
-        """The growth tap's lists of ``layer`` at this update (views of its probe)."""
-        module = layer.module
-        return growth.listed_candidates(layer.probe.grad, module.structure,
-                                        module.growth_granularity, module._growth_plan,
-                                        module.out_features, module.in_features)
+        """The growth tap's lists of ``layer`` at this update (views of its probe), parsed
+        once per layer and update: a method asks for them a block of rows at a time."""
+        if self._lists is None or self._lists[0] is not layer:
+            module = layer.module
+            self._lists = layer, growth.listed_candidates(
+                layer.probe.grad, module.structure, module.growth_granularity,
+                module._growth_plan, module.out_features, module.in_features)
+        return self._lists[1]
 
     def write(self, layer: _Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
         """Store the new structure in place; zero the grown units and their optimizer state."""

@@ -254,6 +254,7 @@ def load_native() -> str | None:
 # ----------------------------------------------------------------------- CPU kernels
 
 _native = False
+_native_skipped: str | None = None  # SPARSEFX_CPU_KERNELS at import, where not built
 _base_cpu = "torch"  # what LIB registers for CPU tensors
 _cpu_override: torch.library.Library | None = None  # another choice, registered over it
 _cpu_choice = "torch"
@@ -263,8 +264,12 @@ def load_cpu_kernels() -> None:
     """Once every pattern's ops are defined: load the native library (its CPU kernels and
     autograd), or register the PyTorch kernels and the Python autograd in its place; then
     apply ``SPARSEFX_CPU_KERNELS``."""
-    global _native, _base_cpu, _cpu_choice
-    _native = load_native() is not None
+    global _native, _base_cpu, _cpu_choice, _native_skipped
+    initial = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
+    # Kernels other than the native ones asked for at import: nothing is built (a GPU run or
+    # a machine without a compiler pays no build), and "native" is refused later.
+    _native_skipped = initial if initial in ("torch", "triton") else None
+    _native = _native_skipped is None and load_native() is not None
     _base_cpu = _cpu_choice = "native" if _native else "torch"
     if not _native:
         _register(LIB, _DEFINED, "torch", "CPU")
@@ -272,7 +277,6 @@ def load_cpu_kernels() -> None:
             for name, (backward, setup_context) in ops.autograd.items():
                 torch.library.register_autograd(f"sparsefx::{name}", backward,
                                                 setup_context=setup_context, lib=LIB)
-    initial = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
     _select_cpu_kernels(_base_cpu if initial == "native" else initial)
 
 
@@ -289,6 +293,10 @@ def _select_cpu_kernels(name: str) -> None:
     if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton CPU kernels run Triton on CPU tensors, which needs "
                          "TRITON_INTERPRET=1 set before triton is imported")
+    if name == "native" and _native_skipped is not None:
+        raise ValueError(f"the native CPU kernels were not built: SPARSEFX_CPU_KERNELS="
+                         f"{_native_skipped!r} was set when sparsefx "
+                         "was imported (unset it to build them): expected 'torch' or 'triton'")
     if name == "native" and not _native:
         raise ValueError("the native CPU kernels failed to build (see the warning logged at "
                          "import): expected 'torch' or 'triton'")

@@ -19,6 +19,9 @@ MakeLayer = Callable[[Site, torch.Tensor, torch.Tensor | None], nn.Module]
 
 def replace_module(root: nn.Module, name: str, layer: nn.Module) -> None:
     """Put ``layer`` at FQN ``name`` of ``root`` (the FQN stays what it was)."""
+    if not name:
+        raise ValueError("replace_module: name is '': the root module cannot be replaced in "
+                         "place (the caller returns the new module instead)")
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name), child, layer)
 

@@ -110,6 +110,8 @@ def _prepare(model: nn.Module, leaf_modules=(), concrete_args=None):
     uses = parameter_use_counts(new)
     sites = find_module_sites(new)
     functional = {part: find_functional_sites(part, gm, uses) for part, gm in parts.items()}
+    if any(site.kind == "module" and not site.name for site in sites):
+        functional = {}  # the model is one linear layer: its trace is that layer's own call
     sites += [site for found in functional.values() for site in found]
     mark_routers(new, sites)
     return new, parts, functional, sites
@@ -131,7 +133,11 @@ def _rewrite(new: nn.Module, parts: dict, functional: dict, sites: list, chosen,
     for site in sites:
         if site.kind == "module" and site.name in chosen:
             linear = new.get_submodule(site.name)
-            replace_module(new, site.name, make_layer(site, linear.weight, linear.bias))
+            layer = make_layer(site, linear.weight, linear.bias)
+            if site.name:
+                replace_module(new, site.name, layer)
+            else:
+                new = layer
 
     # a checkpoint that does not fit is refused before any module is loaded
     new.register_load_state_dict_pre_hook(_check_before_loading)
@@ -149,12 +155,14 @@ def densify(model: nn.Module) -> nn.Module:
     (for export, or to compare against dense); ``model`` is not modified. A compiled model
     gives back the plain module it wraps, densified."""
     dense = copy.deepcopy(getattr(model, "_orig_mod", model))  # unwrap torch.compile
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, (MultiheadAttention, Experts)):  # back to what they replaced
-            replace_module(dense, name, module.to_torch())
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, SPARSE_LAYERS):
-            replace_module(dense, name, module.to_dense())
+    for kinds, back in (((MultiheadAttention, Experts), "to_torch"),  # what they replaced
+                        (SPARSE_LAYERS, "to_dense")):
+        for name, module in list(dense.named_modules()):
+            if isinstance(module, kinds):
+                if name:
+                    replace_module(dense, name, getattr(module, back)())
+                else:  # the model is that one module
+                    dense = getattr(module, back)()
     for attribute in ("_sparsefx_order", "_sparsefx_dense"):
         dense.__dict__.pop(attribute, None)
     return dense

@@ -138,7 +138,8 @@ def masked_reference(original, sparse, stored_in_out):
                     weight = (owner.in_proj_weight.chunk(3)["qkv".index(leaf[0])]
                               if owner._qkv_same_embed_dim else getattr(owner, f"{leaf}_weight"))
                 else:
-                    weight = parameters.get(f"{name}.weight", parameters.get(name))
+                    weight = parameters.get(f"{name}.weight" if name else "weight",
+                                            parameters.get(name))
                 mask = (layer.dense_weight() != 0).to(weight.dtype)
                 weight.mul_(mask.T if stored_in_out(name, owner) else mask)
     return reference

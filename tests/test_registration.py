@@ -206,3 +206,32 @@ def test_source_folders_imported_by_their_own_names_are_the_package():
              "assert not is_kernels_available()\n")
     root = Path(sparsefx.__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", probe], cwd=root, check=True, timeout=300)
+
+
+def test_other_cpu_kernels_asked_for_at_import_build_nothing(tmp_path):
+    """``SPARSEFX_CPU_KERNELS=torch`` at import (a GPU run, a machine without a compiler)
+    builds and logs nothing; the ops run on the fallback, and asking for the native kernels
+    later says why they are missing."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import logging, torch, sparsefx\n"
+             "from sparsefx import kernels\n"
+             "assert kernels.cpu_kernels() == 'torch', kernels.cpu_kernels()\n"
+             "layer = sparsefx.transform(torch.nn.Sequential(torch.nn.Linear(16, 8)), 'diag', 0.5)\n"
+             "layer(torch.randn(3, 16)).sum().backward()\n"
+             "try:\n"
+             "    kernels.use_cpu_kernels('native').__enter__()\n"
+             "except ValueError as error:\n"
+             "    assert 'SPARSEFX_CPU_KERNELS' in str(error) and 'not built' in str(error)\n"
+             "else:\n"
+             "    raise AssertionError('native kernels selected without a build')\n")
+    extensions = tmp_path / "extensions"
+    extensions.mkdir()
+    env = {**os.environ, "SPARSEFX_CPU_KERNELS": "torch", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert list(extensions.iterdir()) == []
+    assert "native" not in run.stderr and "building" not in run.stderr, run.stderr

@@ -20,6 +20,7 @@ GPT_SPARSE = {f"blocks.{i}.{name}" for i in range(2)
 CASES = {
     # model factory, input factory, the layers that must become sparse
     "mlp": (mlp, lambda: torch.randn(5, 16), {"0", "2", "4"}),
+    "linear": (lambda: nn.Linear(16, 12), lambda: torch.randn(5, 16), {""}),  # the model itself
     "cnn": (SmallCNN, lambda: torch.randn(2, 1, 8, 8), {"head.1", "head.3"}),
     "transformer": (TransformerBlock, lambda: torch.randn(2, 6, 32),
                     {"fc1", "fc2", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}),

@@ -259,6 +259,33 @@ def test_blockdiag_autotune_set_is_the_compiled_set():
                    for v in variants) == len(configs) * precisions
 
 
+@pytest.mark.parametrize("kernel", ["_blockdiag_forward_kernel", "_blockdiag_input_grad_kernel",
+                                    "_blockdiag_values_grad_kernel"])
+def test_blockdiag_autotune_times_at_most_four_suited_configs(kernel):
+    """A first GPU run tunes each kernel once per (rows bucket, block sides): the autotuner
+    times at most 4 of the 8 tiles, none wider than the side it covers needs, with a short
+    ``do_bench``; a side of at most 16 leaves the 16-wide tile alone."""
+    from sparsefx.kernels import triton_variants
+    jit = getattr(blockdiag_triton, kernel)
+    for dtype in blockdiag_triton.DTYPES:
+        tuned = blockdiag_triton._tuned(jit, dtype)
+        assert tuned.do_bench is triton_variants.autotune_bench
+        sides = blockdiag_triton._TILE_SIDES[kernel]
+        assert set(sides) <= set(jit.arg_names)
+        for rows_key, in_block, out_block in [(1, 16, 16), (1, 64, 64), (16, 48, 256),
+                                              (4096, 64, 64), (4096, 768, 3072)]:
+            named = dict(rows_key=rows_key, in_block=in_block, out_block=out_block)
+            kept = tuned.early_config_prune(tuned.configs, named)
+            assert 1 <= len(kept) <= blockdiag_triton.MAX_TIMED
+            assert all(c in tuned.configs for c in kept)
+            for config in kept:
+                for tile, side in zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), sides):
+                    assert config.kwargs[tile] <= max(16, 1 << (named[side] - 1).bit_length())
+        kept = tuned.early_config_prune(tuned.configs, dict(rows_key=1, in_block=16, out_block=16))
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept] == [
+            (16, 16, 16)]
+
+
 def test_diag_and_fanin_autotune_keys_name_kernel_arguments(monkeypatch):
     """The diag and fan-in launches take their warps from an autotuner on a GPU. Triton's
     autotuner silently drops a key name that is not a kernel argument (and would then reuse
@@ -272,6 +299,7 @@ def test_diag_and_fanin_autotune_keys_name_kernel_arguments(monkeypatch):
         launches.append((kernel, warps, key, reset_to_zero))
         real = autotuned(kernel, warps, key, reset_to_zero)
         assert [c.num_warps for c in real.configs] == list(warps)
+        assert real.do_bench is triton_variants.autotune_bench  # the short timing
 
         class Launcher:
             def __getitem__(self, grid):

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ..diag import triton_kernels as diag_triton
-from ..triton_variants import INTERPRETED, NUM_STAGES, Variant, rows_bucket, signature
+from ..triton_variants import (INTERPRETED, NUM_STAGES, Variant, autotune_bench, rows_bucket,
+                               signature)
 from . import torch_kernels
 
 __all__ = ["blockdiag_forward", "blockdiag_input_grad", "blockdiag_values_grad",
@@ -236,18 +237,42 @@ def _configs(dtype: torch.dtype) -> list[dict]:
                  num_stages=NUM_STAGES) for m in tiles for n in tiles for k in tiles]
 
 
+# the arguments whose sizes each kernel's M, N and K tiles cover (the rows as their bucket)
+_TILE_SIDES = {"_blockdiag_forward_kernel": ("rows_key", "out_block", "in_block"),
+               "_blockdiag_input_grad_kernel": ("rows_key", "in_block", "out_block"),
+               "_blockdiag_values_grad_kernel": ("in_block", "out_block", "rows_key")}
 _TUNED: dict = {}
+MAX_TIMED = 4  # configs timed per key at most (of the 8 tiles)
+
+
+def _suited(configs: list, sides: tuple[int, int, int]) -> list:
+    """The configs whose tiles suit ``sides`` (what the M, N, K tiles cover): no tile wider
+    than its side needs (a 64-wide tile over 16 rows computes 48 masked ones); if more than
+    ``MAX_TIMED`` remain, those with the widest reduction tile (fewer, longer steps)."""
+    needed = [max(SMALL_TILE, 1 << max(side - 1, 0).bit_length()) for side in sides]
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    kept = [c for c in configs if all(c.kwargs[n] <= need for n, need in zip(names, needed))]
+    if len(kept) > MAX_TIMED:
+        widest = max(c.kwargs["BLOCK_K"] for c in kept)
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] == widest]
+    return kept or configs[:1]
 
 
 def _tuned(kernel, dtype: torch.dtype):
     """``kernel`` under ``triton.autotune`` with ``dtype``'s set, keyed on the rows bucket and
-    the block sides."""
+    the block sides, timing only the configs that suit them (``_suited``)."""
     if (kernel, dtype) not in _TUNED:
         configs = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
                                  num_warps=c["num_warps"], num_stages=c["num_stages"])
                    for c in _configs(dtype)]
+        sides = _TILE_SIDES[kernel.__name__]
+
+        def prune(configs, named_args, **_):
+            return _suited(configs, tuple(named_args[name] for name in sides))
+
         _TUNED[kernel, dtype] = triton.autotune(
-            configs=configs, key=["rows_key", "in_block", "out_block"])(kernel)
+            configs=configs, key=["rows_key", "in_block", "out_block"], do_bench=autotune_bench,
+            prune_configs_by=dict(early_config_prune=prune))(kernel)
     return _TUNED[kernel, dtype]
 
 

@@ -1,27 +1,35 @@
 """sparsefx on a GPU, one command: first correctness on the device, then speed against cuBLAS
-in the same run.
+in the same run, inside a time budget.
 
-    python benchmarks/gpu.py                       # everything; writes benchmarks/results/
-                                                   #   gpu_<device>.{json,md}
+    python benchmarks/gpu.py --out DIR             # everything, within --budget-s (270 s);
+                                                   #   writes DIR/gpu_<device>.{json,md}
     python benchmarks/gpu.py --check-only          # correctness only
-    python benchmarks/gpu.py --check-only --tiny   # tiny shapes; on a machine without a GPU
+    python benchmarks/gpu.py --tiny --budget-s 20  # tiny shapes; on a machine without a GPU
                                                    #   it runs the Triton kernels under
-                                                   #   TRITON_INTERPRET=1 (CI)
-    python benchmarks/gpu.py --tiny                # every step on tiny shapes; without a GPU
-                                                   #   the timing is a smoke run of the code
-                                                   #   (interpreter, wall clock), not data
+                                                   #   TRITON_INTERPRET=1 (CI): the timing is
+                                                   #   a smoke run of the code, not data
 
 1. Correctness: every pattern's op (diag, fan-in, blockdiag), forward and both gradients, in
    fp32 and bf16, against a float64 reference on the same weights; the relative error
    (max |error| / max |reference|) must stay under fp32 1e-5 (3e-4 where TF32 is allowed)
-   and bf16 2e-2. Any failure stops the script before timing.
+   and bf16 2e-2. A failure writes the results (the failing cells marked) and stops the
+   script before timing.
 2. Layers: ``triton.testing.do_bench`` medians for dense ``F.linear`` in bf16 (cuBLAS) and
    each pattern's op, at 4096x4096 and the ViT-B shapes (out x in: 3072x768, 768x3072,
    2304x768), 80/90/95 %, batch 1 to 4096, forward and forward+backward; speed-up over
    cuBLAS, and at batch 1 the fraction of the bandwidth bound (bytes the op must move over
-   the device-to-device copy bandwidth measured in the same run).
+   the device-to-device copy bandwidth measured in the same run). Every timed cell is first
+   checked once against the float64 reference, after the call that autotuned it, so the
+   configurations timed are the ones verified.
 3. Model: a ViT-B/16 training step (HF ``ViTForImageClassification`` from ``ViTConfig()``,
-   random weights, bf16 autocast, AdamW), dense vs each pattern at 90 %.
+   random weights, bf16 autocast, AdamW), dense vs each pattern at 90 %, in interleaved
+   rounds.
+
+The results are written after the correctness section and after each shape, so a run cut
+off (``--budget-s``, or the machine taken back) leaves what it measured; what the budget left
+out is listed as skipped. Stdout has one line per section (and per shape); the cells are in
+the files. Autotuning results persist within the run (``TRITON_CACHE_AUTOTUNING=1``), and the
+native CPU kernels are not built (``SPARSEFX_CPU_KERNELS=torch``): nothing here uses them.
 """
 from __future__ import annotations
 
@@ -30,15 +38,20 @@ import contextlib
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+STARTED = time.perf_counter()  # the budget counts the imports too
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 if not ON_GPU:  # the Triton kernels on CPU tensors: only the interpreter runs them
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # read when Triton is imported
+os.environ.setdefault("SPARSEFX_CPU_KERNELS", "torch")  # no native build: unused here
 
 import sparsefx  # noqa: E402  (after TRITON_INTERPRET)
 from sparsefx.kernels import patterns  # noqa: E402
@@ -90,57 +103,99 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (actual.double() - reference).abs().max().item() / (scale or 1.0)
 
 
+# --------------------------------------------------------------------------------- budget
+
+
+class Budget:
+    """The run's wall-clock allowance: what is left, and each section's seconds."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = STARTED
+        self.sections: dict[str, float] = dict(imports=time.perf_counter() - STARTED)
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def allows(self, what: str) -> bool:
+        """Whether time is left to start ``what``; if not it is recorded as skipped."""
+        if self.left() > 0:
+            return True
+        self.skipped.append(what)
+        return False
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sections[name] = self.sections.get(name, 0.0) + time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------- correctness
 
 
-def check(shapes, rows_list, device: str) -> list[dict]:
+def errors_against_reference(run, x, grad_out, params, dense, stored, backward: bool) -> dict:
+    """Relative errors of ``run(x)`` (and, with ``backward``, of the gradients of ``x`` and
+    of the stored values ``params[0]``, which sit at ``stored`` in the dense weight, or are
+    all of it where ``stored`` is None) against float64 ``F.linear`` on ``dense``."""
+    x64 = x.detach().double().requires_grad_(backward)
+    w64 = dense.clone().requires_grad_(backward)
+    if not backward:
+        with torch.no_grad():
+            return dict(forward=relative_error(run(x), F.linear(x64, w64)))
+    y = run(x)
+    grad_x, grad_values = torch.autograd.grad(y, (x, params[0]), grad_out)
+    y64 = F.linear(x64, w64)
+    ref_grad_x, ref_grad_w = torch.autograd.grad(y64, (x64, w64), grad_out.double())
+    return dict(forward=relative_error(y, y64), grad_x=relative_error(grad_x, ref_grad_x),
+                grad_values=relative_error(grad_values, ref_grad_w if stored is None
+                                           else ref_grad_w[stored]))
+
+
+def bound_for(dtype: torch.dtype) -> float:
+    tf32 = ON_GPU and torch.backends.cuda.matmul.allow_tf32
+    return TOLERANCE["tf32" if dtype == torch.float32 and tf32 else dtype]
+
+
+def check(shapes, rows_list, device: str, budget: Budget) -> list[dict]:
     """Forward, input gradient and values gradient of every pattern against float64."""
     results = []
-    tf32 = ON_GPU and torch.backends.cuda.matmul.allow_tf32
     for pattern in PATTERNS:
         for out_features, in_features in shapes:
             for dtype in (torch.float32, torch.bfloat16):
+                if not budget.allows(f"check {pattern} {out_features}x{in_features} {dtype}"):
+                    continue
                 for rows in rows_list:
                     generator = torch.Generator().manual_seed(rows)
-                    op, values, dense, stored = sparse_operands(pattern, out_features, in_features,
-                                                        0.9, dtype, device, generator)
+                    op, values, dense, stored = sparse_operands(
+                        pattern, out_features, in_features, 0.9, dtype, device, generator)
                     x = torch.randn(rows, in_features, generator=generator).to(device, dtype)
                     grad_out = torch.randn(rows, out_features, generator=generator).to(
                         device, dtype)
                     x.requires_grad_()
                     values.requires_grad_()
-                    y = op(x, values)
-                    grad_x, grad_values = torch.autograd.grad(y, (x, values), grad_out)
-                    x64 = x.detach().double().requires_grad_()
-                    w64 = dense.clone().requires_grad_()
-                    y64 = F.linear(x64, w64)
-                    ref_grad_x, ref_grad_w = torch.autograd.grad(y64, (x64, w64),
-                                                                 grad_out.double())
-                    errors = dict(forward=relative_error(y, y64),
-                                  grad_x=relative_error(grad_x, ref_grad_x),
-                                  grad_values=relative_error(grad_values, ref_grad_w[stored]))
-                    bound = TOLERANCE["tf32" if dtype == torch.float32 and tf32 else dtype]
+                    errors = errors_against_reference(lambda x: op(x, values), x, grad_out,
+                                                      (values,), dense, stored, backward=True)
+                    bound = bound_for(dtype)
                     results.append(dict(pattern=pattern, shape=[out_features, in_features],
                                         rows=rows, dtype=str(dtype).removeprefix("torch."),
                                         errors=errors, bound=bound,
                                         ok=max(errors.values()) <= bound))
-                    print(f"check {pattern:9s} {out_features}x{in_features} rows {rows:4d} "
-                          f"{results[-1]['dtype']:8s} "
-                          + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
-                          + f"  (bound {bound:.0e}) {'ok' if results[-1]['ok'] else 'FAILED'}",
-                          flush=True)
     return results
 
 
 # -------------------------------------------------------------------------------- timing
 
 
-def bench_ms(fn) -> float:
-    """``triton.testing.do_bench``'s median (it flushes L2 between calls), in ms; without a
-    GPU the median of 3 wall-clock calls (a smoke run of this script, not a measurement)."""
+def bench_ms(fn, rep_ms: int = 100) -> float:
+    """``triton.testing.do_bench``'s median (it flushes L2 between calls) over ``rep_ms``, in
+    ms; without a GPU the median of 3 wall-clock calls (a smoke run of this script, not a
+    measurement)."""
     if not ON_GPU:
         import statistics
-        import time
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -148,7 +203,8 @@ def bench_ms(fn) -> float:
             times.append(1e3 * (time.perf_counter() - start))
         return statistics.median(times)
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms,
+                                   return_mode="median")
 
 
 def copy_bandwidth(size: int = 1 << 30) -> float:
@@ -158,56 +214,68 @@ def copy_bandwidth(size: int = 1 << 30) -> float:
     return 2 * source.numel() / (bench_ms(lambda: target.copy_(source)) * 1e-3)
 
 
-def time_layers(shapes, sparsities, batches, bandwidth: float) -> list[dict]:
-    """Dense ``F.linear`` (cuBLAS) and every pattern's op in bf16, forward and
-    forward+backward, one row per (shape, batch, pass, candidate)."""
+def time_shape(out_features: int, in_features: int, sparsities, batches, bandwidth: float,
+               budget: Budget) -> list[dict]:
+    """Dense ``F.linear`` (cuBLAS) and every pattern's op in bf16 at one shape, forward and
+    forward+backward, one row per (batch, pass, candidate), each checked against float64
+    once before it is timed."""
     rows = []
     dtype = torch.bfloat16
-    for out_features, in_features in shapes:
-        generator = torch.Generator().manual_seed(0)
-        weight = (torch.randn(out_features, in_features, generator=generator)
-                  / in_features ** 0.5).to(DEVICE, dtype).requires_grad_()
-        candidates = [("dense", None, lambda x, w=weight: F.linear(x, w), (weight,),
-                       weight.numel() * 2)]
-        for pattern in PATTERNS:
-            for sparsity in sparsities:
-                op, values, _, stored = sparse_operands(pattern, out_features, in_features,
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=generator)
+              / in_features ** 0.5).to(DEVICE, dtype).requires_grad_()
+    candidates = [("dense", None, lambda x, w=weight: F.linear(x, w), (weight,),
+                   weight.numel() * 2, weight.detach().double(), None)]
+    for pattern in PATTERNS:
+        for sparsity in sparsities:
+            op, values, dense, stored = sparse_operands(pattern, out_features, in_features,
                                                         sparsity, dtype, DEVICE, generator)
-                values.requires_grad_()
-                structure_bytes = (stored[1].numel() * 2 if pattern == "fanin"
-                                   else values.shape[0] * 8)
-                candidates.append((pattern, sparsity, lambda x, op=op, v=values: op(x, v),
-                                   (values,), values.numel() * 2 + structure_bytes))
-        for batch in batches:
-            x = torch.randn(batch, in_features, device=DEVICE, dtype=dtype, requires_grad=True)
-            grad_out = torch.randn(batch, out_features, device=DEVICE, dtype=dtype)
-            for step in ("forward", "forward+backward"):
-                dense_ms = None
-                for name, sparsity, run, params, weight_bytes in candidates:
-                    if step == "forward":
-                        fn = torch.no_grad()(lambda run=run: run(x))
-                    else:
-                        fn = lambda run=run, params=params: torch.autograd.grad(  # noqa: E731
-                            run(x), (x, *params), grad_out)
-                    ms = bench_ms(fn)
-                    dense_ms = ms if name == "dense" else dense_ms
-                    moved = weight_bytes + (x.numel() + grad_out.numel()) * 2
-                    row = dict(shape=[out_features, in_features], batch=batch, step=step,
-                               pattern=name, sparsity=sparsity, ms=ms,
-                               speedup=dense_ms / ms,
-                               bandwidth_fraction=(moved / (ms * 1e-3) / bandwidth
-                                                   if batch == 1 and step == "forward"
-                                                   else None))
-                    rows.append(row)
-                    print(f"{out_features}x{in_features} b{batch:<5d} {step:16s} {name:9s} "
-                          f"{fmt(sparsity, '.0%', ''):4s} {ms:8.4f} ms  x{row['speedup']:.2f}",
-                          flush=True)
+            values.requires_grad_()
+            structure_bytes = (stored[1].numel() * 2 if pattern == "fanin"
+                               else values.shape[0] * 8)
+            candidates.append((pattern, sparsity, lambda x, op=op, v=values: op(x, v),
+                               (values,), values.numel() * 2 + structure_bytes, dense, stored))
+    bound = bound_for(dtype)
+    for batch in batches:
+        if not budget.allows(f"layers {out_features}x{in_features} batch {batch}"):
+            continue
+        x = torch.randn(batch, in_features, device=DEVICE, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(batch, out_features, device=DEVICE, dtype=dtype)
+        for step in ("forward", "forward+backward"):
+            dense_ms = None
+            for name, sparsity, run, params, weight_bytes, dense, stored in candidates:
+                backward = step != "forward"
+                if backward:
+                    fn = lambda run=run, params=params: torch.autograd.grad(  # noqa: E731
+                        run(x), (x, *params), grad_out)
+                else:
+                    fn = torch.no_grad()(lambda run=run: run(x))
+                fn()  # autotunes this key: the configuration checked next is the one timed
+                errors = errors_against_reference(run, x, grad_out, params, dense, stored,
+                                                  backward)
+                ms = bench_ms(fn)
+                dense_ms = ms if name == "dense" else dense_ms
+                moved = weight_bytes + (x.numel() + grad_out.numel()) * 2
+                rows.append(dict(shape=[out_features, in_features], batch=batch, step=step,
+                                 pattern=name, sparsity=sparsity, ms=ms,
+                                 speedup=dense_ms / ms, errors=errors,
+                                 ok=max(errors.values()) <= bound,
+                                 bandwidth_fraction=(moved / (ms * 1e-3) / bandwidth
+                                                     if batch == 1 and step == "forward"
+                                                     else None)))
     return rows
 
 
-def time_vit_training(batch: int, tiny: bool = False) -> list[dict]:
+def time_vit_training(batch: int, budget: Budget, tiny: bool = False,
+                      rounds: int = 3) -> list[dict]:
     """A ViT-B/16 training step (bf16 autocast, AdamW), dense vs each pattern at 90 %
-    (``tiny``: a one-layer ViT of width 64 on 32-pixel images)."""
+    (``tiny``: a one-layer ViT of width 64 on 32-pixel images), timed in ``rounds``
+    interleaved rounds of about a second each; the step's time is the median over rounds,
+    and its speed-up the median of the per-round ratios to dense."""
+    import statistics
+
+    if not budget.allows("ViT"):
+        return []
     from transformers import ViTConfig, ViTForImageClassification
     config = (ViTConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
                         intermediate_size=256, image_size=32, patch_size=8, num_labels=10)
@@ -216,10 +284,12 @@ def time_vit_training(batch: int, tiny: bool = False) -> list[dict]:
     dense = ViTForImageClassification(config)
     pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=DEVICE)
     labels = torch.randint(0, config.num_labels, (batch,), device=DEVICE)
-    rows = []
+    steps = {}
     for name in ("dense", *PATTERNS):
-        model = dense if name == "dense" else sparsefx.transform(dense, name, 0.9,
-                                                                 keep_last_dense=True)
+        if not budget.allows(f"ViT {name}"):
+            continue
+        model = dense if name == "dense" else sparsefx.transform(
+            dense, name, 0.9, init="random", keep_last_dense=True)  # the weights do not matter
         model = model.to(DEVICE)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -229,13 +299,20 @@ def time_vit_training(batch: int, tiny: bool = False) -> list[dict]:
                 loss = F.cross_entropy(model(pixels).logits, labels)
             loss.backward()
             optimizer.step()
-        ms = bench_ms(step)
+        step()  # autotunes and allocates
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(rounds):
+        if index and not budget.allows(f"ViT round {index + 1}"):
+            break
+        for name, step in steps.items():
+            times[name].append(bench_ms(step, rep_ms=1000))
+    rows = []
+    for name, measured in times.items():
+        ratios = [d / m for d, m in zip(times.get("dense", []), measured)]
         rows.append(dict(model="tiny ViT" if tiny else "ViT-B/16", batch=batch, pattern=name,
-                         ms=ms))
-        print(f"ViT training step b{batch} {name:9s} {ms:8.2f} ms", flush=True)
-        model.cpu()
-    for row in rows:
-        row["speedup"] = rows[0]["ms"] / row["ms"]
+                         ms=statistics.median(measured), rounds=len(measured),
+                         speedup=statistics.median(ratios) if ratios else None))
     return rows
 
 
@@ -261,39 +338,51 @@ def device_info() -> dict:
 
 
 def write(results: dict, out: Path) -> None:
+    """The JSON and Markdown of what the run has so far (written again after each part)."""
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_" + results["device"]["gpu"].lower().replace(" ", "_")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     info = results["device"]
     title = ("# sparsefx on a GPU" if ON_GPU else
              "# benchmarks/gpu.py smoke run without a GPU (interpreter, wall clock: not data)")
+    bandwidth = results.get("copy_bandwidth")
     lines = [title, "",
              f"Command: `{results['command']}`  ",
              f"Device: {info['gpu']} (sm_{info['capability'].replace('.', '')}, "
              f"{info['multiprocessors']} SMs), driver {info['driver']}, CUDA {info['cuda']}; "
              f"torch {info['torch']}, Triton {info['triton']}  ",
-             f"Copy bandwidth measured: {results['copy_bandwidth'] / 1e9:.0f} GB/s", "",
-             "## Correctness (relative error against float64)", ""]
+             f"Budget: {results['budget_s']:.0f} s; seconds per section: "
+             + ", ".join(f"{k} {v:.1f}" for k, v in results["sections"].items()) + "  ",
+             "Copy bandwidth measured: " + (f"{bandwidth / 1e9:.0f} GB/s" if bandwidth
+                                            else "not yet"), ""]
+    if results["skipped"]:
+        lines += ["**Skipped, out of time:** " + "; ".join(results["skipped"]), ""]
+    lines += ["## Correctness (relative error against float64)", ""]
     lines += markdown_table(
-        ["pattern", "shape", "rows", "dtype", "forward", "grad x", "grad values", "bound"],
+        ["pattern", "shape", "rows", "dtype", "forward", "grad x", "grad values", "bound", ""],
         [[c["pattern"], "x".join(map(str, c["shape"])), str(c["rows"]), c["dtype"],
           *(f"{c['errors'][k]:.1e}" for k in ("forward", "grad_x", "grad_values")),
-          f"{c['bound']:.0e}"] for c in results["checks"]], "lllrrrrr")
-    lines += ["", "## Layers: bf16, speed-up over cuBLAS (`F.linear`)", ""]
-    lines += markdown_table(
-        ["layer (out x in)", "batch", "pass", "pattern", "sparsity", "ms", "vs cuBLAS",
-         "of bandwidth bound"],
-        [["x".join(map(str, r["shape"])), str(r["batch"]), r["step"], r["pattern"],
-          fmt(r["sparsity"], ".0%", ""), f"{r['ms']:.4f}", f"{r['speedup']:.2f}",
-          fmt(r["bandwidth_fraction"], ".0%", "")] for r in results["layers"]], "lrllrrrr")
+          f"{c['bound']:.0e}", "ok" if c["ok"] else "**FAILED**"] for c in results["checks"]],
+        "lllrrrrrl")
+    if results.get("layers"):
+        lines += ["", "## Layers: bf16, speed-up over cuBLAS (`F.linear`)", "",
+                  "Each cell was checked against float64 once, after the call that autotuned "
+                  "it (largest relative error of the forward and gradients).", ""]
+        lines += markdown_table(
+            ["layer (out x in)", "batch", "pass", "pattern", "sparsity", "ms", "vs cuBLAS",
+             "of bandwidth bound", "error", ""],
+            [["x".join(map(str, r["shape"])), str(r["batch"]), r["step"], r["pattern"],
+              fmt(r["sparsity"], ".0%", ""), f"{r['ms']:.4f}", f"{r['speedup']:.2f}",
+              fmt(r["bandwidth_fraction"], ".0%", ""), f"{max(r['errors'].values()):.1e}",
+              "ok" if r["ok"] else "**FAILED**"] for r in results["layers"]], "lrllrrrrrl")
     if results.get("model"):
         lines += ["", f"## {results['model'][0]['model']} training step (bf16 autocast, AdamW), "
                   "90 %", ""]
-        lines += markdown_table(["pattern", "batch", "ms", "vs dense"],
+        lines += markdown_table(["pattern", "batch", "ms", "vs dense", "rounds"],
                                 [[r["pattern"], str(r["batch"]), f"{r['ms']:.2f}",
-                                  f"{r['speedup']:.2f}"] for r in results["model"]], "lrrr")
+                                  fmt(r["speedup"], ".2f", ""), str(r["rounds"])]
+                                 for r in results["model"]], "lrrrr")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.json and .md")
 
 
 # --------------------------------------------------------------------------------- main
@@ -305,30 +394,72 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (interpreter: CI)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--vit-batch", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=270.0,
+                        help="wall-clock seconds for the whole run; what is left when they "
+                             "run out is skipped, and listed as skipped")
     args = parser.parse_args()
     if not ON_GPU and not args.tiny:
         parser.error("no CUDA device: only --tiny runs here (on the interpreter)")
+    budget = Budget(args.budget_s)
+
     def kernels():  # the Triton kernels: on the GPU, or on CPU tensors under the interpreter
         return (contextlib.nullcontext() if ON_GPU
                 else sparsefx.kernels.use_cpu_kernels("triton"))
 
-    with kernels():
-        checks = check(TINY_SHAPES if args.tiny else SHAPES[:2],
-                       (1, 20) if args.tiny else (1, 32, 300), DEVICE)
-    failed = [c for c in checks if not c["ok"]]
-    print(f"correctness: {len(checks) - len(failed)} of {len(checks)} within bounds")
+    results = dict(command=command_line(), device=device_info(), budget_s=args.budget_s,
+                   sections=budget.sections, skipped=budget.skipped, checks=[], layers=[],
+                   model=[])
+    with kernels(), budget.section("correctness"):
+        results["checks"] = check(TINY_SHAPES if args.tiny else SHAPES[:2],
+                                  (1, 20) if args.tiny else (1, 32, 300), DEVICE, budget)
+    failed = [c for c in results["checks"] if not c["ok"]]
+    print(f"correctness: {len(results['checks']) - len(failed)} of {len(results['checks'])} "
+          f"within bounds ({budget.sections['correctness']:.1f} s)"
+          + "".join(f"\n  FAILED {c['pattern']} {c['shape']} rows {c['rows']} {c['dtype']}: "
+                    f"{c['errors']}" for c in failed), flush=True)
+    write(results, args.out)
     if failed or args.check_only:
-        raise SystemExit(1 if failed else 0)
+        finish(results, args.out, 1 if failed else 0)
     with kernels():
-        results = dict(command=command_line(), device=device_info(), checks=checks,
-                       copy_bandwidth=copy_bandwidth(1 << 20 if args.tiny else 1 << 30))
-        results["layers"] = time_layers(TINY_SHAPES if args.tiny else SHAPES,
-                                        SPARSITIES[1:2] if args.tiny else SPARSITIES,
-                                        (1, 20) if args.tiny else BATCHES,
-                                        results["copy_bandwidth"])
-        write(results, args.out)  # the layer table first: the model can run out of time
-        results["model"] = time_vit_training(2 if args.tiny else args.vit_batch, args.tiny)
-        write(results, args.out)
+        with budget.section("bandwidth"):
+            results["copy_bandwidth"] = copy_bandwidth(1 << 20 if args.tiny else 1 << 30)
+        for out_features, in_features in TINY_SHAPES if args.tiny else SHAPES:
+            if not budget.allows(f"layers {out_features}x{in_features}"):
+                continue
+            with budget.section("layers"):
+                rows = time_shape(out_features, in_features,
+                                  SPARSITIES[1:2] if args.tiny else SPARSITIES,
+                                  (1, 20) if args.tiny else BATCHES, results["copy_bandwidth"],
+                                  budget)
+            results["layers"] += rows
+            write(results, args.out)
+            best = {}
+            for r in rows:
+                if r["pattern"] != "dense":
+                    best[r["pattern"]] = max(best.get(r["pattern"], 0.0), r["speedup"])
+            print(f"layers {out_features}x{in_features}: {len(rows)} cells, "
+                  f"{sum(not r['ok'] for r in rows)} failed the check; best vs cuBLAS "
+                  + ", ".join(f"{k} x{v:.2f}" for k, v in best.items())
+                  + f" ({budget.left():.0f} s left)", flush=True)
+        with budget.section("model"):
+            results["model"] = time_vit_training(2 if args.tiny else args.vit_batch, budget,
+                                                 args.tiny, rounds=1 if args.tiny else 3)
+        print("model: " + (", ".join(f"{r['pattern']} {r['ms']:.1f} ms"
+                                    + (f" x{r['speedup']:.2f}" if r["speedup"] else "")
+                                     for r in results["model"]) or "skipped")
+              + f" ({budget.sections['model']:.1f} s)", flush=True)
+    failed = [r for r in results["layers"] if not r["ok"]]
+    finish(results, args.out, 1 if failed else 0)
+
+
+def finish(results: dict, out: Path, code: int) -> None:
+    write(results, out)
+    skipped = results["skipped"]
+    print(f"wrote {out}/gpu_*.json and .md; sections (s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in results["sections"].items())
+          + (f"; skipped, out of time: {len(skipped)} ({skipped[0]} ...)" if skipped else ""),
+          flush=True)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,71 @@
 """benchmarks/gpu.py on tiny shapes: on the Triton kernels under the interpreter here (as in
 CI), on the device where there is one. Without a GPU its timing is a smoke run of the code,
-so that a lent GPU's minutes are not lost to a bug in it."""
+so that a lent GPU's minutes are not lost to a bug in it: every section runs, the results are
+written after each part, a spent budget skips what is left (and says so), and a failed check
+writes the failing cells before it stops the run."""
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "gpu.py"
+
+
+def _results(folder: Path) -> tuple[dict, str]:
+    (written,) = folder.glob("gpu_*.json")
+    return json.loads(written.read_text()), written.with_suffix(".md").read_text()
 
 
 def test_the_gpu_script_checks_every_pattern_then_times_every_step(tmp_path):
-    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--budget-s", "600", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("check ")]
-    for pattern in ("diag", "fanin", "blockdiag"):
-        for dtype in ("float32", "bfloat16"):
-            assert sum(f" {pattern} " in line and f" {dtype} " in line
-                       for line in lines) == 4, (pattern, dtype)
-    assert all(line.endswith(" ok") for line in lines)
     assert "correctness: 24 of 24 within bounds" in run.stdout
-    (written,) = tmp_path.glob("gpu_*.json")
-    results = json.loads(written.read_text())
+    assert len(run.stdout.splitlines()) <= 6, run.stdout  # a line per section and shape
+    results, markdown = _results(tmp_path)
+    cells = {(c["pattern"], c["dtype"]) for c in results["checks"]}
+    assert cells == {(p, d) for p in ("diag", "fanin", "blockdiag")
+                     for d in ("float32", "bfloat16")}
+    assert len(results["checks"]) == 24 and all(c["ok"] for c in results["checks"])
     assert {r["pattern"] for r in results["layers"]} == {"dense", "diag", "fanin", "blockdiag"}
     assert {r["step"] for r in results["layers"]} == {"forward", "forward+backward"}
+    for row in results["layers"]:  # every timed cell was checked
+        assert row["ok"] and set(row["errors"]) == (
+            {"forward"} if row["step"] == "forward" else {"forward", "grad_x", "grad_values"})
     assert [r["pattern"] for r in results["model"]] == ["dense", "diag", "fanin", "blockdiag"]
-    assert written.with_suffix(".md").read_text().count("\n| ") > 40
+    assert results["skipped"] == []
+    assert set(results["sections"]) == {"imports", "correctness", "bandwidth", "layers",
+                                        "model"}
+    assert markdown.count("\n| ") > 40 and "FAILED" not in markdown
+
+
+def test_a_spent_budget_skips_what_is_left_and_still_writes(tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--budget-s", "1", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results, markdown = _results(tmp_path)
+    assert results["checks"] == [] and results["layers"] == [] and results["model"] == []
+    assert "check diag 48x32 torch.float32" in results["skipped"]
+    assert "layers 48x32" in results["skipped"] and "ViT" in results["skipped"]
+    assert "Skipped, out of time" in markdown and "skipped, out of time" in run.stdout
+
+
+def test_a_failed_check_writes_the_failing_cells_and_stops(tmp_path, monkeypatch):
+    for name, value in (("SPARSEFX_CPU_KERNELS", "native"), ("TRITON_CACHE_AUTOTUNING", "0")):
+        monkeypatch.setenv(name, value)  # what importing the script would set, restored after
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu = importlib.import_module("gpu")
+    monkeypatch.setattr(gpu, "TOLERANCE", {key: 0.0 for key in gpu.TOLERANCE})
+    monkeypatch.setattr(gpu, "PATTERNS", ("diag",))
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        gpu.main()
+    assert stop.value.code == 1
+    results, markdown = _results(tmp_path)
+    assert results["checks"] and not any(c["ok"] for c in results["checks"])
+    assert results["layers"] == [] and results["model"] == []  # nothing timed
+    assert markdown.count("**FAILED**") == len(results["checks"])

@@ -328,7 +328,8 @@ def device_info() -> dict:
     except (OSError, subprocess.CalledProcessError):
         pass
     versions = dict(driver=driver, cuda=torch.version.cuda, torch=torch.__version__,
-                    triton=triton.__version__, python=platform.python_version())
+                    triton=triton.__version__, python=platform.python_version(),
+                    sparsefx=str(Path(sparsefx.__file__).parent))  # which copy ran
     if not ON_GPU:
         return dict(gpu="cpu interpreter smoke run", capability="0.0", multiprocessors=0,
                     **versions)

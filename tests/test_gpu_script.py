@@ -4,6 +4,7 @@ so that a lent GPU's minutes are not lost to a bug in it: every section runs, th
 written after each part, a spent budget skips what is left (and says so), and a failed check
 writes the failing cells before it stops the run."""
 import importlib
+import os
 import json
 import subprocess
 import sys
@@ -69,3 +70,18 @@ def test_a_failed_check_writes_the_failing_cells_and_stops(tmp_path, monkeypatch
     assert results["checks"] and not any(c["ok"] for c in results["checks"])
     assert results["layers"] == [] and results["model"] == []  # nothing timed
     assert markdown.count("**FAILED**") == len(results["checks"])
+
+
+def test_the_device_command_runs_from_a_placed_copy_and_fills_its_folder(tmp_path):
+    """``benchmarks/gpu_device.sh OUT``: the package placed (not installed) on PYTHONPATH,
+    every output in OUT."""
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_device.sh"), str(out), "--tiny",
+                          "--budget-s", "1"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results, _ = _results(out)
+    assert not results["device"]["sparsefx"].startswith(str(BENCHMARKS.parent))
+    for name in ("gpu.log", "gpu.stderr", "nvidia-smi.txt", "triton-cache.tar.gz"):
+        assert (out / name).exists(), name
+    assert "correctness:" in (out / "gpu.log").read_text()

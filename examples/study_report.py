@@ -9,6 +9,7 @@ README's section between its ``study`` markers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -215,11 +216,17 @@ def _profile_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _commands(commands: list[str]) -> str:
+    """The commands in order, a command repeated at once (a resumed run) written once."""
+    runs = [(command, len(list(group))) for command, group in itertools.groupby(commands)]
+    return ", then ".join(f"`{command}`" + (f" ({count} times: it resumes)" if count > 1 else "")
+                          for command, count in runs)
+
+
 def markdown(results: dict, tables: dict) -> str:
     info = results["machine"]
     lines = ["# Accuracy study", "",
-             "Commands: " + ", then ".join(f"`{c}`" for c in results.get("commands", [
-                 results["command"]])) + "  ",
+             "Commands: " + _commands(results.get("commands", [results["command"]])) + "  ",
              f"Machine: {info['cpu']}, {info['logical_cores']} logical cores; torch "
              f"{info['torch']}, Python {info['python']}. Written by "
              "`python examples/study_report.py` from `study.json`.", ""]

@@ -59,6 +59,8 @@ def test_a_failed_check_writes_the_failing_cells_and_stops(tmp_path, monkeypatch
     for name, value in (("SPARSEFX_CPU_KERNELS", "native"), ("TRITON_CACHE_AUTOTUNING", "0")):
         monkeypatch.setenv(name, value)  # what importing the script would set, restored after
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("common", "gpu"):  # examples/ has a ``common`` too, imported by other tests
+        monkeypatch.delitem(sys.modules, name, raising=False)
     gpu = importlib.import_module("gpu")
     monkeypatch.setattr(gpu, "TOLERANCE", {key: 0.0 for key in gpu.TOLERANCE})
     monkeypatch.setattr(gpu, "PATTERNS", ("diag",))

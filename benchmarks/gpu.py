@@ -55,6 +55,7 @@ os.environ.setdefault("SPARSEFX_CPU_KERNELS", "torch")  # no native build: unuse
 
 import sparsefx  # noqa: E402  (after TRITON_INTERPRET)
 from sparsefx.kernels import patterns  # noqa: E402
+from sparsefx.kernels.triton_variants import interpreter_problem  # noqa: E402
 from sparsefx.registry import build_layer  # noqa: E402
 
 from common import command_line, fmt, markdown_table  # noqa: E402
@@ -401,6 +402,8 @@ def main() -> None:
     args = parser.parse_args()
     if not ON_GPU and not args.tiny:
         parser.error("no CUDA device: only --tiny runs here (on the interpreter)")
+    if (problem := interpreter_problem()) is not None:
+        parser.error(f"no CUDA device, and {problem}")
     budget = Budget(args.budget_s)
 
     def kernels():  # the Triton kernels: on the GPU, or on CPU tensors under the interpreter

@@ -293,6 +293,10 @@ def _select_cpu_kernels(name: str) -> None:
     if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton CPU kernels run Triton on CPU tensors, which needs "
                          "TRITON_INTERPRET=1 set before triton is imported")
+    if name == "triton":
+        from .triton_variants import interpreter_problem
+        if (problem := interpreter_problem()) is not None:
+            raise ValueError(f"the triton CPU kernels cannot run here: {problem}")
     if name == "native" and _native_skipped is not None:
         raise ValueError(f"the native CPU kernels were not built: SPARSEFX_CPU_KERNELS="
                          f"{_native_skipped!r} was set when sparsefx "

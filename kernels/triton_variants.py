@@ -1,10 +1,11 @@
 """The launch choices the Triton kernels share, and every variant the ops can launch, compiled
-ahead of time for a GPU that
-need not be present: ``triton.compile`` on an ``ASTSource`` for
+ahead of time for a GPU that need not be present: ``triton.compile`` on an ``ASTSource`` for
 ``GPUTarget("cuda", 80 | 90, 32)`` gives the PTX, and the ``ptxas`` that ships with Triton,
 run on it as Triton runs it (``-v``), reports registers per thread, the stack frame and the
-spill stores and loads. ``tests/test_triton_compile.py`` fails on
-a compile error or a spill; ``python -m sparsefx.kernels.triton_variants`` prints the table.
+spill stores and loads. Each variant is compiled as the JIT specialises its launches: the
+pointers and integers 16-divisible (``aligned_attrs``), and the integers it is launched with
+as 1 (a single-row tile's row count) constants. ``tests/test_triton_compile.py`` fails on a
+compile error or a spill; ``python -m sparsefx.kernels.triton_variants`` prints the table.
 
 Each pattern's ``triton_kernels`` lists its variants (``launch_variants()``) from the same
 constants its launchers choose from, so the list and the launches cannot drift apart.
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Variant", "Resources", "signature", "every_variant", "compile_variant",
+__all__ = ["Variant", "Resources", "signature", "every_variant", "compile_ptx", "compile_variant",
            "compile_every_variant", "pick_tile", "split_count", "Split", "accumulator_dtype",
-           "rows_bucket", "launch", "warp_choices", "autotune_bench", "TARGETS", "NUM_STAGES",
-           "INTERPRETED"]
+           "rows_bucket", "launch", "warp_choices", "autotune_bench", "SINGLE_ROW", "TARGETS",
+           "NUM_STAGES", "INTERPRETED", "interpreter_problem"]
 
 TARGETS = (80, 90)  # Ampere (A100) and Hopper (H100, H200)
 NUM_STAGES = 3
@@ -44,11 +45,14 @@ class Variant:
     constexprs: dict[str, object]
     num_warps: int = 4
     num_stages: int = NUM_STAGES
+    ones: tuple[str, ...] = ()      # integer arguments the launcher passes as 1 (the JIT makes
+    #                                 them constants): a single-row tile's row count and key
 
     @property
     def name(self) -> str:
         pointers = ",".join(t[1:] for t in self.signature.values() if t.startswith("*"))
-        flags = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items())
+        flags = ",".join([f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items()]
+                         + [f"{k}=1" for k in self.ones])
         return (f"{self.kernel.__name__}[{pointers}; {flags}; warps={self.num_warps}, "
                 f"stages={self.num_stages}]")
 
@@ -65,6 +69,38 @@ class Resources:
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter (``TRITON_INTERPRET=1``) cannot run the kernels here, or None
+    (None too when the kernels are compiled, not interpreted). Probed on a loop over a runtime
+    bound, as every kernel here has, not guessed from versions: Triton 3.6's interpreter turns
+    that bound into an int in a way NumPy 2.4 refuses (triton-lang/triton#9171)."""
+    if not INTERPRETED:
+        return None
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 2):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](out, 5)
+    except Exception as error:  # the interpreter wraps what failed in its InterpreterError
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over a runtime "
+                f"bound with NumPy {numpy.__version__} ({error}; triton-lang/triton#9171): "
+                "install numpy<2.4 or another Triton")
+    if int(out) != 3:
+        return (f"Triton {triton.__version__}'s interpreter counted {int(out)} steps of "
+                "range(0, 5, 2), expected 3")
+    return None
 
 
 def pick_tile(size: int, tiles: tuple[int, ...]) -> int:
@@ -173,6 +209,9 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+SINGLE_ROW = ("rows", "rows_key")  # Variant.ones of a tile launched only for one row
+
+
 def signature(kernel, pointers: dict[str, torch.dtype], constexprs: dict[str, object],
               scalars: dict[str, str] | None = None) -> dict[str, str]:
     """The ``ASTSource`` signature of ``kernel``: pointers typed by ``pointers``, constexprs
@@ -207,18 +246,42 @@ def _ptxas(capability: int) -> str:
         return knobs.nvidia.ptxas.path
 
 
-def compile_variant(variant: Variant, capability: int) -> Resources:
-    """Compile ``variant`` for ``sm_<capability>`` and read ptxas' report on it."""
+def aligned_attrs(variant: Variant, backend) -> dict:
+    """The specialisation the JIT gives a launch whose pointers and integer arguments are all
+    multiples of 16 (``tt.divisibility`` 16): torch's allocations and the shapes a model
+    uses. It is the one that vectorises most, so the one that needs the most registers (it
+    added up to 61 over none). An integer equal to 1 the JIT makes a constant: ``Variant.ones``
+    names those a variant is launched with."""
+    return {(index,): backend.parse_attr("D")
+            for index, kind in enumerate(variant.signature.values())
+            if kind.startswith("*") or kind in ("i32", "i64")}
+
+
+def compile_ptx(variant: Variant, capability: int) -> str:
+    """The PTX of ``variant`` for ``sm_<capability>``, specialised as the JIT specialises its
+    launches: aligned arguments (``aligned_attrs``), the integers in ``variant.ones`` constant."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
-    source = ASTSource(fn=variant.kernel, signature=variant.signature,
-                       constexprs=dict(variant.constexprs))
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+    target = GPUTarget("cuda", capability, 32)
+    ones = {name: 1 for name in variant.ones}
+    specialised = Variant(variant.kernel, {name: "constexpr" if name in ones else kind
+                                           for name, kind in variant.signature.items()},
+                          {**variant.constexprs, **ones}, variant.num_warps, variant.num_stages)
+    source = ASTSource(fn=variant.kernel, signature=specialised.signature,
+                       constexprs=specialised.constexprs,
+                       attrs=aligned_attrs(specialised, make_backend(target)))
+    compiled = triton.compile(source, target=target,
                               options=dict(num_warps=variant.num_warps,
                                            num_stages=variant.num_stages))
-    ptx = compiled.asm["ptx"]
+    return compiled.asm["ptx"]
+
+
+def compile_variant(variant: Variant, capability: int) -> Resources:
+    """Compile ``variant`` for ``sm_<capability>`` (``compile_ptx``) and read ptxas' report on
+    it."""
+    ptx = compile_ptx(variant, capability)
     arch = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")

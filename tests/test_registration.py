@@ -235,3 +235,18 @@ def test_other_cpu_kernels_asked_for_at_import_build_nothing(tmp_path):
     assert run.returncode == 0, run.stderr
     assert list(extensions.iterdir()) == []
     assert "native" not in run.stderr and "building" not in run.stderr, run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only without a GPU")
+def test_triton_cpu_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
+    """Triton 3.6's interpreter with NumPy >= 2.4 fails on every kernel here: asked for the
+    Triton CPU kernels, sparsefx says so instead of failing inside the first op."""
+    from sparsefx import kernels
+    from sparsefx.kernels import triton_variants
+    before = kernels.cpu_kernels()
+    monkeypatch.setattr(triton_variants, "interpreter_problem",
+                        lambda: "Triton 3.6.0's interpreter cannot run a loop (triton#9171)")
+    with pytest.raises(ValueError, match="triton CPU kernels cannot run here: Triton 3.6.0"):
+        with use_cpu_kernels("triton"):
+            pass
+    assert kernels.cpu_kernels() == before

@@ -3,6 +3,9 @@
 (``sparsefx.kernels.triton_variants``). The table of registers per thread is printed
 (``pytest -s``, or ``python -m sparsefx.kernels.triton_variants``)."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -39,3 +42,33 @@ def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
                for name, c, r in results if r.spills]
     assert not spilled, "\n".join(spilled)
     assert len(results) == 2 * len(triton_variants.every_variant())
+
+
+def test_the_audit_compiles_what_the_jit_compiles_for_aligned_launches_and_single_rows():
+    """The JIT specialises 16-divisible pointers and integers (``tt.divisibility``) and makes
+    an integer equal to 1 a constant: the audit compiles the same, or its register counts
+    would not be the GPU's."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    variants = triton_variants.every_variant()
+    for v in variants:
+        aligned = {index for (index,) in triton_variants.aligned_attrs(v, backend)}
+        assert aligned == {i for i, kind in enumerate(v.signature.values())
+                           if kind[0] == "*" or kind in ("i32", "i64")}, v.name
+        single_row = v.constexprs.get("BLOCK_ROWS") == 1 and "rows_key" in v.signature
+        assert v.ones == (triton_variants.SINGLE_ROW if single_row else ()), v.name
+    # compiled, not interpreted: in a process started without the session's TRITON_INTERPRET
+    probe = textwrap.dedent("""
+        import dataclasses
+        from sparsefx.kernels import triton_variants as t
+        one = next(v for v in t.every_variant() if v.ones)
+        print(*(t.compile_ptx(v, 90).count(".param .")
+                for v in (one, dataclasses.replace(one, ones=()))))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    specialised, general = map(int, run.stdout.split())
+    assert specialised == general - len(triton_variants.SINGLE_ROW)  # rows, rows_key constant

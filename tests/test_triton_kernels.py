@@ -12,6 +12,10 @@ triton = pytest.importorskip("triton")
 from sparsefx.kernels.diag import triton_kernels as diag_triton  # noqa: E402
 from sparsefx.kernels.fanin import triton_kernels as fanin_triton  # noqa: E402
 from sparsefx.kernels.blockdiag import triton_kernels as blockdiag_triton  # noqa: E402
+from sparsefx.kernels.triton_variants import interpreter_problem  # noqa: E402
+
+pytestmark = pytest.mark.skipif(interpreter_problem() is not None,
+                                reason=str(interpreter_problem()))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter runs every program in Python: small shapes, fewer examples

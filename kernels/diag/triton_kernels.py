@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Split, Variant, accumulator_dtype, launch, pick_tile, \
-    rows_bucket, signature, split_count, warp_choices
+from ..triton_variants import (SINGLE_ROW, Split, Variant, accumulator_dtype, launch, pick_tile,
+                               rows_bucket, signature, split_count, warp_choices)
 
 __all__ = ["diag_apply", "diag_values_grad", "launch_variants"]
 
@@ -223,7 +223,8 @@ def launch_variants():
                     for warps in _apply_warps(block_rows, block_pos):
                         yield Variant(_diag_apply_kernel,
                                       signature(_diag_apply_kernel, typed, constexprs),
-                                      constexprs, num_warps=warps)
+                                      constexprs, num_warps=warps,
+                                      ones=SINGLE_ROW if block_rows == 1 else ())
         for block_rows in ROW_TILES:
             for block_pos in POSITION_TILES:
                 constexprs = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,

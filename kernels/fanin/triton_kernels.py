@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import Split, Variant, accumulator_dtype, launch, pick_tile, \
-    rows_bucket, signature, split_count, warp_choices
+from ..triton_variants import (SINGLE_ROW, Split, Variant, accumulator_dtype, launch, pick_tile,
+                               rows_bucket, signature, split_count, warp_choices)
 
 __all__ = ["fanin_forward", "fanin_input_grad", "fanin_values_grad", "launch_variants"]
 
@@ -155,6 +155,12 @@ def _fanin_values_grad_kernel(
     tl.store(grad_ptr + entries, acc.to(grad_ptr.dtype.element_ty), mask=entry_ok)
 
 
+def _values_grad_warps(block_rows: int, block_entries: int) -> int:
+    """8 warps for the 32x128 tile: at 4, Triton 3.6 spills its 16-bit variants on sm_80 (168
+    registers: two 32-element loads per thread, each with 64-bit addresses)."""
+    return 8 if block_rows * block_entries >= 4096 else 4
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -228,11 +234,12 @@ def fanin_values_grad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Te
         return out
     entries = num_out * fan_in
     block_entries = pick_tile(entries, ENTRY_TILES)
+    block_rows = pick_tile(rows, ROW_TILES)
     grid = (triton.cdiv(entries, block_entries),)
     _fanin_values_grad_kernel[grid](grad_out, x, _ids(indices), out, rows, num_out, fan_in,
                                     in_features, ACC_DTYPE=_acc_dtype(x.dtype),
-                                    BLOCK_ROWS=pick_tile(rows, ROW_TILES),
-                                    BLOCK_ENTRIES=block_entries)
+                                    BLOCK_ROWS=block_rows, BLOCK_ENTRIES=block_entries,
+                                    num_warps=_values_grad_warps(block_rows, block_entries))
     return out
 
 
@@ -245,19 +252,21 @@ def launch_variants():
                             grad_ptr=dtype, grad_x_ptr=accumulator, indices_ptr=index_dtype)
             for block_rows, block_out, block_j in (SINGLE_ROW_TILE, ROWS_TILE):
                 tiles = dict(BLOCK_ROWS=block_rows, BLOCK_OUT=block_out, BLOCK_J=block_j)
+                ones = SINGLE_ROW if block_rows == 1 else ()  # the launcher's rows == 1
                 for warps in _warps(block_rows, block_out, block_j):
                     for split in (False, True):  # split: partial sums in fp32 (fp64)
                         forward = dict(ACC_DTYPE=_acc_dtype(dtype), SPLIT=split, **tiles)
                         typed = dict(pointers, y_ptr=accumulator if split else dtype)
                         yield Variant(_fanin_forward_kernel,
                                       signature(_fanin_forward_kernel, typed, forward), forward,
-                                      num_warps=warps)
+                                      num_warps=warps, ones=ones)
                     yield Variant(_fanin_input_grad_kernel,
                                   signature(_fanin_input_grad_kernel, pointers, tiles), tiles,
-                                  num_warps=warps)
+                                  num_warps=warps, ones=ones)
             for block_rows in ROW_TILES:
                 for block_entries in ENTRY_TILES:
                     grad = dict(ACC_DTYPE=_acc_dtype(dtype), BLOCK_ROWS=block_rows,
                                 BLOCK_ENTRIES=block_entries)
                     yield Variant(_fanin_values_grad_kernel,
-                                  signature(_fanin_values_grad_kernel, pointers, grad), grad)
+                                  signature(_fanin_values_grad_kernel, pointers, grad), grad,
+                                  num_warps=_values_grad_warps(block_rows, block_entries))

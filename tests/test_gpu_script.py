@@ -94,3 +94,22 @@ def test_the_device_command_runs_from_a_placed_copy_and_fills_its_folder(tmp_pat
     for name in ("gpu.log", "gpu.stderr", "nvidia-smi.txt", "triton-cache.tar.gz"):
         assert (out / name).exists(), name
     assert "correctness:" in (out / "gpu.log").read_text()
+
+
+def test_the_replay_counts_the_runs_work_and_finds_every_launch_in_the_audit(tmp_path):
+    """``benchmarks/gpu_replay.py`` on the tiny run: compiles, autotune timings and timed
+    cells counted per section, an estimate with its assumptions, and every specialisation the
+    run launched among those ``python -m sparsefx.kernels.triton_variants`` compiles."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_replay.py"), "--tiny",
+                          "--compile-s", "0.3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_replay.json").read_text())
+    sections = result["estimate"]["sections"]
+    assert {"correctness", "layers 48x32", "layers 32x64", "ViT"} <= set(sections)
+    totals = result["totals"]
+    assert totals["compiles"] > 0 and totals["autotune timings"] >= 2 * totals["autotune keys"]
+    assert totals["timed cells"] == sum(s["timed_cells"] for s in sections.values()) > 0
+    assert result["unaudited"] == []
+    assert 0 < result["estimate"]["total_s"] and len(result["assumptions"]) >= 5
+    assert "launched but not in the variant audit: 0" in run.stdout

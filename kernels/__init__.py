@@ -1,7 +1,8 @@
 """sparsefx.kernels: tensors in, tensors out.
 
 Importing this package registers the ``torch.ops.sparsefx`` ops and the growth-score tap the
-DST manager reads dense gradients through (``growth.py``). Each pattern's ops live in their
+DST manager reads dense gradients through (``growth.py``, which ranks with the exact top-k
+selection of ``topk.py``). Each pattern's ops live in their
 own package -- ``diag/``, ``fanin/`` (which N:M layers use too), ``blockdiag/`` -- with their
 schemas, checks, fakes, C++ CPU kernels and autograd, PyTorch fallback and Triton kernels
 together; ``_library.py`` is what they share (the library, device registration, the native
@@ -10,7 +11,7 @@ build, the CPU kernel choice). The pattern math every layer of sparsefx shares l
 """
 
 if __name__ == "sparsefx.kernels":
-    from . import _library, growth, patterns
+    from . import _library, growth, patterns, topk
     from ._library import CPU_KERNELS, cpu_kernels, use_cpu_kernels
     # each pattern's ops (a new pattern's kernel package joins here)
     from .blockdiag import blockdiag_linear
@@ -19,9 +20,8 @@ if __name__ == "sparsefx.kernels":
 
     _library.load_cpu_kernels()  # once every pattern's ops are defined
 
-    __all__ = ["growth", "patterns", "diag_linear", "fanin_linear", "blockdiag_linear",
-               "cpu_kernels",
-               "use_cpu_kernels", "CPU_KERNELS"]
+    __all__ = ["growth", "patterns", "topk", "diag_linear", "fanin_linear",
+               "blockdiag_linear", "cpu_kernels", "use_cpu_kernels", "CPU_KERNELS"]
 else:
     # Run from the repository root, this folder is also importable as a top-level
     # "kernels", a name other packages probe for (transformers looks for the Hub's

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsefx.kernels.growth import LayerPool, top_ids
+from sparsefx.kernels.topk import LayerPool, top_ids
 
 __all__ = ["drop_and_grow", "kept_mask", "layerwise_drop", "rowwise_drop",
            "salience", "live_rows", "refill", "row_blocks"]

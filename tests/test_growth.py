@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsefx import regrow
-from sparsefx.kernels import growth, patterns
+from sparsefx.kernels import growth, patterns, topk
 
 
 def _tap_gradient(out_features, in_features, structure, granularity, plan, seed):
@@ -220,7 +220,7 @@ def test_top_ids_is_a_stable_sort(rows, columns, seed, largest, data):
     scores = choices[torch.randint(0, len(choices), (rows, columns), generator=generator)]
     count = data.draw(st.integers(0, columns))
     expected = scores.argsort(dim=1, descending=largest, stable=True)[:, :count]
-    got = growth.top_ids(scores, count, largest=largest)
+    got = topk.top_ids(scores, count, largest=largest)
     # -0.0 and 0.0 compare equal for the sort; the keys order -0.0 below 0.0
     same = torch.gather(scores, 1, got) == torch.gather(scores, 1, expected)
     assert bool(same.all())
@@ -325,7 +325,7 @@ def _stable_top_set(scores, count):
 def test_per_row_lists_are_a_stable_sort(rows, columns, kind, seed, data):
     scores = _tied_scores(rows, columns, torch.Generator().manual_seed(seed), kind)
     count = data.draw(st.integers(1, columns))
-    ids, listed = growth._top_ids_per_row(scores.clone(), count)
+    ids, listed = topk.top_ids_per_row(scores.clone(), count)
     assert torch.equal(ids.sort(-1).values, _stable_top_set(scores, count))
     assert torch.equal(listed, scores.gather(1, ids))
 
@@ -338,8 +338,8 @@ def test_layer_list_from_the_row_lists_is_a_stable_sort(rows, columns, kind, see
     scores = _tied_scores(rows, columns, torch.Generator().manual_seed(seed), kind)
     per_row = data.draw(st.integers(1, columns))
     count = data.draw(st.integers(1, rows * per_row))
-    row_best = growth._top_ids_per_row(scores, per_row)
-    got, got_scores = growth._layer_top_from_rows(lambda some: scores[some].clone(),
+    row_best = topk.top_ids_per_row(scores, per_row)
+    got, got_scores = topk.layer_top_from_rows(lambda some: scores[some].clone(),
                                                   *row_best, count, columns, block=2)
     assert torch.equal(got.sort().values, _stable_top_set(scores.view(-1), count))
     assert torch.equal(got_scores.view(torch.int32), scores.view(-1)[got].view(torch.int32))
@@ -356,7 +356,7 @@ def test_top_ids_ranks_ties_by_the_given_ids(rows, columns, seed, largest, data)
     by_id = ids.argsort(dim=1)
     order = scores.gather(1, by_id).argsort(dim=1, descending=largest, stable=True)
     expected = by_id.gather(1, order)[:, :count]
-    got = growth.top_ids(scores, count, largest=largest, ids=ids)
+    got = topk.top_ids(scores, count, largest=largest, ids=ids)
     assert torch.equal(got, expected)
 
 
@@ -420,7 +420,7 @@ def test_the_layer_pool_is_a_stable_sort_over_its_blocks(rows, columns, kind, se
                                                          data):
     scores = _tied_scores(rows, columns, torch.Generator().manual_seed(seed), kind)
     count = data.draw(st.integers(1, rows * columns))
-    pool = growth.LayerPool(count)
+    pool = topk.LayerPool(count)
     for start in range(0, rows, block):
         pool.add(scores[start:start + block].clone(), start * columns)
     ids, listed = pool.best()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsefx.kernels import growth, patterns
+from sparsefx.kernels import growth, patterns, topk
 from .base import _SparseLinear, _check_init
 
 
@@ -114,7 +114,7 @@ class MaskedLinear(_SparseLinear):
         not kept are then among these, so growing them is growing uniformly at random."""
         flat_mask = self.mask.detach().reshape(-1).cpu()
         active_scores = torch.empty(active.shape[1])
-        pool, filled = growth.LayerPool(count), 0
+        pool, filled = topk.LayerPool(count), 0
         for start in range(0, flat_mask.numel(), block):
             scores = torch.rand(min(block, flat_mask.numel() - start), generator=generator)
             held = flat_mask[start:start + block]

@@ -214,7 +214,7 @@ class DynaDiag(Method):
         """Keep the ``K`` diagonals of largest importance (ties: the lower offset) with
         gates of 1, as the reference does; a kept diagonal from the bank brings its value
         and its optimizer state into a slot the layer's dropped diagonals freed."""
-        from sparsefx.kernels.growth import top_ids
+        from sparsefx.kernels.topk import top_ids
         for layer in dst.layers:
             gates, module = self.gates[layer.name], layer.module
             num_kept = module.offsets.numel()

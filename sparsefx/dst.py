@@ -47,16 +47,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from sparsefx import methods
+from sparsefx.dst_layers import (Layer, calls_per_forward, carried_state, check_optimizer,
+                                 check_same_structure_on_every_rank, find_layers,
+                                 latest_scores_only, layers_with_non_finite_gradients,
+                                 shared_layers_error, unwrap)
 from sparsefx.kernels import distributed, growth
 from sparsefx.layers import SPARSE_LAYERS
 from sparsefx.methods import Method
-from sparsefx.registry import PATTERNS
 from sparsefx.schedule import CosineSchedule
 
 __all__ = ["DST", "METHODS"]
@@ -67,38 +69,6 @@ METHODS = tuple(methods.METHODS)
 # the layout of DST.state_dict(): 2 adds this key; format 1 (without it) reads the same
 CHECKPOINT_FORMAT = 2
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under torch.compile's and (Distributed)DataParallel's wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-@dataclass
-class _Layer:
-    """One sparse layer under the manager. What its pattern means for an update the layer
-    module says (``sparsefx.layers``); what the method keeps about it, the method."""
-
-    name: str
-    module: nn.Module
-    probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
-    probe_for: tuple[int, ...] = ()  # the structure shape the probe was sized for
-    # what the layer held when DST was made: an update checks it still does
-    trained: torch.Tensor | None = None
-    structure_shape: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        self.trained = self.module.param
-        self.structure_shape = tuple(self.module.structure.shape)
-
-    @property
-    def param(self) -> torch.Tensor:
-        return self.module.param
 
 
 class DST:
@@ -150,18 +120,18 @@ class DST:
             method = methods.method_named(method, options)
         self.method = method
         self.schedule = CosineSchedule(total_steps, delta_t, alpha, t_end)
-        self.model = _unwrap(model)
-        self.layers = _find_layers(self.model, method)
+        self.model = unwrap(model)
+        self.layers = find_layers(self.model, method)
         self._optimizer, self._optimizer_hook = None, None
         self.optimizer = optimizer
-        _check_same_structure_on_every_rank(self.layers)
+        check_same_structure_on_every_rank(self.layers)
         self.world = distributed.world_size()  # read once: the group outlives the manager
         self.grad_scaler = grad_scaler
         self.inverse_grad_scale: torch.Tensor | None = None
         self._record_grad_scale()
         self._step = 0
         self._skipped_updates = 0
-        self._lists: tuple[_Layer, growth.Listed] | None = None  # see lists()
+        self._lists: tuple[Layer, growth.Listed] | None = None  # see lists()
         method.attach(self)
         if method.needs_gradient:
             for layer in self.layers:
@@ -176,7 +146,7 @@ class DST:
 
     @optimizer.setter
     def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        _check_optimizer(self.layers, optimizer)
+        check_optimizer(self.layers, optimizer)
         if self._optimizer_hook is not None:
             self._optimizer_hook.remove()
         self._optimizer = optimizer
@@ -273,7 +243,7 @@ class DST:
                                    "last dst.step(): call dst.step() once per training step, "
                                    "after loss.backward() and optimizer.step()")
             self._check_single_calls(where)
-        if not self._optimizer_stepped and not _layers_with_non_finite_gradients(self.layers):
+        if not self._optimizer_stepped and not layers_with_non_finite_gradients(self.layers):
             raise RuntimeError(f"{where}: the optimizer DST was given has not stepped since the "
                                "last dst.step(). Call dst.step() after optimizer.step(); if "
                                "the optimizer was rebuilt, hand DST the new one "
@@ -287,7 +257,7 @@ class DST:
         shared = {layer.name: int(count) for layer, count in zip(tapped, calls, strict=True)
                   if count > 1}
         if shared:
-            raise _shared_layers_error(where, shared, self.method.name)
+            raise shared_layers_error(where, shared, self.method.name)
 
     def _record_grad_scale(self) -> None:
         """``1 / scale`` of the GradScaler (0-dim, on its device; no host sync): the scale
@@ -339,7 +309,7 @@ class DST:
             self._armed = armed
 
     def _update(self, fraction: float) -> bool:
-        problems = _layers_with_non_finite_gradients(self.layers)
+        problems = layers_with_non_finite_gradients(self.layers)
         if problems:
             self._skipped_updates += 1
             warnings.warn(f"sparsefx.DST: step {self._step}: non-finite gradients in "
@@ -360,7 +330,7 @@ class DST:
                     fraction)
         return changed
 
-    def _attach_probe(self, layer: _Layer) -> None:
+    def _attach_probe(self, layer: Layer) -> None:
         """Size the growth lists so that every unit an update could grow is in them (the
         most an update moves is ``ceil(alpha * units)``), and make the probe they come in."""
         module = layer.module
@@ -368,9 +338,9 @@ class DST:
         if max(out_features, in_features) >= 2**24:  # ids travel as float32
             raise ValueError(f"sparsefx.DST: layer {layer.name} is ({out_features}, "
                              f"{in_features}): expected both dimensions < 2**24")
-        calls = _calls_per_forward(self.model, layer.module)
+        calls = calls_per_forward(self.model, layer.module)
         if calls > 1:
-            raise _shared_layers_error("sparsefx.DST", {layer.name: calls}, self.method.name)
+            raise shared_layers_error("sparsefx.DST", {layer.name: calls}, self.method.name)
         plan = module.growth_plan(self.alpha, **self.method.growth_needs(layer))
         size = growth.probe_size(out_features, in_features, module.growth_granularity, plan,
                                  growth.active_count(module.structure,
@@ -378,17 +348,17 @@ class DST:
         # only the shape matters (scores arrive as its gradient): one element of storage
         storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
         layer.probe = storage.expand(size).requires_grad_(True)
-        layer.probe.register_hook(_latest_scores_only(layer.probe))
+        layer.probe.register_hook(latest_scores_only(layer.probe))
         module._growth_plan = plan
         layer.probe_for = tuple(module.structure.shape)
 
     # ------------------------------------------------------------ what methods call
 
-    def budget(self, layer: _Layer) -> int:
+    def budget(self, layer: Layer) -> int:
         """Active units of ``layer``: diagonals, entries or elements (of its live rows)."""
         return layer.module.active_units(self.method.live_rows(layer))
 
-    def listed(self, layer: _Layer, active: torch.Tensor, rows: slice | None = None
+    def listed(self, layer: Layer, active: torch.Tensor, rows: slice | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
         """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots
         ``active`` (of the slot rows ``rows``, default all), then the inactive candidates the
@@ -398,7 +368,7 @@ class DST:
             listed = listed.rows(rows)
         return (*layer.module.listed_candidates(listed, active), listed)
 
-    def lists(self, layer: _Layer) -> growth.Listed:
+    def lists(self, layer: Layer) -> growth.Listed:
         """The growth tap's lists of ``layer`` at this update (views of its probe), parsed
         once per layer and update: a method asks for them a block of rows at a time."""
         if self._lists is None or self._lists[0] is not layer:
@@ -408,13 +378,13 @@ class DST:
                 module._growth_plan, module.out_features, module.in_features)
         return self._lists[1]
 
-    def write(self, layer: _Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
+    def write(self, layer: Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
         """Store the new structure in place; zero the grown units and their optimizer state."""
         where = layer.module.write_structure(new_active, grown)
         layer.param.masked_fill_(where, 0)
         self.zero_state(self.optimizer, layer.param, where)
 
-    def write_slots(self, layer: _Layer, new_active: torch.Tensor,
+    def write_slots(self, layer: Layer, new_active: torch.Tensor,
                     source: torch.Tensor) -> None:
         """Store ``new_active [R, k']`` where each unit continues the old slot ``source``
         names (-1: a new unit, at zero with zeroed optimizer state). With ``k'`` the stored
@@ -432,7 +402,7 @@ class DST:
         module.resize(new_active, source)
         for key, value in self.optimizer.state.get(param, {}).items():
             if torch.is_tensor(value) and value.shape == old_shape:
-                self.optimizer.state[param][key] = _carried(value, source)
+                self.optimizer.state[param][key] = carried_state(value, source)
         param.grad = None  # this step's gradient was for the old slots, and is spent
         layer.structure_shape = tuple(module.structure.shape)
         if self.method.needs_gradient:
@@ -516,113 +486,3 @@ class DST:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _shared_layers_error(where: str, calls: dict[str, int], method: str) -> ValueError:
-    described = ", ".join(f"{name} ({count} times)" for name, count in calls.items())
-    error = (RuntimeError if where != "sparsefx.DST" else ValueError)
-    return error(f"{where}: layer{'s' if len(calls) > 1 else ''} {described} called more than "
-                 f"once in one forward (a shared module): method={method!r} grows by the "
-                 "dense gradient of each layer, and the gradients of several calls cannot be "
-                 "told apart in its growth scores. Give each use a layer of its own, keep the "
-                 "shared layer dense (sparsefx.transform(..., exclude=...)), or use "
-                 "method='set' or 'static', which read no gradient")
-
-
-def _calls_per_forward(model: nn.Module, layer: nn.Module) -> int:
-    """The most calls of ``layer`` in one traced graph of ``model`` (``sparsefx.transform``'s
-    GraphModules): a layer called twice there is known to be shared before any step. Eager
-    code is not visible; the growth tap counts its calls at the first update."""
-    most = 0
-    for module in model.modules():
-        graph = getattr(module, "graph", None)
-        if not isinstance(module, torch.fx.GraphModule) or graph is None:
-            continue
-        calls = sum(1 for node in graph.nodes if node.op == "call_module"
-                    and _submodule(module, node.target) is layer)
-        most = max(most, calls)
-    return most
-
-
-def _submodule(module: nn.Module, target: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(target)
-    except AttributeError:
-        return None
-
-
-def _carried(state: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """An optimizer state tensor for the slots ``source`` (old slot, or -1: zero)."""
-    moved = state.gather(1, source.clamp(min=0).to(state.device))
-    return moved.masked_fill_(source.to(state.device) < 0, 0)
-
-
-def _latest_scores_only(probe: torch.Tensor):
-    """A hook for ``probe``: the scores of a backward replace those of an earlier one in the
-    same step (gradient accumulation runs several) instead of being added to them, which
-    would be meaningless for norms and would corrupt the listed candidates' ids. So with
-    gradient accumulation, the growth scores come from the step's last micro-batch."""
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        probe.grad = None
-        return grad
-    return hook
-
-
-def _find_layers(model: nn.Module, method: Method) -> list[_Layer]:
-    layers = [_Layer(name, module) for name, module in model.named_modules()
-              if isinstance(module, SPARSE_LAYERS)]
-    if not layers:
-        raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
-                         "or MaskedLinear): make it sparse with sparsefx.transform first")
-    allowed = tuple(PATTERNS) if method.patterns is None else method.patterns
-    wrong = [f"{layer.name} ({layer.module.pattern})" for layer in layers
-             if layer.module.pattern not in allowed]
-    if wrong:
-        raise ValueError(f"sparsefx.DST: method={method.name!r} works on {', '.join(allowed)} "
-                         f"layers; these are not: {', '.join(wrong)}")
-    return layers
-
-
-def _check_optimizer(layers: list[_Layer], optimizer: torch.optim.Optimizer) -> None:
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [layer.name for layer in layers if id(layer.param) not in optimized]
-    if missing:
-        raise ValueError(f"sparsefx.DST: the optimizer does not train the weights of "
-                         f"{', '.join(missing)}: build it from model.parameters() after "
-                         "sparsefx.transform")
-
-
-def _check_same_structure_on_every_rank(layers: list[_Layer]) -> None:
-    """Under torch.distributed every rank must start from the same structure (transform with
-    the same seed everywhere): compare two checksums per layer."""
-    if distributed.world_size() == 1:
-        return
-    local = torch.stack(
-        [layer.module.structure.double().sum() for layer in layers]
-        + [(layer.module.structure.double().flatten()
-            * torch.arange(1, layer.module.structure.numel() + 1,
-                           device=layer.module.structure.device)).sum() for layer in layers])
-    differs = distributed.differs_across_ranks(local).view(2, -1).any(dim=0).tolist()
-    wrong = [layer.name for layer, bad in zip(layers, differs, strict=True) if bad]
-    if wrong:
-        raise ValueError(f"sparsefx.DST: the ranks hold different structures in {wrong}: "
-                         "transform the model with the same seed on every rank")
-
-
-def _layers_with_non_finite_gradients(layers: list[_Layer]) -> list[str]:
-    """Names of the layers whose weight gradient holds a NaN or an infinity, or whose growth
-    tap saw one (its trailer says): one pass (the smallest and largest entry, NaN if any is)
-    and one host sync for all."""
-    names, extremes = [], []
-    for layer in layers:
-        grad = layer.param.grad
-        if grad is not None and grad.numel():
-            names.append(layer.name)
-            extremes.append(torch.stack(grad.aminmax()).float())
-        if layer.probe is not None and layer.probe.grad is not None:
-            names.append(layer.name)
-            extremes.append(growth.trailer(layer.probe.grad).float())
-    if not extremes:
-        return []
-    finite = torch.stack(extremes).isfinite().all(dim=1).tolist()
-    return list(dict.fromkeys(name for name, ok in zip(names, finite, strict=True) if not ok))

@@ -22,6 +22,7 @@ import os
 
 import torch.nn as nn
 
+from sparsefx.dst_layers import unwrap  # torch.compile's and DDP's wrappers
 from sparsefx.layers import BlockDiagLinear, DiagLinear, FanInLinear, MaskedLinear, \
     SPARSE_LAYERS
 
@@ -32,17 +33,12 @@ _CLASSES = {cls.__name__: cls for cls in (DiagLinear, BlockDiagLinear, FanInLine
                                           MaskedLinear)}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from sparsefx.dst import _unwrap as unwrap  # torch.compile's and DDP's wrappers
-    return unwrap(model)
-
-
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` (from ``sparsefx.transform``, or its compiled / DDP wrapper) to
     ``path`` as one safetensors file (see the module docstring)."""
     from safetensors.torch import save_file
 
-    model = _unwrap(model)
+    model = unwrap(model)
     layers = {name: module.saved_options() for name, module in model.named_modules()
               if isinstance(module, SPARSE_LAYERS)}
     if not layers:

@@ -9,7 +9,8 @@ import torch
 from sparsefx import regrow
 
 if TYPE_CHECKING:
-    from sparsefx.dst import DST, _Layer
+    from sparsefx.dst import DST
+    from sparsefx.dst_layers import Layer
 
 
 class Method:
@@ -52,43 +53,43 @@ class Method:
         """Before an update (and, if ``works_every_step``, on every step)."""
         self.between_updates(dst)
 
-    def growth_needs(self, layer: _Layer) -> dict:
+    def growth_needs(self, layer: Layer) -> dict:
         """What the layer's growth tap must list beyond what an update moving ``alpha`` of the
         units needs (``growth_plan``'s keywords: ``per_row``, ``layer_wide``)."""
         return {}
 
-    def live_rows(self, layer: _Layer) -> int | None:
+    def live_rows(self, layer: Layer) -> int | None:
         """Output rows that still compute (SRigL's ablation); ``None``: all."""
         return None
 
-    def magnitudes(self, layer: _Layer, active: torch.Tensor, rows: slice | None = None
+    def magnitudes(self, layer: Layer, active: torch.Tensor, rows: slice | None = None
                    ) -> torch.Tensor:
         """``[R, k]``: what drop ranks (smallest dropped) of the units ``active`` (the slot
         rows ``rows``, default all)."""
         return layer.module.unit_magnitudes(active, rows)
 
-    def growth_scores(self, dst: DST, layer: _Layer, rows: slice) -> torch.Tensor:
+    def growth_scores(self, dst: DST, layer: Layer, rows: slice) -> torch.Tensor:
         """``[rows, C]`` scores over every candidate of the slot rows ``rows``: what growth
         ranks (largest grown)."""
         return layer.module.growth_scores(layer.probe.grad, rows)
 
-    def grows_from_lists(self, layer: _Layer) -> bool:
+    def grows_from_lists(self, layer: Layer) -> bool:
         """Whether growth ranks listed candidates (``candidates``) instead of every
         candidate."""
         return False
 
-    def candidates(self, dst: DST, layer: _Layer, active: torch.Tensor, rows: slice,
+    def candidates(self, dst: DST, layer: Layer, active: torch.Tensor, rows: slice,
                    num_moved: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(candidate_ids, scores) [rows, k + c]``: the slots ``active`` of the slot rows
         ``rows``, then the candidates listed for them (default: the growth tap's), enough
         for a move of ``num_moved`` units."""
         return dst.listed(layer, active, rows)[:2]
 
-    def list_width(self, dst: DST, layer: _Layer, num_moved: int) -> int:
+    def list_width(self, dst: DST, layer: Layer, num_moved: int) -> int:
         """``k + c`` of ``candidates``."""
         return dst.listed(layer, layer.module.slots(slice(0, 1)), slice(0, 1))[0].shape[1]
 
-    def update_layer(self, dst: DST, layer: _Layer, fraction: float) -> bool:
+    def update_layer(self, dst: DST, layer: Layer, fraction: float) -> bool:
         """Move ``fraction`` of the layer's units (``dst.units_moved``); whether anything
         moved."""
         module = layer.module
@@ -123,7 +124,7 @@ class Method:
 
     needs_old_slots = False  # whether after_write is handed the old slots
 
-    def after_write(self, dst: DST, layer: _Layer, active: torch.Tensor | None,
+    def after_write(self, dst: DST, layer: Layer, active: torch.Tensor | None,
                     new_active: torch.Tensor, grown: torch.Tensor) -> None:
         """What the method keeps about a layer whose structure just changed: ``active`` its
         old slots if ``needs_old_slots``, ``new_active`` and ``grown`` its new ones."""
@@ -131,7 +132,7 @@ class Method:
     def finish(self, dst: DST) -> None:
         """At the last step."""
 
-    def describe(self, layer: _Layer) -> str:
+    def describe(self, layer: Layer) -> str:
         """What ``repr(dst)`` adds to the layer's line."""
         return ""
 

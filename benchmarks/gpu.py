@@ -55,7 +55,7 @@ os.environ.setdefault("SPARSEFX_CPU_KERNELS", "torch")  # no native build: unuse
 
 import sparsefx  # noqa: E402  (after TRITON_INTERPRET)
 from sparsefx.kernels import patterns  # noqa: E402
-from sparsefx.kernels.triton_variants import interpreter_problem  # noqa: E402
+from sparsefx.kernels.triton_runtime import interpreter_problem  # noqa: E402
 from sparsefx.registry import build_layer  # noqa: E402
 
 from common import command_line, fmt, markdown_table  # noqa: E402

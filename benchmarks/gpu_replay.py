@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import gpu  # noqa: E402  (sets the script's environment and imports sparsefx)
 from common import command_line, machine, machine_line  # noqa: E402
 import sparsefx  # noqa: E402
-from sparsefx.kernels import triton_variants  # noqa: E402
+from sparsefx.kernels import triton_runtime, triton_variants  # noqa: E402
 from sparsefx.kernels.blockdiag import triton_kernels as blockdiag_triton  # noqa: E402
 
 H200_SMS = 132
@@ -85,7 +85,7 @@ class Recorder:
                 spec.append((name, native_specialize_impl(BaseBackend, value, False, True,
                                                           True)))
         return (fn.fn.__name__, tuple(spec), kwargs.get("num_warps", 4),
-                kwargs.get("num_stages", triton_variants.NUM_STAGES))
+                kwargs.get("num_stages", triton_runtime.NUM_STAGES))
 
     def launch(self, fn, args, kwargs) -> None:
         key = self.compile_key(fn, args, kwargs)
@@ -191,7 +191,7 @@ def replaying():
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
-    split_count = triton_variants.split_count
+    split_count = triton_runtime.split_count
     info = dict(gpu.device_info(), gpu="H200 replay", capability="9.0",
                 multiprocessors=H200_SMS)
 
@@ -199,8 +199,8 @@ def replaying():
         return split_count(programs, work, min_per_split, torch.device("cuda", 0))
 
     patches = [(InterpretedFunction, "run", _interpreted_run), (Autotuner, "run", _autotuned_run),
-               (triton_variants, "INTERPRETED", False), (blockdiag_triton, "INTERPRETED", False),
-               (triton_variants, "_multiprocessors", lambda index: H200_SMS),
+               (triton_runtime, "INTERPRETED", False), (blockdiag_triton, "INTERPRETED", False),
+               (triton_runtime, "_multiprocessors", lambda index: H200_SMS),
                (gpu, "ON_GPU", True), (gpu, "bench_ms", _bench_ms),
                (gpu, "errors_against_reference", _errors),
                (gpu, "device_info", lambda: info),
@@ -331,7 +331,7 @@ def main() -> None:
         f"Triton 3.6 (the device image's) builds a C launcher per distinct signature in "
         f"{LAUNCHER_S:.0f} s (Triton 3.9's launcher is generic: none)",
         f"an autotune timing takes {AUTOTUNE_CONFIG_S * 1e3:.0f} ms (do_bench warmup "
-        f"{triton_variants.AUTOTUNE_WARMUP_MS} ms, rep {triton_variants.AUTOTUNE_REP_MS} ms, "
+        f"{triton_runtime.AUTOTUNE_WARMUP_MS} ms, rep {triton_runtime.AUTOTUNE_REP_MS} ms, "
         "plus its estimating calls)",
         f"a timed cell takes its do_bench warmup and rep plus {BENCH_OVERHEAD_S * 1e3:.0f} ms; "
         "a float64 check " f"{CHECK_S * 1e3:.0f} ms",

@@ -294,7 +294,7 @@ def _select_cpu_kernels(name: str) -> None:
         raise ValueError("the triton CPU kernels run Triton on CPU tensors, which needs "
                          "TRITON_INTERPRET=1 set before triton is imported")
     if name == "triton":
-        from .triton_variants import interpreter_problem
+        from .triton_runtime import interpreter_problem
         if (problem := interpreter_problem()) is not None:
             raise ValueError(f"the triton CPU kernels cannot run here: {problem}")
     if name == "native" and _native_skipped is not None:

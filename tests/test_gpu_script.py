@@ -17,7 +17,7 @@ SCRIPT = BENCHMARKS / "gpu.py"
 # without a GPU the script runs its kernels under the interpreter, which some Triton and
 # NumPy pairs cannot run; the script then refuses to start (the test session's
 # TRITON_INTERPRET is the script's)
-from sparsefx.kernels.triton_variants import interpreter_problem  # noqa: E402
+from sparsefx.kernels.triton_runtime import interpreter_problem  # noqa: E402
 
 pytestmark = pytest.mark.skipif(interpreter_problem() is not None,
                                 reason=str(interpreter_problem()))

@@ -242,9 +242,9 @@ def test_triton_cpu_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypat
     """Triton 3.6's interpreter with NumPy >= 2.4 fails on every kernel here: asked for the
     Triton CPU kernels, sparsefx says so instead of failing inside the first op."""
     from sparsefx import kernels
-    from sparsefx.kernels import triton_variants
+    from sparsefx.kernels import triton_runtime
     before = kernels.cpu_kernels()
-    monkeypatch.setattr(triton_variants, "interpreter_problem",
+    monkeypatch.setattr(triton_runtime, "interpreter_problem",
                         lambda: "Triton 3.6.0's interpreter cannot run a loop (triton#9171)")
     with pytest.raises(ValueError, match="triton CPU kernels cannot run here: Triton 3.6.0"):
         with use_cpu_kernels("triton"):

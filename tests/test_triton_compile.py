@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 triton = pytest.importorskip("triton")
-from sparsefx.kernels import triton_variants  # noqa: E402
+from sparsefx.kernels import triton_runtime, triton_variants  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.exists(triton_variants._ptxas(90)),
                                 reason="this Triton ships no ptxas")
@@ -57,7 +57,7 @@ def test_the_audit_compiles_what_the_jit_compiles_for_aligned_launches_and_singl
         assert aligned == {i for i, kind in enumerate(v.signature.values())
                            if kind[0] == "*" or kind in ("i32", "i64")}, v.name
         single_row = v.constexprs.get("BLOCK_ROWS") == 1 and "rows_key" in v.signature
-        assert v.ones == (triton_variants.SINGLE_ROW if single_row else ()), v.name
+        assert v.ones == (triton_runtime.SINGLE_ROW if single_row else ()), v.name
     # compiled, not interpreted: in a process started without the session's TRITON_INTERPRET
     probe = textwrap.dedent("""
         import dataclasses
@@ -71,4 +71,4 @@ def test_the_audit_compiles_what_the_jit_compiles_for_aligned_launches_and_singl
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     specialised, general = map(int, run.stdout.split())
-    assert specialised == general - len(triton_variants.SINGLE_ROW)  # rows, rows_key constant
+    assert specialised == general - len(triton_runtime.SINGLE_ROW)  # rows, rows_key constant

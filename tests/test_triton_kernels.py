@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 from sparsefx.kernels.diag import triton_kernels as diag_triton  # noqa: E402
 from sparsefx.kernels.fanin import triton_kernels as fanin_triton  # noqa: E402
 from sparsefx.kernels.blockdiag import triton_kernels as blockdiag_triton  # noqa: E402
-from sparsefx.kernels.triton_variants import interpreter_problem  # noqa: E402
+from sparsefx.kernels.triton_runtime import interpreter_problem  # noqa: E402
 
 pytestmark = pytest.mark.skipif(interpreter_problem() is not None,
                                 reason=str(interpreter_problem()))
@@ -269,11 +269,11 @@ def test_blockdiag_autotune_times_at_most_four_suited_configs(kernel):
     """A first GPU run tunes each kernel once per (rows bucket, block sides): the autotuner
     times at most 4 of the 8 tiles, none wider than the side it covers needs, with a short
     ``do_bench``; a side of at most 16 leaves the 16-wide tile alone."""
-    from sparsefx.kernels import triton_variants
+    from sparsefx.kernels import triton_runtime
     jit = getattr(blockdiag_triton, kernel)
     for dtype in blockdiag_triton.DTYPES:
         tuned = blockdiag_triton._tuned(jit, dtype)
-        assert tuned.do_bench is triton_variants.autotune_bench
+        assert tuned.do_bench is triton_runtime.autotune_bench
         sides = blockdiag_triton._TILE_SIDES[kernel]
         assert set(sides) <= set(jit.arg_names)
         for rows_key, in_block, out_block in [(1, 16, 16), (1, 64, 64), (16, 48, 256),
@@ -296,14 +296,14 @@ def test_diag_and_fanin_autotune_keys_name_kernel_arguments(monkeypatch):
     one timing for every shape), so every launch's key, reset list and warp set is checked
     here on the path a GPU takes, the kernels run by the interpreter with the first choice;
     the warps are those the compile check compiles."""
-    from sparsefx.kernels import triton_variants
-    launches, autotuned = [], triton_variants._autotuned
+    from sparsefx.kernels import triton_runtime, triton_variants
+    launches, autotuned = [], triton_runtime._autotuned
 
     def recorded(kernel, warps, key, reset_to_zero):
         launches.append((kernel, warps, key, reset_to_zero))
         real = autotuned(kernel, warps, key, reset_to_zero)
         assert [c.num_warps for c in real.configs] == list(warps)
-        assert real.do_bench is triton_variants.autotune_bench  # the short timing
+        assert real.do_bench is triton_runtime.autotune_bench  # the short timing
 
         class Launcher:
             def __getitem__(self, grid):
@@ -311,8 +311,8 @@ def test_diag_and_fanin_autotune_keys_name_kernel_arguments(monkeypatch):
                     *args, num_warps=warps[0], **constexprs)
         return Launcher()
 
-    monkeypatch.setattr(triton_variants, "INTERPRETED", False)
-    monkeypatch.setattr(triton_variants, "_autotuned", recorded)
+    monkeypatch.setattr(triton_runtime, "INTERPRETED", False)
+    monkeypatch.setattr(triton_runtime, "_autotuned", recorded)
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 17):  # the one-row tiles and the row-block tiles
         values, offsets, check = diag_case(1100, 40, 0.9, torch.float32, generator)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..diag import triton_kernels as diag_triton
-from ..triton_variants import (INTERPRETED, NUM_STAGES, Variant, autotune_bench, rows_bucket,
+from ..triton_runtime import (INTERPRETED, NUM_STAGES, Variant, autotune_bench, rows_bucket,
                                signature)
 from . import torch_kernels
 

@@ -8,7 +8,7 @@ wrap inside the tile reads one contiguous run (the gather form's values then loa
 a time); one that does takes an add and a compare-and-subtract in int32 (no modulo in the
 loop). With few rows the
 position blocks alone leave most of a GPU idle, so the diagonals are split across programs
-(``triton_variants.split_count``) that write fp32 partial sums, added once at the end;
+(``triton_runtime.split_count``) that write fp32 partial sums, added once at the end;
 every SM then streams its share of the values.
 Values gradient: grid (K, position blocks); each program reduces over the rows.
 """
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import (SINGLE_ROW, Split, Variant, accumulator_dtype, launch, pick_tile,
+from ..triton_runtime import (SINGLE_ROW, Split, Variant, accumulator_dtype, launch, pick_tile,
                                rows_bucket, signature, split_count, warp_choices)
 
 __all__ = ["diag_apply", "diag_values_grad", "launch_variants"]

@@ -5,7 +5,7 @@ Forward: grid (row blocks, output blocks, splits of the fan-in slots); a program
 outputs' ids and values as [BLOCK_OUT, BLOCK_J] tiles, contiguous along each row of the
 structure (16 bytes of int16 ids or bf16 values per row and step), gathers the matching
 [BLOCK_ROWS, BLOCK_OUT, BLOCK_J] activations and reduces over j into an fp32 accumulator.
-With few activation rows the slots are split across programs (``triton_variants.
+With few activation rows the slots are split across programs (``triton_runtime.
 split_count``) writing fp32 partial sums, added once at the end. One activation row takes a
 [1, 128, 8] tile, so no lane waits on masked-off rows.
 Input gradient: the same tiles, scattering with fp32 atomics into a zeroed buffer.
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_variants import (SINGLE_ROW, Split, Variant, accumulator_dtype, launch, pick_tile,
+from ..triton_runtime import (SINGLE_ROW, Split, Variant, accumulator_dtype, launch, pick_tile,
                                rows_bucket, signature, split_count, warp_choices)
 
 __all__ = ["fanin_forward", "fanin_input_grad", "fanin_values_grad", "launch_variants"]

@@ -5,20 +5,20 @@ DST manager reads dense gradients through (``growth.py``, which ranks with the e
 selection of ``topk.py``). Each pattern's ops live in their
 own package -- ``diag/``, ``fanin/`` (which N:M layers use too), ``blockdiag/`` -- with their
 schemas, checks, fakes, C++ CPU kernels and autograd, PyTorch fallback and Triton kernels
-together; ``_library.py`` is what they share (the library, device registration, the native
-build, the CPU kernel choice). The pattern math every layer of sparsefx shares lives in
+together; ``_library.py`` is what they share (the library, device registration),
+``native.py`` builds their C++ and ``cpu_choice.py`` picks the CPU kernels. The pattern math every layer of sparsefx shares lives in
 ``patterns.py``. Nothing here imports ``sparsefx`` or ``sparsefx.passes``.
 """
 
 if __name__ == "sparsefx.kernels":
-    from . import _library, growth, patterns, topk
-    from ._library import CPU_KERNELS, cpu_kernels, use_cpu_kernels
+    from . import cpu_choice, growth, patterns, topk
+    from .cpu_choice import CPU_KERNELS, cpu_kernels, use_cpu_kernels
     # each pattern's ops (a new pattern's kernel package joins here)
     from .blockdiag import blockdiag_linear
     from .diag import diag_linear
     from .fanin import fanin_linear
 
-    _library.load_cpu_kernels()  # once every pattern's ops are defined
+    cpu_choice.load_cpu_kernels()  # once every pattern's ops are defined
 
     __all__ = ["growth", "patterns", "topk", "diag_linear", "fanin_linear",
                "blockdiag_linear", "cpu_kernels", "use_cpu_kernels", "CPU_KERNELS"]

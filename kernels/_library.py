@@ -6,9 +6,10 @@ argument checks, fakes and FLOP formulas (``op.py``), its CPU kernels and autogr
 (``torch_kernels.py``) and its Triton kernels (``triton_kernels.py``). It hands them to
 ``define_ops``, which defines the schemas once for every backend and registers them by
 device: CUDA tensors run the Python op functions with the pattern's Triton kernels; CPU
-tensors run the C++ library built from every package's ``*.cpp`` (``load_cpu_kernels``),
-or, where it cannot be built or ``use_cpu_kernels`` asks for it, the Python op functions
-with the PyTorch kernels (or the Triton ones under ``TRITON_INTERPRET=1``, for tests).
+tensors run the C++ library built from every package's ``*.cpp`` (``native.py``), or, where
+it cannot be built or ``use_cpu_kernels`` asks for it, the Python op functions with the
+PyTorch kernels (or the Triton ones under ``TRITON_INTERPRET=1``, for tests): the choice is
+``cpu_choice.py``'s.
 Nothing is looked up by a name string: each op's Python function is bound to its own
 pattern's kernels when it is registered.
 
@@ -16,19 +17,11 @@ fp16/bf16 are computed with fp32 accumulation on both devices.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import importlib
-import logging
 import math
-import os
-import platform
-import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
@@ -36,20 +29,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["LIB", "PatternOps", "define_ops", "load_cpu_kernels", "cpu_kernels",
-           "use_cpu_kernels", "CPU_KERNELS"]
-
-logger = logging.getLogger(__name__)
-
-CPU_KERNELS = ("native", "torch", "triton")
+__all__ = ["LIB", "PatternOps", "define_ops", "defined", "register", "GATHER_CHUNK"]
 
 LIB = torch.library.Library("sparsefx", "FRAGMENT")
 
-_HERE = Path(__file__).parent
 # The PyTorch fallback kernels chunk their gathers to at most this many elements.
 GATHER_CHUNK = 1 << 22
-_NATIVE_FLAGS = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in
-                                       ("x86_64", "AMD64") else [])
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -159,7 +144,7 @@ def define_ops(ops: PatternOps) -> None:
         LIB.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     for name, fake in ops.fakes.items():
         torch.library.register_fake(f"sparsefx::{name}", fake, lib=LIB)
-    _register(LIB, [ops], "triton", "CUDA")
+    register(LIB, [ops], "triton", "CUDA")
     for name in ops.autograd:  # the forward ops: the gradient ops run on what they saved
         for device_type in ("cuda", "cpu"):
             _register_autocast(name, device_type)
@@ -168,7 +153,7 @@ def define_ops(ops: PatternOps) -> None:
     _DEFINED.append(ops)
 
 
-def _register(lib: torch.library.Library, defined: list[PatternOps], backend: str,
+def register(lib: torch.library.Library, defined: list[PatternOps], backend: str,
               device: str) -> None:
     """Register every op's Python function with its pattern's ``backend`` kernels."""
     for ops in defined:
@@ -200,131 +185,6 @@ def _register_flops(op, stored_position: int) -> None:
         return 2 * math.prod(shapes[0][:-1]) * math.prod(shapes[stored_position])
 
 
-# ----------------------------------------------------------------------- native library
-
-
-def _native_sources() -> list[Path]:
-    return sorted(_HERE.glob("*/*.cpp"))
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` compiles for: the CPU model and its instruction-set flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    return "|".join(sorted({line for line in lines if line.startswith(wanted)}))
-
-
-@functools.cache
-def load_native() -> str | None:
-    """Build (once per machine, cached on disk under ``TORCH_EXTENSIONS_DIR``) and load the
-    C++ library of every pattern's ``*.cpp``; its path, or ``None`` if that fails."""
-    from torch.utils import cpp_extension
-
-    # The name carries the sources, the flags and the CPU, so a changed kernel or a cache
-    # shared with another machine never loads a stale or foreign build.
-    digest = hashlib.sha1()
-    for source in sorted([*_HERE.glob("*/*.cpp"), *_HERE.glob("*/*.h")]):
-        digest.update(str(source.relative_to(_HERE)).encode() + source.read_bytes())
-    digest.update(" ".join(_NATIVE_FLAGS + [_cpu_signature(), platform.machine(),
-                                            torch.__version__]).encode())
-    name = f"sparsefx_ops_{digest.hexdigest()[:12]}"
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    built = (build_dir / f"{name}.so").exists()
-    if not built:
-        logger.warning("sparsefx: building the native CPU kernels in %s (first use with this "
-                       "source and CPU; about a minute)", build_dir)
-    started = time.perf_counter()
-    try:
-        path = cpp_extension.load(name=name, sources=[str(s) for s in _native_sources()],
-                                  extra_cflags=_NATIVE_FLAGS, extra_ldflags=["-fopenmp"],
-                                  is_python_module=False, verbose=False)
-    except Exception as error:  # no compiler, no ninja, ...: fall back, loudly
-        logger.warning("sparsefx: building the native CPU kernels failed (%s); using the slower "
-                       "PyTorch fallback. Set SPARSEFX_CPU_KERNELS=torch to silence this.", error)
-        return None
-    if not built:
-        logger.warning("sparsefx: native CPU kernels built in %.0f s",
-                       time.perf_counter() - started)
-    return path
-
-
-# ----------------------------------------------------------------------- CPU kernels
-
-_native = False
-_native_skipped: str | None = None  # SPARSEFX_CPU_KERNELS at import, where not built
-_base_cpu = "torch"  # what LIB registers for CPU tensors
-_cpu_override: torch.library.Library | None = None  # another choice, registered over it
-_cpu_choice = "torch"
-
-
-def load_cpu_kernels() -> None:
-    """Once every pattern's ops are defined: load the native library (its CPU kernels and
-    autograd), or register the PyTorch kernels and the Python autograd in its place; then
-    apply ``SPARSEFX_CPU_KERNELS``."""
-    global _native, _base_cpu, _cpu_choice, _native_skipped
-    initial = os.environ.get("SPARSEFX_CPU_KERNELS", "native")
-    # Kernels other than the native ones asked for at import: nothing is built (a GPU run or
-    # a machine without a compiler pays no build), and "native" is refused later.
-    _native_skipped = initial if initial in ("torch", "triton") else None
-    _native = _native_skipped is None and load_native() is not None
-    _base_cpu = _cpu_choice = "native" if _native else "torch"
-    if not _native:
-        _register(LIB, _DEFINED, "torch", "CPU")
-        for ops in _DEFINED:
-            for name, (backward, setup_context) in ops.autograd.items():
-                torch.library.register_autograd(f"sparsefx::{name}", backward,
-                                                setup_context=setup_context, lib=LIB)
-    _select_cpu_kernels(_base_cpu if initial == "native" else initial)
-
-
-def cpu_kernels() -> str:
-    """Which kernels the ops run for CPU tensors now: ``"native"``, ``"torch"`` or
-    ``"triton"``."""
-    return _cpu_choice
-
-
-def _select_cpu_kernels(name: str) -> None:
-    global _cpu_override, _cpu_choice
-    if name not in CPU_KERNELS:
-        raise ValueError(f"CPU kernels {name!r}: expected one of {CPU_KERNELS}")
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the triton CPU kernels run Triton on CPU tensors, which needs "
-                         "TRITON_INTERPRET=1 set before triton is imported")
-    if name == "triton":
-        from .triton_runtime import interpreter_problem
-        if (problem := interpreter_problem()) is not None:
-            raise ValueError(f"the triton CPU kernels cannot run here: {problem}")
-    if name == "native" and _native_skipped is not None:
-        raise ValueError(f"the native CPU kernels were not built: SPARSEFX_CPU_KERNELS="
-                         f"{_native_skipped!r} was set when sparsefx "
-                         "was imported (unset it to build them): expected 'torch' or 'triton'")
-    if name == "native" and not _native:
-        raise ValueError("the native CPU kernels failed to build (see the warning logged at "
-                         "import): expected 'torch' or 'triton'")
-    if name == _cpu_choice:
-        return
-    if _cpu_override is not None:
-        _cpu_override._destroy()  # back to LIB's CPU kernels
-        _cpu_override = None
-    if name != _base_cpu:
-        _cpu_override = torch.library.Library("sparsefx", "IMPL")
-        with warnings.catch_warnings():  # "Overriding a previously registered kernel"
-            warnings.simplefilter("ignore")
-            _register(_cpu_override, _DEFINED, name, "CPU")
-    _cpu_choice = name
-
-
-@contextlib.contextmanager
-def use_cpu_kernels(name: str) -> Iterator[None]:
-    """Run the ops' CPU tensors on ``name``'s kernels inside the block: ``"native"`` (C++),
-    ``"torch"`` (the PyTorch fallback) or ``"triton"`` (the Triton kernels under
-    ``TRITON_INTERPRET=1``; tests only)."""
-    previous = cpu_kernels()
-    _select_cpu_kernels(name)
-    try:
-        yield
-    finally:
-        _select_cpu_kernels(previous)
+def defined() -> list[PatternOps]:
+    """Every pattern's ops defined so far, in the order they joined."""
+    return list(_DEFINED)

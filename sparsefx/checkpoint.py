@@ -26,28 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sparsefx.layers.loading import check_before_loading, check_state_dict
+
 __all__ = ["save_checkpoint", "load_checkpoint", "check_state_dict"]
 
 FORMAT = 1
 _RESERVED = ("format", "rng")
 
 
-def check_state_dict(model: nn.Module, state_dict: dict, prefix: str = "",
-                     strict: bool = True) -> None:
-    """Raise a ``ValueError`` naming the layer and what differs unless every sparse layer of
-    ``model`` fits its entries in ``state_dict`` (keys under ``prefix``); loads nothing.
-    ``model.load_state_dict`` runs this first on a model from ``sparsefx.transform``."""
-    from sparsefx.layers import SPARSE_LAYERS
-    for name, module in model.named_modules():
-        if isinstance(module, SPARSE_LAYERS) and not module.param.is_meta:
-            module.check_state(state_dict, f"{prefix}{name}." if name else prefix, strict)
-
-
-def _check_before_loading(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                          unexpected_keys, error_msgs) -> None:
-    """``load_state_dict`` pre-hook of a transformed model: every sparse layer is checked
-    before any module is loaded, so a checkpoint that does not fit changes nothing."""
-    check_state_dict(module, state_dict, prefix, strict)
+# a model pickled by sparsefx 0.1 holds its load pre-hook under this name
+_check_before_loading = check_before_loading
 
 
 def _rng_state() -> dict:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from sparsefx.layers import SPARSE_LAYERS, MaskedLinear
+from sparsefx.model_info import info_of
 from sparsefx.passes import analyse
 
 __all__ = ["LayerReport", "Report", "report"]
@@ -65,8 +66,9 @@ def report(model: nn.Module) -> Report:
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     graph = analyse.layer_graph(model, SPARSE_LAYERS)
     modules = dict(model.named_modules())
-    stayed_dense = getattr(model, "_sparsefx_dense", {})
-    order = getattr(model, "_sparsefx_order", None) or [
+    info = info_of(model)
+    stayed_dense = info.dense if info else {}
+    order = (info.order if info else None) or [
         name for name, module in modules.items() if isinstance(module, SPARSE_LAYERS)]
     rows = Report()
     for name in order:

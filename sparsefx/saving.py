@@ -23,6 +23,7 @@ import os
 import torch.nn as nn
 
 from sparsefx.dst_layers import unwrap  # torch.compile's and DDP's wrappers
+from sparsefx.model_info import ModelInfo, info_of
 from sparsefx.layers import BlockDiagLinear, DiagLinear, FanInLinear, MaskedLinear, \
     SPARSE_LAYERS
 
@@ -56,10 +57,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         seen[key] = name
         tensors[name] = tensor.detach().contiguous().cpu()
-    dense = {name: reason for name, (_, _, reason) in
-             getattr(model, "_sparsefx_dense", {}).items()}
+    info = info_of(model) or ModelInfo(order=list(layers))
+    dense = {name: reason for name, (_, _, reason) in info.dense.items()}
     metadata = {"format": FORMAT, "layers": layers, "dense": dense, "tied": tied,
-                "order": getattr(model, "_sparsefx_order", list(layers))}
+                "order": info.order}
     save_file(tensors, os.fspath(path), metadata={"sparsefx": json.dumps(metadata)})
 
 
@@ -71,7 +72,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, leaf_modules: tuple = (),
     ``ValueError`` naming the layer if the file does not fit the architecture."""
     from safetensors import safe_open
 
-    from sparsefx.transform import _prepare, _rewrite
+    from sparsefx.transform import prepare, rewrite
 
     with safe_open(os.fspath(path), framework="pt") as file:
         header = (file.metadata() or {}).get("sparsefx")
@@ -86,7 +87,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, leaf_modules: tuple = (),
     for alias, name in saved["tied"].items():
         tensors[alias] = tensors[name]
 
-    new, parts, functional, sites = _prepare(model, leaf_modules, concrete_args)
+    new, parts, functional, sites = prepare(model, leaf_modules, concrete_args)
     by_name = {site.name: site for site in sites}
     layers = saved["layers"]
     for name, options in layers.items():
@@ -112,7 +113,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, leaf_modules: tuple = (),
         layer._sparsefx_name = site.name
         return layer
 
-    new = _rewrite(new, parts, functional, sites, layers, make_layer, saved["dense"])
+    new = rewrite(new, parts, functional, sites, layers, make_layer, saved["dense"])
     if any(t.is_meta for t in new.state_dict().values()):
         new.to_empty(device="cpu")  # the file holds every tensor
     new.load_state_dict(tensors)

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from sparsefx.layers import SPARSE_LAYERS
+from sparsefx.layers.loading import check_before_loading
+from sparsefx.model_info import ModelInfo, attach, detach
 from sparsefx.attention import MultiheadAttention, swap_attention
-from sparsefx.checkpoint import _check_before_loading
 from sparsefx.experts import Experts, swap_experts
 from sparsefx.registry import PATTERNS, build_layer
 from sparsefx.passes import analyse
@@ -20,7 +21,7 @@ from sparsefx.passes.sites import find_functional_sites, find_module_sites, mark
     parameter_use_counts
 from sparsefx.passes.trace import trace_parts
 
-__all__ = ["transform", "densify", "layer_graph"]
+__all__ = ["transform", "densify", "layer_graph", "prepare", "rewrite"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsefx.transform: model is a {type(model).__name__}: expected a "
                         "torch.nn.Module")
-    new, parts, functional, sites = _prepare(model, leaf_modules, concrete_args)
+    new, parts, functional, sites = prepare(model, leaf_modules, concrete_args)
     if not sites:
         warnings.warn("sparsefx.transform: the model has no nn.Linear and no traceable "
                       "F.linear/addmm/matmul on a parameter; returning it unchanged",
@@ -91,15 +92,17 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
         layer._sparsefx_name = site.name
         return layer
 
-    new = _rewrite(new, parts, functional, sites, chosen, make_layer,
+    new = rewrite(new, parts, functional, sites, chosen, make_layer,
                    {d.site.name: d.reason for d in decisions if d.pattern is None})
     logger.info("sparsefx.transform: %d of %d candidate layers made sparse", len(chosen),
                 len(decisions))
     return new
 
-def _prepare(model: nn.Module, leaf_modules=(), concrete_args=None):
-    """A copy of ``model`` with its attention swapped (``sparsefx.attention``), its traced
-    parts, their functional sites and every site: ``(new, parts, functional, sites)``."""
+
+def prepare(model: nn.Module, leaf_modules=(), concrete_args=None):
+    """Transform's first half, which ``sparsefx.load`` shares: a copy of ``model`` with its
+    attention swapped (``sparsefx.attention``), its traced parts, their functional sites and
+    every site: ``(new, parts, functional, sites)``."""
     new = copy.deepcopy(model)
     # projections and experts held as raw parameters become modules, so that they can be
     # made sparse
@@ -117,10 +120,11 @@ def _prepare(model: nn.Module, leaf_modules=(), concrete_args=None):
     return new, parts, functional, sites
 
 
-def _rewrite(new: nn.Module, parts: dict, functional: dict, sites: list, chosen,
+def rewrite(new: nn.Module, parts: dict, functional: dict, sites: list, chosen,
              make_layer, dense_reasons: dict[str, str]) -> nn.Module:
-    """``new`` with the sites named in ``chosen`` replaced by ``make_layer(site, weight,
-    bias)``; the others recorded as dense with ``dense_reasons``."""
+    """Transform's second half, which ``sparsefx.load`` shares: ``new`` with the sites named
+    in ``chosen`` replaced by ``make_layer(site, weight, bias)``, the others recorded as
+    dense with ``dense_reasons`` (``ModelInfo``)."""
     for part, found in functional.items():
         selected = [site for site in found if site.name in chosen]
         if not selected:
@@ -140,13 +144,12 @@ def _rewrite(new: nn.Module, parts: dict, functional: dict, sites: list, chosen,
                 new = layer
 
     # a checkpoint that does not fit is refused before any module is loaded
-    new.register_load_state_dict_pre_hook(_check_before_loading)
-    new._sparsefx_order = [site.name for site in sites]
-    new._sparsefx_dense = {site.name: (site.out_features, site.in_features,
-                                       dense_reasons.get(site.name))
-                           for site in sites if site.name not in chosen}
+    new.register_load_state_dict_pre_hook(check_before_loading)
+    attach(new, ModelInfo(order=[site.name for site in sites],
+                          dense={site.name: (site.out_features, site.in_features,
+                                             dense_reasons.get(site.name))
+                                 for site in sites if site.name not in chosen}))
     return new
-
 
 
 @torch.no_grad()
@@ -163,8 +166,7 @@ def densify(model: nn.Module) -> nn.Module:
                     replace_module(dense, name, getattr(module, back)())
                 else:  # the model is that one module
                     dense = getattr(module, back)()
-    for attribute in ("_sparsefx_order", "_sparsefx_dense"):
-        dense.__dict__.pop(attribute, None)
+    detach(dense)
     return dense
 
 

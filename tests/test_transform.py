@@ -272,3 +272,22 @@ def test_autocast_between_dense_and_sparse_layers(pattern):
     y.float().square().sum().backward()
     assert model[2].values.grad.dtype == torch.float32
     assert model[2].values.grad.abs().sum() > 0
+
+
+def test_what_transform_records_is_one_info_object_that_densify_drops():
+    """The candidates' order and those left dense, with why, are one ``ModelInfo`` on the
+    result; a model pickled by sparsefx 0.1 (two loose attributes) reads the same."""
+    from sparsefx.model_info import ModelInfo, detach, info_of
+    model = sparsefx.transform(mlp(), "diag", 0.9, keep_last_dense=True)
+    info = info_of(model)
+    assert isinstance(info, ModelInfo) and info_of(torch.compile(model)) is info
+    sparse = [name for name, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)]
+    assert set(info.order) == set(sparse) | set(info.dense) and len(info.dense) == 1
+    (last, (_, _, reason)), = info.dense.items()
+    assert info.order[-1] == last and "last" in reason
+    old = copy.deepcopy(model)
+    detach(old)
+    old._sparsefx_order, old._sparsefx_dense = list(info.order), dict(info.dense)
+    assert info_of(old) == info
+    assert str(sparsefx.report(old)) == str(sparsefx.report(model))
+    assert info_of(sparsefx.densify(model)) is None and info_of(mlp()) is None

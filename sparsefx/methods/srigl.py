@@ -40,6 +40,7 @@ import torch
 
 from sparsefx import regrow
 from sparsefx.kernels import distributed
+from sparsefx.model_info import info_of
 
 from .base import Method
 
@@ -226,7 +227,8 @@ class SRigL(Method):
 
 def _output_layers(model, names: list[str], given: tuple[str, ...] | None) -> set[str]:
     if given is None:
-        order = [name for name in getattr(model, "_sparsefx_order", names) if name in names]
+        info = info_of(model)
+        order = [name for name in (info.order if info else names) if name in names]
         return {order[-1] if order else names[-1]}
     if not given:
         return set()

@@ -2,9 +2,10 @@
 
 One table, read by transform (which patterns exist, and which take ``nm=(n, m)`` instead of
 a sparsity), ``build_layer``, ``sparsefx.DST`` (which patterns each method works on), the
-report (through the layers) and the examples. A pattern is a layer class in
-``sparsefx.layers`` (which owns what DST needs of it) with its ops in ``sparsefx.kernels``,
-and one entry here.
+report (through the layers) and the examples. A pattern is a layer class
+(a ``sparsefx.layers.SparseLinear``, which owns what DST needs of it) with its ops, and one
+entry here: sparsefx's own in ``sparsefx.layers`` and ``sparsefx.kernels``, one defined
+elsewhere by ``register_pattern`` (``tests/test_custom_pattern.py`` defines one).
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsefx.layers import BlockDiagLinear, DiagLinear, FanInLinear, MaskedLinear
+from sparsefx.layers import (BlockDiagLinear, DiagLinear, FanInLinear, MaskedLinear,
+                             SparseLinear)
 
-__all__ = ["Pattern", "PATTERNS", "pattern_named", "build_layer"]
+__all__ = ["Pattern", "PATTERNS", "register_pattern", "pattern_named", "build_layer",
+           "layer_classes", "structure_names"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,41 @@ PATTERNS: dict[str, Pattern] = {pattern.name: pattern for pattern in (
     Pattern("unstructured", MaskedLinear, False, "rigl",
             "a dense weight times a 0/1 mask: the accuracy baseline, not accelerated"),
 )}
+
+
+def register_pattern(pattern: Pattern) -> Pattern:
+    """Add ``pattern`` to the table: ``transform(pattern=pattern.name)``, ``build_layer``,
+    the report, ``densify``, ``sparsefx.save``/``load`` and DST's generic methods (``static``,
+    ``set``, ``rigl``) then take it. Its layer must be a ``SparseLinear`` whose class name no
+    other pattern's layer has (``sparsefx.save`` records layers by class name)."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"sparsefx.register_pattern: {pattern!r}: expected a "
+                        "sparsefx.registry.Pattern")
+    if pattern.name in PATTERNS:
+        raise ValueError(f"sparsefx.register_pattern: pattern={pattern.name!r} exists: "
+                         f"expected a new name, not one of {tuple(PATTERNS)}")
+    if not (isinstance(pattern.layer, type) and issubclass(pattern.layer, SparseLinear)):
+        raise TypeError(f"sparsefx.register_pattern: pattern {pattern.name!r}: layer "
+                        f"{pattern.layer!r}: expected a subclass of "
+                        "sparsefx.layers.SparseLinear")
+    other = layer_classes().get(pattern.layer.__name__)
+    if other is not None and other is not pattern.layer:
+        raise ValueError(f"sparsefx.register_pattern: pattern {pattern.name!r}: a layer class "
+                         f"named {pattern.layer.__name__} is registered already ({other!r}): "
+                         "expected a class name of its own")
+    PATTERNS[pattern.name] = pattern
+    return pattern
+
+
+def layer_classes() -> dict[str, type]:
+    """Every registered pattern's layer class, by class name (what ``sparsefx.save``
+    records)."""
+    return {pattern.layer.__name__: pattern.layer for pattern in PATTERNS.values()}
+
+
+def structure_names() -> set[str]:
+    """The buffers the registered layers hold their structure in (``offsets``, ...)."""
+    return {pattern.layer.structure_name for pattern in PATTERNS.values()}
 
 
 def pattern_named(name: str, where: str = "sparsefx") -> Pattern:

@@ -24,14 +24,12 @@ import torch.nn as nn
 
 from sparsefx.dst_layers import unwrap  # torch.compile's and DDP's wrappers
 from sparsefx.model_info import ModelInfo, info_of
-from sparsefx.layers import BlockDiagLinear, DiagLinear, FanInLinear, MaskedLinear, \
-    SPARSE_LAYERS
+from sparsefx.layers import SPARSE_LAYERS
+from sparsefx.registry import layer_classes
 
 __all__ = ["save", "load"]
 
 FORMAT = 1
-_CLASSES = {cls.__name__: cls for cls in (DiagLinear, BlockDiagLinear, FanInLinear,
-                                          MaskedLinear)}
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
@@ -107,7 +105,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, leaf_modules: tuple = (),
         own = {key[len(prefix):]: value for key, value in tensors.items()
                if key.startswith(prefix) and "." not in key[len(prefix):]}
         try:
-            layer = _CLASSES[options["class"]].from_saved(own, options)
+            layer = layer_classes()[options["class"]].from_saved(own, options)
         except (KeyError, ValueError) as error:
             raise ValueError(f"sparsefx.load: layer {site.name} in {path}: {error}") from None
         layer._sparsefx_name = site.name

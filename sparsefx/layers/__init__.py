@@ -13,13 +13,15 @@ does when training from scratch. ``random(...)`` does the latter from ``nn.Linea
 initialisation. ``dense_weight()`` / ``to_dense()`` go back. The structure math is
 ``sparsefx.kernels.patterns``'; nothing here re-derives it.
 """
-from .base import DenseLinear
+from .base import DenseLinear, SparseLinear
 from .blockdiag import BlockDiagLinear
 from .diag import DiagLinear, soft_top_k_gates
 from .fanin import FanInLinear
 from .unstructured import MaskedLinear
 
-__all__ = ["DiagLinear", "BlockDiagLinear", "FanInLinear", "MaskedLinear", "DenseLinear",
-           "SPARSE_LAYERS", "soft_top_k_gates"]
+__all__ = ["SparseLinear", "DiagLinear", "BlockDiagLinear", "FanInLinear", "MaskedLinear",
+           "DenseLinear", "SPARSE_LAYERS", "soft_top_k_gates"]
 
-SPARSE_LAYERS = (DiagLinear, FanInLinear, MaskedLinear)  # BlockDiagLinear is a DiagLinear
+# what isinstance checks for "a sparse layer": every pattern's layer, registered outside
+# sparsefx too, derives from SparseLinear
+SPARSE_LAYERS = (SparseLinear,)

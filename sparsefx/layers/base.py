@@ -61,9 +61,11 @@ def _described_by_keys(keys) -> str:
     return "no layer"
 
 
-class _SparseLinear(nn.Module, abc.ABC):
-    """What the three layers share: shapes, bias, the report numbers and densifying. Each
-    layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``.
+class SparseLinear(nn.Module, abc.ABC):
+    """What every sparse layer shares: shapes, bias, the report numbers and densifying. Each
+    layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``; a pattern
+    defined outside sparsefx subclasses this and registers itself
+    (``sparsefx.register_pattern``).
 
     ``_growth_probe`` is ``None`` except on the steps where ``sparsefx.DST`` needs the dense
     gradient: then the output goes through ``torch.ops.sparsefx.growth_tap``, which leaves
@@ -103,7 +105,8 @@ class _SparseLinear(nn.Module, abc.ABC):
         own = self.state_dict()
         saved = {key[len(prefix):]: value for key, value in state_dict.items()
                  if key.startswith(prefix) and "." not in key[len(prefix):]}
-        structures = {"offsets", "indices", "mask"}
+        from sparsefx.registry import structure_names
+        structures = structure_names()
         missing = [key for key in own if key not in saved]
         foreign = [key for key in saved if key not in own and key in structures | {"weight"}]
         if foreign or (strict and missing and saved):
@@ -136,8 +139,7 @@ class _SparseLinear(nn.Module, abc.ABC):
                                  f"{structure.dtype}: expected an integer or bool tensor")
             # once per structure tensor as it is: a transformed model's load_state_dict
             # checks every layer first (checkpoint.check_state_dict), then each layer again
-            key = ("loadable", type(self), self.out_features, self.in_features,
-                   getattr(self, "groups", None), getattr(self, "nm", None))
+            key = ("loadable", type(self), repr(sorted(self.saved_options().items())))
             try:
                 _structure_cache.derived(structure, key,
                                          lambda: self.check_structure(structure))
@@ -329,7 +331,7 @@ class _SparseLinear(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], options: dict) -> _SparseLinear:
+    def from_saved(cls, tensors: dict[str, torch.Tensor], options: dict) -> SparseLinear:
         """The layer ``saved_options()`` and its own ``tensors`` (its state dict) describe;
         the constructor checks the structure."""
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from sparsefx.kernels import growth, patterns
-from .base import _DENSE_WEIGHT, _SparseLinear, _check_init
+from .base import _DENSE_WEIGHT, SparseLinear, _check_init
 
 
 def soft_top_k_gates(importance: torch.Tensor, offsets: torch.Tensor,
@@ -31,7 +31,7 @@ def soft_top_k_gates(importance: torch.Tensor, offsets: torch.Tensor,
     return torch.where(temperature > 0, soft, torch.ones_like(soft))
 
 
-class DiagLinear(_SparseLinear):
+class DiagLinear(SparseLinear):
     """``y = x @ W.T + b`` with ``W`` keeping ``K`` whole diagonals: ``values [K, L]`` (a
     parameter) on ``offsets [K]`` (an int64 buffer, rewritten in place by DST)."""
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 from sparsefx.kernels import patterns
-from .base import _DENSE_WEIGHT, _SparseLinear, _check_init
+from .base import _DENSE_WEIGHT, SparseLinear, _check_init
 
 
-class FanInLinear(_SparseLinear):
+class FanInLinear(SparseLinear):
     """``y = x @ W.T + b`` with every output row keeping ``k`` inputs: ``values [out, k]``
     (a parameter) at ``indices [out, k]`` (a buffer, rewritten in place by DST). With
     ``nm=(n, m)`` each row holds ``n`` entries in every group of ``m`` inputs."""

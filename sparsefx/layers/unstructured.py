@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsefx.kernels import growth, patterns, topk
-from .base import _SparseLinear, _check_init
+from .base import SparseLinear, _check_init
 
 
-class MaskedLinear(_SparseLinear):
+class MaskedLinear(SparseLinear):
     """``y = x @ (W * mask).T + b``: unstructured sparsity as a dense weight and a 0/1 mask
     (the accuracy baseline for RigL/SET; no faster than dense)."""
 

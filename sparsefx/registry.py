@@ -17,7 +17,7 @@ from sparsefx.layers import (BlockDiagLinear, DiagLinear, FanInLinear, MaskedLin
                              SparseLinear)
 
 __all__ = ["Pattern", "PATTERNS", "register_pattern", "pattern_named", "build_layer",
-           "layer_classes", "structure_names"]
+           "layer_classes"]
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,6 @@ def layer_classes() -> dict[str, type]:
     """Every registered pattern's layer class, by class name (what ``sparsefx.save``
     records)."""
     return {pattern.layer.__name__: pattern.layer for pattern in PATTERNS.values()}
-
-
-def structure_names() -> set[str]:
-    """The buffers the registered layers hold their structure in (``offsets``, ...)."""
-    return {pattern.layer.structure_name for pattern in PATTERNS.values()}
 
 
 def pattern_named(name: str, where: str = "sparsefx") -> Pattern:

@@ -61,6 +61,17 @@ def _described_by_keys(keys) -> str:
     return "no layer"
 
 
+def _structure_names() -> set[str]:
+    """The buffers every sparse layer class (subclasses too) holds its structure in."""
+    names, classes = set(), [SparseLinear]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if isinstance(getattr(cls, "structure_name", None), str):
+            names.add(cls.structure_name)
+    return names
+
+
 class SparseLinear(nn.Module, abc.ABC):
     """What every sparse layer shares: shapes, bias, the report numbers and densifying. Each
     layer defines ``pattern``, ``stored`` (weights kept) and ``dense_weight()``; a pattern
@@ -105,8 +116,7 @@ class SparseLinear(nn.Module, abc.ABC):
         own = self.state_dict()
         saved = {key[len(prefix):]: value for key, value in state_dict.items()
                  if key.startswith(prefix) and "." not in key[len(prefix):]}
-        from sparsefx.registry import structure_names
-        structures = structure_names()
+        structures = _structure_names()
         missing = [key for key in own if key not in saved]
         foreign = [key for key in saved if key not in own and key in structures | {"weight"}]
         if foreign or (strict and missing and saved):

@@ -1,16 +1,56 @@
 """What every DST method is to the manager (``sparsefx.dst.DST``), and the drop-and-grow
-update most of them share."""
+update most of them share.
+
+A method sees the manager and its layers through the two protocols below, ``DST`` and
+``Layer``: what it may read and call. It imports neither ``sparsefx.dst`` nor
+``sparsefx.dst_layers`` (which build on the methods), so there is no import circle.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
+import torch.nn as nn
 
 from sparsefx import regrow
+from sparsefx.kernels import growth
 
-if TYPE_CHECKING:
-    from sparsefx.dst import DST
-    from sparsefx.dst_layers import Layer
+
+class Layer(Protocol):
+    """One sparse layer under the manager (``sparsefx.dst_layers.Layer``)."""
+
+    name: str
+    module: nn.Module             # the sparse layer (``sparsefx.layers.SparseLinear``)
+    probe: torch.Tensor | None    # the growth tap's probe on an armed step
+
+    @property
+    def param(self) -> torch.Tensor: ...
+
+
+class DST(Protocol):
+    """What a method reads of the manager (``sparsefx.dst.DST``) and calls on it."""
+
+    layers: list[Layer]
+    model: nn.Module
+    world: int                    # torch.distributed's world size (1 without it)
+    inverse_grad_scale: torch.Tensor | None  # 1 / GradScaler's scale on this step, if any
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def step_count(self) -> int: ...
+    @property
+    def end_step(self) -> int: ...
+    def units_moved(self, units: int, step: int | None = None) -> int: ...
+    def listed(self, layer: Layer, active: torch.Tensor, rows: slice | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]: ...
+    def lists(self, layer: Layer) -> growth.Listed: ...
+    def write(self, layer: Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None: ...
+    def write_slots(self, layer: Layer, new_active: torch.Tensor,
+                    source: torch.Tensor) -> None: ...
+    @staticmethod
+    def zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                   where: torch.Tensor) -> None: ...
 
 
 class Method:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 import sparsefx
 from common import accuracy, digits, mlp  # this folder is on sys.path
-from sparsefx.kernels.distributed import differs_across_ranks, is_sharded
+from sparsefx.fsdp import is_sharded
+from sparsefx.kernels.distributed import differs_across_ranks
 
 WRAPPINGS = ("ddp", "compile(ddp)", "ddp(compile)", "fsdp2", "compile(fsdp2)")
 

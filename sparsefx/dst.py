@@ -51,7 +51,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from sparsefx import methods
+from sparsefx import fsdp, methods
 from sparsefx.dst_layers import (Layer, calls_per_forward, carried_state, check_optimizer,
                                  check_same_structure_on_every_rank, find_layers,
                                  latest_scores_only, layers_with_non_finite_gradients,
@@ -87,37 +87,34 @@ class DST:
         delta_t: steps between structure updates.
         alpha: the fraction moved at step 0 of the cosine schedule, in (0, 1].
         t_end: fraction of ``total_steps`` after which the structure is frozen.
-        gamma_sal, output_layers, temperature, importance_lr, seed: with a method name,
-            the options of the method that takes them (``None``: its default); others are
-            left aside. With a method object, leave them out.
         grad_scaler: the ``torch.amp.GradScaler`` the loss is scaled by, if any; call
             ``dst.step()`` after ``scaler.update()``. The gradients DST feeds an optimizer
             (DynaDiag's importances) are unscaled by it. The growth scores are only ranked
             within a layer, and the scale is a power of two, so they decide the same
             scaled or not.
+        **method_options: with a method name, its options (``gamma_sal=0.3``,
+            ``temperature=...``, ``seed=...``: see the method's class; ``None``: its
+            default), passed through unread; an option of another method is left aside,
+            one no method has is an error. With a method object, leave them out.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  method: str | Method = "rigl", *, total_steps: int, delta_t: int = 100,
-                 alpha: float = 0.3, t_end: float = 0.75, gamma_sal: float | None = None,
-                 output_layers: tuple[str, ...] | None = None,
-                 temperature: float | None = None, importance_lr: float | None = None,
-                 seed: int | None = None, grad_scaler: torch.amp.GradScaler | None = None):
+                 alpha: float = 0.3, t_end: float = 0.75,
+                 grad_scaler: torch.amp.GradScaler | None = None, **method_options):
         if not isinstance(model, nn.Module):
             raise TypeError(f"sparsefx.DST: model is a {type(model).__name__}: expected the "
                             "torch.nn.Module sparsefx.transform returned (or its wrapper)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"sparsefx.DST: optimizer is a {type(optimizer).__name__}: "
                             "expected a torch.optim.Optimizer")
-        options = dict(gamma_sal=gamma_sal, output_layers=output_layers,
-                       temperature=temperature, importance_lr=importance_lr, seed=seed)
         if isinstance(method, Method):
-            given = [key for key, value in options.items() if value is not None]
+            given = [key for key, value in method_options.items() if value is not None]
             if given:
                 raise ValueError(f"sparsefx.DST: {', '.join(given)} given with a method "
                                  f"object {method!r}: pass them to the method instead")
         else:
-            method = methods.method_named(method, options)
+            method = methods.method_named(method, method_options)
         self.method = method
         self.schedule = CosineSchedule(total_steps, delta_t, alpha, t_end)
         self.model = unwrap(model)
@@ -292,8 +289,8 @@ class DST:
     def _whole_parameters(self, needed: bool):
         """Under FSDP2, the layers' sharded weights, gradients and optimizer state gathered
         whole while an update (or the method) writes them: only on the steps that need it."""
-        if needed and any(distributed.is_sharded(layer.param) for layer in self.layers):
-            return distributed.whole_parameters([layer.module for layer in self.layers],
+        if needed and any(fsdp.is_sharded(layer.param) for layer in self.layers):
+            return fsdp.whole_parameters([layer.module for layer in self.layers],
                                                 self.optimizer)
         return contextlib.nullcontext()
 
@@ -305,7 +302,7 @@ class DST:
             for layer in self.layers:
                 if armed and layer.probe_for != tuple(layer.module.structure.shape):
                     self._attach_probe(layer)  # resized since (a checkpoint loaded)
-                layer.module._growth_probe = layer.probe if armed else None
+                layer.module.arm(layer.probe if armed else None)
             self._armed = armed
 
     def _update(self, fraction: float) -> bool:
@@ -349,7 +346,7 @@ class DST:
         storage = torch.zeros(1, dtype=torch.float32, device=layer.param.device)
         layer.probe = storage.expand(size).requires_grad_(True)
         layer.probe.register_hook(latest_scores_only(layer.probe))
-        module._growth_plan = plan
+        module.set_growth_plan(plan)
         layer.probe_for = tuple(module.structure.shape)
 
     # ------------------------------------------------------------ what methods call
@@ -375,7 +372,7 @@ class DST:
             module = layer.module
             self._lists = layer, growth.listed_candidates(
                 layer.probe.grad, module.structure, module.growth_granularity,
-                module._growth_plan, module.out_features, module.in_features)
+                module.tap_plan, module.out_features, module.in_features)
         return self._lists[1]
 
     def write(self, layer: Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
@@ -408,7 +405,7 @@ class DST:
         if self.method.needs_gradient:
             self._attach_probe(layer)
             if self._armed:
-                module._growth_probe = layer.probe
+                module.arm(layer.probe)
 
     @staticmethod
     def zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
@@ -458,7 +455,7 @@ class DST:
             raise ValueError(f"sparsefx.DST.load_state_dict: the checkpoint was made with other "
                              f"settings (saved, current): {differ}")
         names = {layer.name for layer in self.layers}
-        mentioned = set(state.get("row_active", {})) | set(state.get("importance", {}))
+        mentioned = self.method.state_layers(state)
         if not mentioned <= names:
             raise ValueError(f"sparsefx.DST.load_state_dict: layers {sorted(mentioned - names)} "
                              f"are not in this model's sparse layers {sorted(names)}")

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsefx
-from sparsefx.kernels.distributed import is_sharded
+from sparsefx.fsdp import is_sharded
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from distributed import wrap as _wrap  # noqa: E402  (the wrappings as the example writes them)

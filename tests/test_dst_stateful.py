@@ -154,7 +154,7 @@ class DSTMachine(RuleBasedStateMachine):
         x, again = torch.randn(2, 16, 12, generator=generator)
         target = torch.randint(0, 6, (16,), generator=generator)
         shared = self.layers[0]
-        armed = shared._growth_probe is not None
+        armed = shared.armed
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), target) + shared(again).square().mean()
         (loss + shared(x).square().mean()).backward()

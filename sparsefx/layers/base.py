@@ -287,7 +287,7 @@ class SparseLinear(nn.Module, abc.ABC):
         """``[R, C]`` growth scores over every candidate from the tap's ``probe_grad`` (only
         ``rows`` of them, if given)."""
         return growth.candidate_scores(probe_grad, self.structure, self.growth_granularity,
-                                       self._growth_plan, self.out_features,
+                                       self.tap_plan, self.out_features,
                                        self.in_features, rows)
 
     def random_scores(self, generator: torch.Generator, rows: slice | None = None
@@ -313,6 +313,24 @@ class SparseLinear(nn.Module, abc.ABC):
     def describe(self, rows: int | None = None) -> str:
         """One line on the structure, as ``DST``'s ``repr`` prints it (``rows``: as for
         ``active_units``)."""
+
+    def set_growth_plan(self, plan: list[int]) -> None:
+        """The growth tap's lists ``[per_row, group_size, layer_wide]`` this layer's probe is
+        sized for (``sparsefx.DST``, when it makes the probe)."""
+        self._growth_plan = list(plan)
+
+    @property
+    def tap_plan(self) -> list[int]:
+        """The plan ``set_growth_plan`` set: how to parse the probe's gradient."""
+        return self._growth_plan
+
+    def arm(self, probe: torch.Tensor | None) -> None:
+        """Route the next backwards through the growth tap into ``probe`` (``None``: not)."""
+        self._growth_probe = probe
+
+    @property
+    def armed(self) -> bool:
+        return self._growth_probe is not None
 
     def _tap(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self._growth_probe is None:

@@ -133,6 +133,12 @@ class DiagLinear(SparseLinear):
         return (f"diag ({self.out_features}, {self.in_features}): {self.offsets.numel()} of "
                 f"{self.num_candidates} diagonals")
 
+    def set_value_transform(self, transform: Callable[[torch.Tensor], torch.Tensor] | None
+                            ) -> None:
+        """What the op computes with in place of ``values`` while a DST method wants it
+        (``None``: the values themselves); see ``value_transform``."""
+        self.value_transform = transform
+
     def effective_values(self) -> torch.Tensor:
         """``values`` through ``value_transform`` (DynaDiag's gates while it trains)."""
         if self.value_transform is None:

@@ -33,6 +33,11 @@ class FanInLinear(SparseLinear):
         # None: the fan-in is fixed, and a checkpoint must have the layer's own
         self.fan_in_budget: int | None = None
 
+    @torch.no_grad()
+    def zero_rows(self, rows: torch.Tensor) -> None:
+        """Zero the values of the output rows ``rows`` (SRigL's ablated neurons)."""
+        self.values.index_fill_(0, rows, 0)
+
     def resize(self, new_indices: torch.Tensor, source: torch.Tensor) -> None:
         """Hold ``new_indices [out, k']``, each entry continuing the value of the old slot
         ``source`` names (-1: zero). ``values`` stays the same Parameter object with new

@@ -27,6 +27,12 @@ def method_named(name: str, options: dict) -> Method:
     it takes; the others are left aside (each method checks its own)."""
     if name not in METHODS:
         raise ValueError(f"sparsefx.DST: method={name!r}: expected one of {tuple(METHODS)}")
+    known = {option for cls in METHODS.values() for option in cls.option_names}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"sparsefx.DST: got {', '.join(unknown)}: no method takes "
+                        f"{'it' if len(unknown) == 1 else 'them'} (the methods' options: "
+                        f"{sorted(known)})")
     cls = METHODS[name]
     return cls(**{key: value for key, value in options.items()
                   if key in cls.option_names and value is not None})

@@ -179,5 +179,10 @@ class Method:
     def state_dict(self) -> dict:
         return {}
 
+    def state_layers(self, state: dict) -> set[str]:
+        """The layer names this method's keys of the checkpoint ``state`` mention (the manager
+        checks they are its layers before anything is loaded)."""
+        return set()
+
     def load_state_dict(self, dst: DST, state: dict) -> None:
         """``state``: the manager's checkpoint (this method's keys among others)."""

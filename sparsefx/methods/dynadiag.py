@@ -139,7 +139,7 @@ class DynaDiag(Method):
                 temperatures[device] = torch.tensor(self.temperature, dtype=torch.float32,
                                                     device=device)
             self.gates[layer.name] = Gates(importance, module, temperatures[device])
-            module.value_transform = self.gates[layer.name]
+            module.set_value_transform(self.gates[layer.name])
         self._temperatures = list(temperatures.values())
         importances = [gates.importance for gates in self.gates.values()]
         # scratch for _importance_adam_step, which holds when all layers share a device
@@ -177,7 +177,7 @@ class DynaDiag(Method):
             bank.requires_grad_(True)
             self.gates[layer.name] = ReferenceGates(importance, module, bank, bank_offsets,
                                                     temperature.to(device))
-            module.value_transform = self.gates[layer.name]
+            module.set_value_transform(self.gates[layer.name])
             banks.append(bank)
             groups.append(_group_of(dst.optimizer, module.values))
         self._temperatures = [gates.temperature for gates in self.gates.values()]
@@ -232,7 +232,7 @@ class DynaDiag(Method):
                     theirs = bank_state.get(key)
                     value[freed] = (theirs[incoming].to(value.dtype) if torch.is_tensor(theirs)
                                     and theirs.shape == gates.bank.shape else 0)
-            module.value_transform = None
+            module.set_value_transform(None)
         self.gates, self._optimizer, self._bank_optimizer, self._temperatures = {}, None, None, []
 
     def every_step(self, dst) -> None:
@@ -298,7 +298,7 @@ class DynaDiag(Method):
         for layer in dst.layers:
             gates = self.gates[layer.name].gates()
             layer.module.values.mul_(gates[:, None].to(layer.module.values.dtype))
-            layer.module.value_transform = None
+            layer.module.set_value_transform(None)
         self.gates, self._optimizer, self._temperatures = {}, None, []
 
     def state_dict(self) -> dict:
@@ -313,6 +313,9 @@ class DynaDiag(Method):
         return state
 
     @torch.no_grad()
+    def state_layers(self, state: dict) -> set[str]:
+        return set(state.get("importance", {})) | set(state.get("bank", {}))
+
     def load_state_dict(self, dst, state: dict) -> None:
         gated = self._optimizer is not None
         if state["importance"] and not gated:

@@ -149,7 +149,7 @@ class SRigL(Method):
                 for layer in dst.layers:
                     rows = self._ablated_rows.get(layer.name)
                     if rows is not None:
-                        layer.module.values.index_fill_(0, rows, 0)
+                        layer.module.zero_rows(rows)
 
     def update_layer(self, dst, layer, fraction: float) -> bool:
         module = layer.module
@@ -201,7 +201,7 @@ class SRigL(Method):
             self._set_row_active(layer.name, new_row_active)
             ablated = self._ablated_rows.get(layer.name)
             if ablated is not None:
-                module.values.index_fill_(0, ablated, 0)
+                module.zero_rows(ablated)
         return changed
 
     def _set_row_active(self, name: str, row_active: torch.Tensor) -> None:
@@ -218,6 +218,9 @@ class SRigL(Method):
     def state_dict(self) -> dict:
         return {"row_active": {name: rows.clone() for name, rows in self.row_active.items()},
                 "fan_in_budget": dict(self.budget)}
+
+    def state_layers(self, state: dict) -> set[str]:
+        return set(state.get("row_active", {}))
 
     def load_state_dict(self, dst, state: dict) -> None:
         for name, rows in state.get("row_active", {}).items():

@@ -95,10 +95,6 @@ class ShiftLinear(SparseLinear):
         bias = self._bias(bias)
         return self._tap(y if bias is None else y + bias, x)
 
-    @property
-    def structure(self):
-        return self.offsets
-
     def check_structure(self, structure):
         patterns.check_diag_offsets(structure, self.out_features, self.in_features)
 

@@ -100,6 +100,11 @@ class SparseLinear(nn.Module, abc.ABC):
 
     structure_name: str  # the buffer holding the structure
 
+    @property
+    def structure(self) -> torch.Tensor:
+        """The structure buffer (``structure_name``) DST rewrites in place."""
+        return getattr(self, self.structure_name)
+
     @abc.abstractmethod
     def check_structure(self, structure: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``structure`` is a valid structure for this layer."""

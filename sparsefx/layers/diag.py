@@ -82,10 +82,6 @@ class DiagLinear(SparseLinear):
 
     structure_name = "offsets"
 
-    @property
-    def structure(self) -> torch.Tensor:
-        return self.offsets
-
     def check_structure(self, structure: torch.Tensor) -> None:
         patterns.check_diag_offsets(structure, self.out_features, self.in_features)
 

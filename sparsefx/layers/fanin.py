@@ -132,10 +132,6 @@ class FanInLinear(SparseLinear):
 
     structure_name = "indices"
 
-    @property
-    def structure(self) -> torch.Tensor:
-        return self.indices
-
     def check_structure(self, structure: torch.Tensor) -> None:
         if self.nm is None:
             patterns.check_fanin_indices(structure, self.in_features)

@@ -57,10 +57,6 @@ class MaskedLinear(SparseLinear):
 
     structure_name = "mask"
 
-    @property
-    def structure(self) -> torch.Tensor:
-        return self.mask
-
     def check_structure(self, structure: torch.Tensor) -> None:
         if structure.shape != self.weight.shape:
             raise ValueError(f"mask has shape {tuple(structure.shape)}: expected "

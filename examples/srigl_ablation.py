@@ -37,9 +37,9 @@ def trace(task, sparsity: float, seed: int, gamma_sal: float) -> dict:
     update_layer, layerwise_drop, salience = (method.update_layer, regrow.layerwise_drop,
                                               regrow.salience)
 
-    def update(dst, layer, fraction):
+    def update(ctx, layer, fraction):
         current[:] = [layer.name]
-        return update_layer(dst, layer, fraction)
+        return update_layer(ctx, layer, fraction)
 
     def drop(magnitude, row_active, num_dropped):
         kept = layerwise_drop(magnitude, row_active, num_dropped)

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from sparsefx import fsdp, methods
-from sparsefx.dst_layers import (Layer, calls_per_forward, carried_state, check_optimizer,
+from sparsefx.dst_layers import (Layer, calls_per_forward, check_optimizer,
                                  check_same_structure_on_every_rank, find_layers,
                                  latest_scores_only, layers_with_non_finite_gradients,
                                  shared_layers_error, unwrap)
@@ -118,7 +118,7 @@ class DST:
         self.method = method
         self.schedule = CosineSchedule(total_steps, delta_t, alpha, t_end)
         self.model = unwrap(model)
-        self.layers = find_layers(self.model, method)
+        self.layers = find_layers(self.model, method, self)
         self._optimizer, self._optimizer_hook = None, None
         self.optimizer = optimizer
         check_same_structure_on_every_rank(self.layers)
@@ -128,8 +128,7 @@ class DST:
         self._record_grad_scale()
         self._step = 0
         self._skipped_updates = 0
-        self._lists: tuple[Layer, growth.Listed] | None = None  # see lists()
-        method.attach(self)
+        method.attach(self._context())
         if method.needs_gradient:
             for layer in self.layers:
                 self._attach_probe(layer)
@@ -196,7 +195,7 @@ class DST:
         if (not self.method.works_every_step and (self._step + 1) % self.delta_t > 1
                 and self._step != self.total_steps):
             with self._whole_parameters(self.method.writes_between_updates):
-                self.method.between_updates(self)
+                self.method.between_updates(self._context())
             changed = False
         else:
             changed = self._step_with_work()
@@ -223,7 +222,7 @@ class DST:
                     f"has a {layer.module.structure_name} of shape "
                     f"{tuple(layer.module.structure.shape)}, not {layer.structure_shape}"
                     if tuple(layer.module.structure.shape) != layer.structure_shape
-                    and getattr(layer.module, "fan_in_budget", None) is None else None)
+                    and not layer.module.resizable else None)
             if what:
                 raise RuntimeError(f"{where}: layer {layer.name} {what}: the model was changed "
                                    "after DST(...) was made. Write weights and structure in "
@@ -275,11 +274,11 @@ class DST:
         finishing = self._step == self.total_steps
         with self._whole_parameters(updating or finishing
                                     or self.method.writes_between_updates):
-            self.method.every_step(self)
+            self.method.every_step(self._context())
             if updating:
                 changed = self._update(self.drop_fraction(self._step))
             if finishing:
-                self.method.finish(self)
+                self.method.finish(self._context())
         if self._armed:
             for layer in self.layers:
                 layer.probe.grad = None
@@ -313,6 +312,7 @@ class DST:
                           f"{', '.join(problems)}; structure update skipped", stacklevel=3)
             return False
         changed = False
+        context = self._context()
         for layer in self.layers:
             if self.method.needs_gradient and layer.probe.grad is None:
                 warnings.warn(f"sparsefx.DST: step {self._step}: layer {layer.name} got no "
@@ -320,9 +320,9 @@ class DST:
                               "is left as it is", stacklevel=3)
                 continue
             try:
-                changed |= self.method.update_layer(self, layer, fraction)
+                changed |= self.method.update_layer(context, layer, fraction)
             finally:
-                self._lists = None  # parsed once per layer and update
+                layer.forget_lists()  # parsed once per layer and update
         logger.info("sparsefx.DST: step %d: structure update, fraction %.4f", self._step,
                     fraction)
         return changed
@@ -349,72 +349,25 @@ class DST:
         module.set_growth_plan(plan)
         layer.probe_for = tuple(module.structure.shape)
 
-    # ------------------------------------------------------------ what methods call
+    # ------------------------------------------------------------ what methods are given
+
+    def _context(self) -> methods.StepContext:
+        return methods.StepContext(
+            step=self._step, end_step=self.end_step, total_steps=self.total_steps,
+            world=self.world, inverse_grad_scale=self.inverse_grad_scale,
+            optimizer=self.optimizer, model=self.model, layers=tuple(self.layers))
 
     def budget(self, layer: Layer) -> int:
         """Active units of ``layer``: diagonals, entries or elements (of its live rows)."""
         return layer.module.active_units(self.method.live_rows(layer))
 
-    def listed(self, layer: Layer, active: torch.Tensor, rows: slice | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
-        """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots
-        ``active`` (of the slot rows ``rows``, default all), then the inactive candidates the
-        growth tap listed; and the parsed lists (of those rows)."""
-        listed = self.lists(layer)
-        if rows is not None:
-            listed = listed.rows(rows)
-        return (*layer.module.listed_candidates(listed, active), listed)
-
-    def lists(self, layer: Layer) -> growth.Listed:
-        """The growth tap's lists of ``layer`` at this update (views of its probe), parsed
-        once per layer and update: a method asks for them a block of rows at a time."""
-        if self._lists is None or self._lists[0] is not layer:
-            module = layer.module
-            self._lists = layer, growth.listed_candidates(
-                layer.probe.grad, module.structure, module.growth_granularity,
-                module.tap_plan, module.out_features, module.in_features)
-        return self._lists[1]
-
-    def write(self, layer: Layer, new_active: torch.Tensor, grown: torch.Tensor) -> None:
-        """Store the new structure in place; zero the grown units and their optimizer state."""
-        where = layer.module.write_structure(new_active, grown)
-        layer.param.masked_fill_(where, 0)
-        self.zero_state(self.optimizer, layer.param, where)
-
-    def write_slots(self, layer: Layer, new_active: torch.Tensor,
-                    source: torch.Tensor) -> None:
-        """Store ``new_active [R, k']`` where each unit continues the old slot ``source``
-        names (-1: a new unit, at zero with zeroed optimizer state). With ``k'`` the stored
-        fan-in and every unit in its own slot, this is ``write``; otherwise the layer is
-        resized (``FanInLinear.resize``: the same Parameter, new data) and the optimizer's
-        state tensors are carried over with it. The growth probe is sized anew."""
-        module = layer.module
-        slots = torch.arange(new_active.shape[1], device=source.device)[None, :]
-        if (tuple(new_active.shape) == module.slot_shape
-                and bool(((source == slots) | (source < 0)).all())):
-            self.write(layer, new_active, source < 0)
-            return
-        param = layer.param
-        old_shape = param.shape
-        module.resize(new_active, source)
-        for key, value in self.optimizer.state.get(param, {}).items():
-            if torch.is_tensor(value) and value.shape == old_shape:
-                self.optimizer.state[param][key] = carried_state(value, source)
-        param.grad = None  # this step's gradient was for the old slots, and is spent
-        layer.structure_shape = tuple(module.structure.shape)
+    def resized(self, layer: Layer) -> None:
+        """``layer``'s number of slots changed (``Layer.write_slots``): its growth probe is
+        sized anew."""
         if self.method.needs_gradient:
             self._attach_probe(layer)
             if self._armed:
-                module.arm(layer.probe)
-
-    @staticmethod
-    def zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                   where: torch.Tensor) -> None:
-        """Zero every state tensor of ``optimizer`` shaped like ``param`` where ``where``
-        holds (momentum, exp_avg, exp_avg_sq, ...); scalar state (Adam's step) stays."""
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.masked_fill_(where, 0)
+                layer.module.arm(layer.probe)
 
     # ---------------------------------------------------------------------------- state
 
@@ -429,7 +382,7 @@ class DST:
         self.check_state(state)
         self._step = state["step"]
         self._skipped_updates = state.get("skipped_updates", 0)
-        self.method.load_state_dict(self, state)
+        self.method.load_state_dict(self._context(), state)
         self._arm()
 
     def check_state(self, state: dict) -> None:

@@ -4,7 +4,8 @@ and before an update (the optimizer trains them, every rank holds the same struc
 layer is called twice in one forward, the gradients are finite)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -12,11 +13,12 @@ import torch.nn as nn
 from sparsefx.kernels import distributed, growth
 from sparsefx.layers import SPARSE_LAYERS
 from sparsefx.methods import Method
+from sparsefx.optimizer_state import carried_state, zero_state
 from sparsefx.registry import PATTERNS
 
 __all__ = ["unwrap", "Layer", "find_layers", "check_optimizer",
            "check_same_structure_on_every_rank", "layers_with_non_finite_gradients",
-           "shared_layers_error", "calls_per_forward", "carried_state",
+           "shared_layers_error", "calls_per_forward",
            "latest_scores_only"]
 
 
@@ -31,18 +33,31 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-@dataclass
+class Owner(Protocol):
+    """What a ``Layer`` asks of the manager that holds it."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    def units_moved(self, units: int) -> int: ...
+    def resized(self, layer: Layer) -> None: ...
+
+
+@dataclass(eq=False)
 class Layer:
-    """One sparse layer under the manager. What its pattern means for an update the layer
-    module says (``sparsefx.layers``); what the method keeps about it, the method."""
+    """One sparse layer under the manager, and the handle a method is given for it
+    (``sparsefx.methods.base.Layer``): its units, the listed candidates and the writes of a
+    new structure. What its pattern means for an update the layer module says
+    (``sparsefx.layers``); what the method keeps about it, the method."""
 
     name: str
     module: nn.Module
+    owner: Owner = field(repr=False)
     probe: torch.Tensor | None = None  # float32 leaf; its .grad holds the growth scores
     probe_for: tuple[int, ...] = ()  # the structure shape the probe was sized for
     # what the layer held when DST was made: an update checks it still does
     trained: torch.Tensor | None = None
     structure_shape: tuple[int, ...] = ()
+    _lists: growth.Listed | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.trained = self.module.param
@@ -52,6 +67,60 @@ class Layer:
     def param(self) -> torch.Tensor:
         return self.module.param
 
+    def units_moved(self, units: int) -> int:
+        return self.owner.units_moved(units)
+
+    def lists(self) -> growth.Listed:
+        """The growth tap's lists at this update (views of the probe), parsed once per update:
+        a method asks for them a block of rows at a time."""
+        if self._lists is None:
+            module = self.module
+            self._lists = growth.listed_candidates(
+                self.probe.grad, module.structure, module.growth_granularity,
+                module.tap_plan, module.out_features, module.in_features)
+        return self._lists
+
+    def forget_lists(self) -> None:
+        """After the update: the next one parses its own."""
+        self._lists = None
+
+    def listed(self, active: torch.Tensor, rows: slice | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, growth.Listed]:
+        """``(candidate_ids, scores)`` rows for ``regrow.drop_and_grow``: the active slots
+        ``active`` (of the slot rows ``rows``, default all), then the inactive candidates the
+        growth tap listed; and the parsed lists (of those rows)."""
+        listed = self.lists()
+        if rows is not None:
+            listed = listed.rows(rows)
+        return (*self.module.listed_candidates(listed, active), listed)
+
+    def write(self, new_active: torch.Tensor, grown: torch.Tensor) -> None:
+        """Store the new structure in place; zero the grown units and their optimizer state."""
+        where = self.module.write_structure(new_active, grown)
+        self.param.masked_fill_(where, 0)
+        zero_state(self.owner.optimizer, self.param, where)
+
+    def write_slots(self, new_active: torch.Tensor, source: torch.Tensor) -> None:
+        """Store ``new_active [R, k']`` where each unit continues the old slot ``source``
+        names (-1: a new unit, at zero with zeroed optimizer state). With ``k'`` the stored
+        fan-in and every unit in its own slot, this is ``write``; otherwise the layer is
+        resized (``FanInLinear.resize``: the same Parameter, new data) and the optimizer's
+        state tensors are carried over with it. The growth probe is sized anew."""
+        module = self.module
+        slots = torch.arange(new_active.shape[1], device=source.device)[None, :]
+        if (tuple(new_active.shape) == module.slot_shape
+                and bool(((source == slots) | (source < 0)).all())):
+            self.write(new_active, source < 0)
+            return
+        param, optimizer = self.param, self.owner.optimizer
+        old_shape = param.shape
+        module.resize(new_active, source)
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.shape == old_shape:
+                optimizer.state[param][key] = carried_state(value, source)
+        param.grad = None  # this step's gradient was for the old slots, and is spent
+        self.structure_shape = tuple(module.structure.shape)
+        self.owner.resized(self)
 
 
 def shared_layers_error(where: str, calls: dict[str, int], method: str) -> ValueError:
@@ -89,8 +158,8 @@ def _submodule(module: nn.Module, target: str) -> nn.Module | None:
 
 
 
-def find_layers(model: nn.Module, method: Method) -> list[Layer]:
-    layers = [Layer(name, module) for name, module in model.named_modules()
+def find_layers(model: nn.Module, method: Method, owner: Owner) -> list[Layer]:
+    layers = [Layer(name, module, owner) for name, module in model.named_modules()
               if isinstance(module, SPARSE_LAYERS)]
     if not layers:
         raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
@@ -147,12 +216,6 @@ def layers_with_non_finite_gradients(layers: list[Layer]) -> list[str]:
         return []
     finite = torch.stack(extremes).isfinite().all(dim=1).tolist()
     return list(dict.fromkeys(name for name, ok in zip(names, finite, strict=True) if not ok))
-
-
-def carried_state(state: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """An optimizer state tensor for the slots ``source`` (old slot, or -1: zero)."""
-    moved = state.gather(1, source.clamp(min=0).to(state.device))
-    return moved.masked_fill_(source.to(state.device) < 0, 0)
 
 
 def latest_scores_only(probe: torch.Tensor):

@@ -249,15 +249,17 @@ def test_dynadiag_grows_diagonals_at_the_median_importance_of_the_old_ones():
     method = sparsefx.DynaDiag()
     dst = sparsefx.DST(model, optimizer, method, total_steps=200, delta_t=5)
     before = {}
-    write = dst.write
 
-    def recording_write(layer, new_active, grown):
-        gates = method.gates[layer.name]
-        before[layer.name] = (gates.importance.detach().clone(), layer.module.offsets.clone(),
-                              new_active[0][grown[0]].clone())
-        write(layer, new_active, grown)
+    def recording(layer, write):
+        def recording_write(new_active, grown):
+            gates = method.gates[layer.name]
+            before[layer.name] = (gates.importance.detach().clone(),
+                                  layer.module.offsets.clone(), new_active[0][grown[0]].clone())
+            write(new_active, grown)
+        return recording_write
 
-    dst.write = recording_write
+    for layer in dst.layers:
+        layer.write = recording(layer, layer.write)
     for x, y in _batches(6):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()

@@ -98,6 +98,7 @@ class SparseLinear(nn.Module, abc.ABC):
 
     # ----------------------------------------------------------- loading a checkpoint
 
+    resizable = False  # whether DST may change the number of slots (FanInLinear.resize)
     structure_name: str  # the buffer holding the structure
 
     @property

@@ -29,9 +29,18 @@ class FanInLinear(SparseLinear):
         self.values = nn.Parameter(values.detach().clone())
         self.register_buffer("indices", indices.detach().to(
             patterns.fanin_index_dtype(in_features)).clone())
-        # the weights a resize may spread over the rows (SRigL's fan_in="budget" sets it);
+        # the weights a resize may spread over the rows (allow_resize);
         # None: the fan-in is fixed, and a checkpoint must have the layer's own
         self.fan_in_budget: int | None = None
+
+    def allow_resize(self, budget: int | None) -> None:
+        """Let a resize spread ``budget`` weights over the rows (SRigL's ``fan_in="budget"``;
+        a checkpoint of another fan-in then loads); ``None``: the fan-in is fixed."""
+        self.fan_in_budget = budget
+
+    @property
+    def resizable(self) -> bool:
+        return self.fan_in_budget is not None
 
     @torch.no_grad()
     def zero_rows(self, rows: torch.Tensor) -> None:

@@ -7,16 +7,17 @@
 
 ``sparsefx.DST`` (the manager) keeps the schedule, the steps, the growth taps, writing a new
 structure and zeroing its optimizer state, and the checkpoint; it asks its method what to do
-(``base.Method``). ``DST(method="srigl", gamma_sal=...)`` builds the method from its name.
+(``base.Method``), handing it a ``base.StepContext`` and a ``base.Layer`` handle per layer.
+``DST(method="srigl", gamma_sal=...)`` builds the method from its name.
 """
 from __future__ import annotations
 
-from .base import Method
+from .base import Layer, Method, StepContext
 from .drop_grow import SET, RigL, Static
 from .dynadiag import DynaDiag
 from .srigl import SRigL
 
-__all__ = ["Method", "Static", "SET", "RigL", "SRigL", "DynaDiag", "METHODS", "method_named"]
+__all__ = ["Method", "StepContext", "Layer", "Static", "SET", "RigL", "SRigL", "DynaDiag", "METHODS", "method_named"]
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Static, SET, RigL, SRigL,
                                                                    DynaDiag)}

@@ -34,23 +34,23 @@ class SET(Method):
     def __post_init__(self):
         self._generator = torch.Generator().manual_seed(_stream_seed("SET", self.seed))
 
-    def growth_scores(self, dst, layer, rows: slice) -> torch.Tensor:
+    def growth_scores(self, ctx, layer, rows: slice) -> torch.Tensor:
         return layer.module.random_scores(self._generator, rows)
 
     def grows_from_lists(self, layer) -> bool:
         # an unstructured layer is one row of every element: a random list, not a score each
         return hasattr(layer.module, "random_candidates")
 
-    def candidates(self, dst, layer, active, rows, num_moved):
+    def candidates(self, ctx, layer, active, rows, num_moved):
         return layer.module.random_candidates(self._generator, active, num_moved)
 
-    def list_width(self, dst, layer, num_moved: int) -> int:
+    def list_width(self, ctx, layer, num_moved: int) -> int:
         return layer.module.slot_shape[1] + num_moved
 
     def state_dict(self) -> dict:
         return {"generator": self._generator.get_state()}
 
-    def load_state_dict(self, dst, state: dict) -> None:
+    def load_state_dict(self, ctx, state: dict) -> None:
         self._generator.set_state(state["generator"])
 
 

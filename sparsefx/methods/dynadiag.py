@@ -32,6 +32,7 @@ import torch
 
 from sparsefx.kernels import distributed
 from sparsefx.layers import soft_top_k_gates
+from sparsefx.optimizer_state import zero_state
 
 from .base import Method
 
@@ -123,12 +124,12 @@ class DynaDiag(Method):
     def works_every_step(self) -> bool:
         return self._optimizer is not None
 
-    def attach(self, dst) -> None:
+    def attach(self, ctx) -> None:
         if self.reference:
-            self._attach_reference(dst)
+            self._attach_reference(ctx)
             return
         temperatures = {}
-        for layer in dst.layers:
+        for layer in ctx.layers:
             module = layer.module
             device = module.values.device
             importance = torch.zeros(module.num_candidates, dtype=torch.float32, device=device)
@@ -150,19 +151,19 @@ class DynaDiag(Method):
         # holds the state (and its checkpoint format); _importance_adam_step takes the steps
         self._optimizer = torch.optim.Adam(importances, lr=self.importance_lr, fused=True)
 
-    def _attach_reference(self, dst) -> None:
+    def _attach_reference(self, ctx) -> None:
         from sparsefx.layers import BlockDiagLinear
-        blocked = [layer.name for layer in dst.layers
+        blocked = [layer.name for layer in ctx.layers
                    if isinstance(layer.module, BlockDiagLinear)]
         if blocked:
             raise ValueError(f"sparsefx.DST: DynaDiag(selection='reference') gates single "
                              f"diagonals: layers {blocked} are blockdiag")
-        if dst.world > 1:
+        if ctx.world > 1:
             raise ValueError("sparsefx.DST: DynaDiag(selection='reference') runs in one "
                              "process (its bank of diagonals is not reduced over ranks)")
         temperature = torch.tensor(self.temperature, dtype=torch.float32)
         banks, groups = [], []
-        for layer in dst.layers:
+        for layer in ctx.layers:
             module = layer.module
             device = module.values.device
             num_candidates = module.num_candidates
@@ -179,10 +180,10 @@ class DynaDiag(Method):
                                                     temperature.to(device))
             module.set_value_transform(self.gates[layer.name])
             banks.append(bank)
-            groups.append(_group_of(dst.optimizer, module.values))
+            groups.append(_group_of(ctx.optimizer, module.values))
         self._temperatures = [gates.temperature for gates in self.gates.values()]
         self._bank_groups = groups
-        optimizer = dst.optimizer
+        optimizer = ctx.optimizer
         self._bank_optimizer = type(optimizer)(
             [{"params": [bank], **_settings(optimizer, group)}
              for bank, group in zip(banks, groups, strict=True)],
@@ -192,30 +193,30 @@ class DynaDiag(Method):
         self._optimizer = torch.optim.Adam([gates.importance for gates in self.gates.values()],
                                            lr=self.importance_lr, fused=True)
 
-    def _reference_step(self, dst) -> None:
+    def _reference_step(self, ctx) -> None:
         """Until ``t_end``: the importances' Adam step, the bank's step at the model
         optimizer's current settings, the next temperature; at ``t_end``, the freeze."""
-        if dst.step_count <= dst.end_step:
+        if ctx.step <= ctx.end_step:
             _importance_adam_step(self._optimizer, self._found_inf, self._one, self._one)
             for bank_group, group in zip(self._bank_optimizer.param_groups, self._bank_groups,
                                          strict=True):
-                bank_group.update(_settings(dst.optimizer, group))
+                bank_group.update(_settings(ctx.optimizer, group))
             if all(gates.bank.grad is not None for gates in self.gates.values()):
                 self._bank_optimizer.step()
         for gates in self.gates.values():
             gates.importance.grad = gates.bank.grad = None
-        if dst.step_count >= dst.end_step:
-            self._freeze(dst)
+        if ctx.step >= ctx.end_step:
+            self._freeze(ctx)
             return
         for tensor in self._temperatures:
-            tensor.fill_(self._temperature_at(dst, dst.step_count))
+            tensor.fill_(self._temperature_at(ctx, ctx.step))
 
-    def _freeze(self, dst) -> None:
+    def _freeze(self, ctx) -> None:
         """Keep the ``K`` diagonals of largest importance (ties: the lower offset) with
         gates of 1, as the reference does; a kept diagonal from the bank brings its value
         and its optimizer state into a slot the layer's dropped diagonals freed."""
         from sparsefx.kernels.topk import top_ids
-        for layer in dst.layers:
+        for layer in ctx.layers:
             gates, module = self.gates[layer.name], layer.module
             num_kept = module.offsets.numel()
             chosen = torch.zeros(module.num_candidates, dtype=torch.bool,
@@ -225,7 +226,7 @@ class DynaDiag(Method):
             incoming = chosen[gates.bank_offsets].nonzero()[:, 0]
             module.offsets[freed] = gates.bank_offsets[incoming]
             module.values.data[freed] = gates.bank.detach()[incoming].to(module.values.dtype)
-            user_state = dst.optimizer.state.get(module.values, {})
+            user_state = ctx.optimizer.state.get(module.values, {})
             bank_state = self._bank_optimizer.state.get(gates.bank, {})
             for key, value in user_state.items():
                 if torch.is_tensor(value) and value.shape == module.values.shape:
@@ -235,22 +236,22 @@ class DynaDiag(Method):
             module.set_value_transform(None)
         self.gates, self._optimizer, self._bank_optimizer, self._temperatures = {}, None, None, []
 
-    def every_step(self, dst) -> None:
+    def every_step(self, ctx) -> None:
         """One Adam step on the importances (skipped if a gradient is not finite), then the
         temperature of the next step. Runs every step, so kept to a few small ops."""
         if self._optimizer is None:
             return
         if self.reference:
-            self._reference_step(dst)
+            self._reference_step(ctx)
             return
         importances = [gates.importance for gates in self.gates.values()]
-        if dst.step_count <= dst.end_step:
+        if ctx.step <= ctx.end_step:
             grads = [importance.grad for importance in importances
                      if importance.grad is not None]
-            if dst.world > 1:
+            if ctx.world > 1:
                 distributed.mean_over_ranks_(*grads)
             # under a GradScaler, the gradients as the scaled loss gave them
-            inverse_scale = dst.inverse_grad_scale
+            inverse_scale = ctx.inverse_grad_scale
             if self._one is not None:
                 _importance_adam_step(self._optimizer, self._found_inf, self._one,
                                       self._one if inverse_scale is None else inverse_scale)
@@ -261,41 +262,41 @@ class DynaDiag(Method):
                 self._optimizer.step()
         for importance in importances:
             importance.grad = None
-        temperature = self._temperature_at(dst, dst.step_count)
+        temperature = self._temperature_at(ctx, ctx.step)
         for tensor in self._temperatures:
             tensor.fill_(temperature)
 
-    def _temperature_at(self, dst, step: int) -> float:
+    def _temperature_at(self, ctx, step: int) -> float:
         if self.reference:
-            progress = min(1.0, step / dst.end_step)
+            progress = min(1.0, step / ctx.end_step)
             return self.end_temperature + (self.temperature - self.end_temperature) * (
                 1 + math.cos(math.pi * progress)) / 2
-        return self.temperature * max(0.0, 1.0 - step / dst.end_step)
+        return self.temperature * max(0.0, 1.0 - step / ctx.end_step)
 
     needs_old_slots = True
 
     def magnitudes(self, layer, active: torch.Tensor, rows=None) -> torch.Tensor:
         return self.gates[layer.name].importance[active]
 
-    def after_write(self, dst, layer, active, new_active, grown) -> None:
+    def after_write(self, ctx, layer, active, new_active, grown) -> None:
         old_offsets, offsets, grown = active[0], new_active[0], grown[0]
         importance = self.gates[layer.name].importance
         importance[offsets[grown]] = importance[old_offsets].median()
-        dst.zero_state(self._optimizer, importance, torch.zeros_like(
+        zero_state(self._optimizer, importance, torch.zeros_like(
             importance, dtype=torch.bool).index_fill_(0, offsets[grown], True))
         inactive = torch.ones_like(importance, dtype=torch.bool).index_fill_(0, offsets, False)
         importance[inactive] = importance[offsets].min() - 1.0
 
-    def finish(self, dst) -> None:
+    def finish(self, ctx) -> None:
         """At the last step the gates are exactly 1 (``T = 0`` from ``t_end`` on): fold them
         into the values and drop them, so the trained model computes its plain sparse op, as
         ``densify`` and a state_dict loaded elsewhere do."""
         if self._optimizer is None:
             return
         if self.reference:
-            self._freeze(dst)
+            self._freeze(ctx)
             return
-        for layer in dst.layers:
+        for layer in ctx.layers:
             gates = self.gates[layer.name].gates()
             layer.module.values.mul_(gates[:, None].to(layer.module.values.dtype))
             layer.module.set_value_transform(None)
@@ -316,19 +317,19 @@ class DynaDiag(Method):
     def state_layers(self, state: dict) -> set[str]:
         return set(state.get("importance", {})) | set(state.get("bank", {}))
 
-    def load_state_dict(self, dst, state: dict) -> None:
+    def load_state_dict(self, ctx, state: dict) -> None:
         gated = self._optimizer is not None
         if state["importance"] and not gated:
-            self.attach(dst)
+            self.attach(ctx)
         elif gated and not state["importance"]:
-            self.finish(dst)  # saved after the run finished
+            self.finish(ctx)  # saved after the run finished
         for name, importance in state["importance"].items():
             self.gates[name].importance.copy_(importance)
         for name, (bank, offsets) in state.get("bank", {}).items():
             self.gates[name].bank.copy_(bank)
             self.gates[name].bank_offsets.copy_(offsets)
         for tensor in getattr(self, "_temperatures", []):
-            tensor.fill_(self._temperature_at(dst, dst.step_count))
+            tensor.fill_(self._temperature_at(ctx, ctx.step))
         if self._optimizer is not None:
             self._optimizer.load_state_dict(state["importance_optimizer"])
         if self._bank_optimizer is not None and "bank_optimizer" in state:

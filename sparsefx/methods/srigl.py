@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsefx import regrow
-from sparsefx.kernels import distributed
 from sparsefx.model_info import info_of
 
 from .base import Method
@@ -87,17 +86,17 @@ class SRigL(Method):
         return {"gamma_sal": self.gamma_sal, "drop": self.drop, "fan_in": self._fan_in,
                 "max_fan_in": self.max_fan_in}
 
-    def attach(self, dst) -> None:
-        heads = _output_layers(dst.model, [layer.name for layer in dst.layers],
+    def attach(self, ctx) -> None:
+        heads = _output_layers(ctx.model, [layer.name for layer in ctx.layers],
                                self.output_layers)
-        for layer in dst.layers:
+        for layer in ctx.layers:
             module = layer.module
             self.row_active[layer.name] = torch.ones(module.out_features, dtype=torch.bool,
                                                      device=layer.param.device)
             self.budget[layer.name] = module.indices.numel()
             if layer.name not in heads:
                 self._ablate.add(layer.name)
-        if distributed.world_size() > 1 and self._ablate:
+        if ctx.world > 1 and self._ablate:
             if self.fan_in == "budget":
                 raise ValueError("sparsefx.DST: SRigL(fan_in='budget') resizes a layer's "
                                  "values when ablation changes its fan-in, and "
@@ -110,8 +109,8 @@ class SRigL(Method):
                               "follow a layer resized to share an ablated row's parameters",
                               stacklevel=4)
                 self._fan_in = "fixed"
-        for layer in dst.layers:  # a checkpoint of a resized layer loads into this one
-            layer.module.fan_in_budget = self.budget[layer.name] if self.resizes else None
+        for layer in ctx.layers:  # a checkpoint of a resized layer loads into this one
+            layer.module.allow_resize(self.budget[layer.name] if self.resizes else None)
 
     @property
     def resizes(self) -> bool:
@@ -140,18 +139,18 @@ class SRigL(Method):
     def writes_between_updates(self) -> bool:
         return bool(self._ablated_rows)
 
-    def between_updates(self, dst) -> None:
+    def between_updates(self, ctx) -> None:
         """Ablated rows stay exactly zero, whatever the optimizer did to them: every step,
         one write of those rows per layer that has some. (Their optimizer state may drift
         meanwhile; a row that comes back is grown, which zeroes its state.)"""
         if self._ablated_rows:
             with torch.no_grad():
-                for layer in dst.layers:
+                for layer in ctx.layers:
                     rows = self._ablated_rows.get(layer.name)
                     if rows is not None:
                         layer.module.zero_rows(rows)
 
-    def update_layer(self, dst, layer, fraction: float) -> bool:
+    def update_layer(self, ctx, layer, fraction: float) -> bool:
         module = layer.module
         active = module.slots()
         rows, fan_in = active.shape
@@ -159,15 +158,15 @@ class SRigL(Method):
         magnitude = module.unit_magnitudes(active)
         live = int(row_active.sum())
         if self.drop == "layer":
-            num_dropped = dst.units_moved(live * fan_in)
+            num_dropped = layer.units_moved(live * fan_in)
             kept = regrow.layerwise_drop(magnitude, row_active, num_dropped)
         else:
-            per_row = min(dst.units_moved(fan_in), module.num_candidates - fan_in)
+            per_row = min(layer.units_moved(fan_in), module.num_candidates - fan_in)
             num_dropped = live * per_row
             kept = regrow.rowwise_drop(magnitude, row_active, per_row)
         if num_dropped == 0 and layer.name not in self._ablated_rows:
             return False
-        listed = dst.lists(layer)
+        listed = layer.lists()
         new_row_active = row_active
         start_fan_in = self.budget[layer.name] // rows
         minimum = max(1, math.floor(self.gamma_sal * start_fan_in))
@@ -184,11 +183,11 @@ class SRigL(Method):
                       else fan_in)
         new_active = active.new_empty(rows, new_fan_in)
         source = torch.empty_like(new_active)
-        width = dst.listed(layer, active[:1], slice(0, 1))[0].shape[1]
+        width = layer.listed(active[:1], slice(0, 1))[0].shape[1]
         # a block of rows at a time, a few MiB each: never a layer's worth of temporaries
         # refill holds about four times the scores' bytes (ids, ranks, a sort): a quarter block
         for block in regrow.row_blocks(rows, fan_in, 4 * width):
-            candidate_ids, scores, _ = dst.listed(layer, active[block], block)
+            candidate_ids, scores, _ = layer.listed(active[block], block)
             new_active[block], source[block] = regrow.refill(
                 active[block], kept[block], magnitude[block], candidate_ids, scores,
                 new_row_active[block], new_fan_in, module.num_candidates)
@@ -197,7 +196,7 @@ class SRigL(Method):
         changed = (new_fan_in != fan_in or not torch.equal(new_row_active, row_active)
                    or bool(((source < 0) & new_row_active[:, None]).any()))
         if changed:
-            dst.write_slots(layer, new_active, source)
+            layer.write_slots(new_active, source)
             self._set_row_active(layer.name, new_row_active)
             ablated = self._ablated_rows.get(layer.name)
             if ablated is not None:
@@ -222,7 +221,7 @@ class SRigL(Method):
     def state_layers(self, state: dict) -> set[str]:
         return set(state.get("row_active", {}))
 
-    def load_state_dict(self, dst, state: dict) -> None:
+    def load_state_dict(self, ctx, state: dict) -> None:
         for name, rows in state.get("row_active", {}).items():
             self._set_row_active(name, rows)
         self.budget.update(state.get("fan_in_budget", {}))

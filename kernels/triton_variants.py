@@ -42,11 +42,14 @@ class Resources:
 
 
 def every_variant() -> list[Variant]:
-    """The variants of every pattern's Triton kernels."""
-    from .blockdiag import triton_kernels as blockdiag
-    from .diag import triton_kernels as diag
-    from .fanin import triton_kernels as fanin
-    return [v for module in (diag, fanin, blockdiag) for v in module.launch_variants()]
+    """The variants of the Triton kernels of every pattern whose ops are defined
+    (``_library.define_ops``: each names its CUDA kernels' module, whose
+    ``launch_variants()`` lists what it launches)."""
+    import importlib
+
+    from ._library import defined
+    return [variant for ops in defined()
+            for variant in importlib.import_module(ops.cuda).launch_variants()]
 
 
 def _ptxas(capability: int) -> str:

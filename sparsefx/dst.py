@@ -18,7 +18,8 @@ next update, so that a layer of few units moves too: ``CosineSchedule.units_move
 ``sparsefx.regrow``). What moves, per method:
 
 ``static``, ``set`` and ``rigl`` work on every pattern, ``srigl`` on fan-in layers,
-``dynadiag`` on diag layers; each is a strategy object in ``sparsefx.methods`` (one file
+``dynadiag`` on the diagonal ones (``Method.works_on``; the README's pattern table, made from
+the registry, lists them); each is a strategy object in ``sparsefx.methods`` (one file
 each) with its own options and state: ``DST(model, opt, method=sparsefx.SRigL(gamma_sal=0.3),
 total_steps=T)``, or by name with the options as keywords (``method="srigl",
 gamma_sal=0.3``). The manager keeps the step count, the schedule
@@ -76,8 +77,8 @@ class DST:
     and ``sparsefx.methods`` for each method's exact rule).
 
     Args:
-        model: a model holding ``DiagLinear`` / ``FanInLinear`` / ``MaskedLinear`` layers
-            (from ``sparsefx.transform``), or its ``torch.compile`` / DDP wrapper.
+        model: a model holding sparse layers (any pattern's, from ``sparsefx.transform``),
+            or its ``torch.compile`` / DDP wrapper.
         optimizer: the optimizer that trains the sparse layers' values; its state for grown
             units is zeroed at updates.
         method: a ``sparsefx.methods.Method`` (``Static()``, ``SET(seed)``, ``RigL()``,

@@ -162,9 +162,10 @@ def find_layers(model: nn.Module, method: Method, owner: Owner) -> list[Layer]:
     layers = [Layer(name, module, owner) for name, module in model.named_modules()
               if isinstance(module, SPARSE_LAYERS)]
     if not layers:
-        raise ValueError("sparsefx.DST: the model has no sparse layer (DiagLinear, FanInLinear "
-                         "or MaskedLinear): make it sparse with sparsefx.transform first")
-    allowed = tuple(PATTERNS) if method.patterns is None else method.patterns
+        raise ValueError("sparsefx.DST: the model has no sparse layer (of the patterns "
+                         f"{', '.join(PATTERNS)}): make it sparse with sparsefx.transform "
+                         "first")
+    allowed = tuple(name for name, pattern in PATTERNS.items() if method.works_on(pattern))
     wrong = [f"{layer.name} ({layer.module.pattern})" for layer in layers
              if layer.module.pattern not in allowed]
     if wrong:

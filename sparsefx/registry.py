@@ -17,7 +17,7 @@ from sparsefx.layers import (BlockDiagLinear, DiagLinear, FanInLinear, MaskedLin
                              SparseLinear)
 
 __all__ = ["Pattern", "PATTERNS", "register_pattern", "pattern_named", "build_layer",
-           "layer_classes"]
+           "layer_classes", "patterns_table"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,21 @@ def build_layer(pattern: str, weight: torch.Tensor, bias: torch.Tensor | None, *
     return pattern_named(pattern, "build_layer").build(weight, bias, sparsity=sparsity, nm=nm,
                                                        init=init, generator=generator,
                                                        **options)
+
+
+def patterns_table() -> str:
+    """The registered patterns as a Markdown table (the README's: ``python -m
+    sparsefx.readme_tables README.md`` rewrites it there)."""
+    from sparsefx.methods import METHODS
+    lines = ["| pattern | layer | structure | DST methods (default first) |",
+             "|---|---|---|---|"]
+    for pattern in PATTERNS.values():
+        methods = [pattern.default_method] + sorted(
+            name for name, cls in METHODS.items()
+            if name != pattern.default_method and cls().works_on(pattern))
+        asks = "`nm=(n, m)`" if pattern.takes_nm else "`sparsity`"
+        options = "".join(f", `{option}=`" for option in pattern.options)
+        lines.append(f"| `{pattern.name}` | `{pattern.layer.__name__}` | {pattern.summary} "
+                     f"({asks}{options}) | {', '.join(methods)} |")
+    return "\n".join(lines)
+

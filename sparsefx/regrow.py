@@ -3,13 +3,10 @@
 Every pattern is handled as rows of *slots*: a row holds ``k`` distinct unit ids out of
 ``C`` candidates, and an update moves ``n`` of them.
 
-=================  =============  =======================  ============================
-layer              rows           slots per row            candidates per row
-=================  =============  =======================  ============================
-``DiagLinear``     1              K diagonals              P diagonals
-``FanInLinear``    out            k entries                in columns (N:M: per group)
-``MaskedLinear``   1              all kept elements        out * in elements
-=================  =============  =======================  ============================
+For instance (each layer's ``slot_shape`` and ``num_candidates`` say it for its pattern): a
+diag layer is one row of ``K`` diagonals out of ``P``, a fan-in layer ``out`` rows of ``k``
+entries out of ``in`` columns (N:M: per group), an unstructured one a single row of every
+kept element out of ``out * in``.
 
 ``drop_and_grow`` keeps the ``k - n`` slots of largest magnitude, grows the ``n``
 best-scoring candidates among the rest (for N:M, within the groups that lost entries, so

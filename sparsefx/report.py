@@ -19,7 +19,7 @@ class LayerReport:
     name: str
     out_features: int
     in_features: int
-    pattern: str              # "diag", "fanin", "nm 2:4", "unstructured" or "dense"
+    pattern: str              # the layer's pattern_label ("nm 2:4", ...) or "dense"
     sparsity: float
     dense_params: int
     params: int               # weights stored

@@ -39,9 +39,9 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     ``F.linear`` / ``addmm`` / ``matmul`` on a parameter; decides per layer (see
     ``passes.allocate.allocate`` for ``distribution``, ``include``/``exclude``,
     ``include_types``/``exclude_types``, ``overrides``, ``keep_first_dense``/
-    ``keep_last_dense``); and replaces each chosen one by a ``DiagLinear``, ``FanInLinear``
-    (``pattern="fanin"`` or ``"nm"`` with ``nm=(n, m)``) or ``MaskedLinear``
-    (``"unstructured"``) built from its dense weights: the largest-magnitude structure
+    ``keep_last_dense``); and replaces each chosen one by the layer of its pattern (one of
+    ``sparsefx.registry.PATTERNS``: ``pattern="nm"`` takes ``nm=(n, m)`` instead of a
+    sparsity) built from its dense weights: the largest-magnitude structure
     (``init="magnitude"``) or a random one seeded by ``seed`` (``init="random"``). Tied and
     shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
     candidate. ``leaf_modules`` (types or FQNs) and ``concrete_args`` go to the tracer.

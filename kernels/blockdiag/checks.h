@@ -13,6 +13,10 @@
 
 namespace sparsefx {
 
+// the records this pattern keeps in the structure cache (csrc/structure_cache.h)
+inline constexpr RecordKind kBlockdiagCosets{"blockdiag.cosets"};  // the cosets passed the check
+inline constexpr RecordKind kBlockdiagBlocks{"blockdiag.blocks"};  // the blocked layout
+
 // `groups` divides both dimensions: the messages of patterns.check_blockdiag_groups.
 inline void check_blockdiag_groups(const char* op, int64_t out_features, int64_t in_features,
                                    int64_t groups) {

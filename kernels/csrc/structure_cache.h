@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <mutex>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -18,39 +19,46 @@ namespace sparsefx {
 // what was derived (or a marker: "the check passed"). Writes that bypass the version counter
 // (through .data) are not seen; the kernels bounds-check the structure themselves, so such a
 // write can give a wrong result but never reads outside the inputs.
+// What a record holds: each pattern declares its own kinds beside the code that uses them
+// (``inline constexpr RecordKind kDiagOffsets{"diag.offsets"};``), named "<pattern>.<what>"
+// so that the names of different patterns never meet; nothing here lists them.
+struct RecordKind {
+  std::string_view name;
+};
+
 class StructureCache {
  public:
   using Payload = std::shared_ptr<const void>;
 
   // The payload recorded for `tensor` as it is now, or null.
-  Payload find(const at::Tensor& tensor, int kind, int64_t a, int64_t b) {
+  Payload find(const at::Tensor& tensor, RecordKind kind, int64_t a, int64_t b) {
     auto* impl = tensor.unsafeGetTensorImpl();
     if (!impl->version_counter().enabled()) return nullptr;  // inference tensors: no version
     std::lock_guard<std::mutex> lock(mutex_);
-    auto found = records_.find(Key{impl, kind, a, b});
+    auto found = records_.find(Key{impl, kind.name, a, b});
     if (found == records_.end() || found->second.owner.expired() ||
         !(found->second.stamp == stamp_of(tensor)))
       return nullptr;
     return found->second.payload;
   }
 
-  void remember(const at::Tensor& tensor, int kind, int64_t a, int64_t b, Payload payload) {
+  void remember(const at::Tensor& tensor, RecordKind kind, int64_t a, int64_t b, Payload payload) {
     auto* impl = tensor.unsafeGetTensorImpl();
     if (!impl->version_counter().enabled()) return;
     std::lock_guard<std::mutex> lock(mutex_);
     // derived payloads can be large: drop those of dead tensors whenever one is added
     if (records_.size() >= kSweepAt || payload != marker()) sweep();
     records_.insert_or_assign(
-        Key{impl, kind, a, b},
+        Key{impl, kind.name, a, b},
         Record{c10::weak_intrusive_ptr<c10::TensorImpl>(tensor.getIntrusivePtr()),
                stamp_of(tensor), std::move(payload)});
   }
 
-  bool verified(const at::Tensor& tensor, int kind, int64_t a, int64_t b) {
+  bool verified(const at::Tensor& tensor, RecordKind kind, int64_t a, int64_t b) {
     return find(tensor, kind, a, b) != nullptr;
   }
 
-  void remember_verified(const at::Tensor& tensor, int kind, int64_t a, int64_t b) {
+  void remember_verified(const at::Tensor& tensor, RecordKind kind, int64_t a, int64_t b) {
     remember(tensor, kind, a, b, marker());
   }
 
@@ -62,7 +70,7 @@ class StructureCache {
 
   struct Key {
     const c10::TensorImpl* impl;
-    int kind;
+    std::string_view kind;
     int64_t a, b;
     bool operator==(const Key& other) const {
       return impl == other.impl && kind == other.kind && a == other.a && b == other.b;
@@ -70,8 +78,8 @@ class StructureCache {
   };
   struct KeyHash {
     size_t operator()(const Key& key) const {
-      size_t h = std::hash<const void*>()(key.impl);
-      for (int64_t part : {static_cast<int64_t>(key.kind), key.a, key.b})
+      size_t h = std::hash<const void*>()(key.impl) ^ std::hash<std::string_view>()(key.kind);
+      for (int64_t part : {key.a, key.b})
         h ^= std::hash<int64_t>()(part) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
       return h;
     }
@@ -111,13 +119,5 @@ inline StructureCache& structure_cache() {
   static StructureCache cache;
   return cache;
 }
-
-enum RecordKind {
-  kDiagOffsets = 1,
-  kFaninIndices = 2,
-  kFaninTranspose = 3,
-  kBlockdiagCosets = 4,
-  kBlockdiagBlocks = 5
-};
 
 }  // namespace sparsefx

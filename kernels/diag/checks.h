@@ -13,6 +13,9 @@
 
 namespace sparsefx {
 
+// the records this pattern keeps in the structure cache (csrc/structure_cache.h)
+inline constexpr RecordKind kDiagOffsets{"diag.offsets"};  // the offsets passed the check
+
 // Distinct offsets in [0, P): the messages of patterns.check_diag_offsets.
 inline void check_diag_offsets(const char* op, const at::Tensor& offsets, int64_t num_candidates) {
   auto flat = offsets.reshape({-1}).to(at::kLong).contiguous();

@@ -13,6 +13,10 @@
 
 namespace sparsefx {
 
+// the records this pattern keeps in the structure cache (csrc/structure_cache.h)
+inline constexpr RecordKind kFaninIndices{"fanin.indices"};      // the indices passed the check
+inline constexpr RecordKind kFaninTranspose{"fanin.transpose"};  // the transposed structure
+
 // Distinct ids in [0, in) within every row: the messages of patterns.check_fanin_indices.
 // `x` is the input whose width is in_features, when that is where in_features came from.
 inline void check_fanin_indices(const char* op, const at::Tensor& indices, int64_t in_features,

@@ -1,10 +1,7 @@
-"""Sparse linear layers: each owns its ``values`` and structure buffers and calls one op.
-
-* ``DiagLinear``   -- K whole wrap-around diagonals (``torch.ops.sparsefx.diag_linear``);
-* ``FanInLinear``  -- exactly k inputs per output row, optionally N:M
-  (``torch.ops.sparsefx.fanin_linear``);
-* ``MaskedLinear`` -- a dense weight times a 0/1 mask: the unstructured baseline, not
-  accelerated.
+"""Sparse linear layers, one file per pattern (which layer each pattern uses:
+``sparsefx.registry.PATTERNS``): each is a ``SparseLinear`` (``base.py``) that owns its
+``values`` and structure buffer, calls its pattern's op, and says what DST needs of its
+units (slots, magnitudes, candidates, writing a structure, describing itself).
 
 Each builds from a dense weight with ``from_dense``: ``init="magnitude"`` keeps the
 largest-magnitude diagonals / entries, so a pretrained layer can be sparsified;

@@ -70,9 +70,13 @@ class Method:
 
     name: ClassVar[str]
     option_names: ClassVar[tuple[str, ...]] = ()
-    patterns: ClassVar[tuple[str, ...] | None] = None  # what it works on; None: every one
     moves: ClassVar[bool] = True           # static: the structure never changes
     needs_gradient: ClassVar[bool] = False  # dense-gradient growth: the tap is armed
+
+    def works_on(self, pattern) -> bool:
+        """Whether the method updates layers of ``pattern`` (a ``sparsefx.registry.Pattern``);
+        every pattern unless a method says otherwise."""
+        return True
 
     def options(self) -> dict:
         """The method's settings, as the checkpoint records them."""

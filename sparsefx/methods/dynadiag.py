@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsefx.kernels import distributed
-from sparsefx.layers import soft_top_k_gates
+from sparsefx.layers import DiagLinear, soft_top_k_gates
 from sparsefx.optimizer_state import zero_state
 
 from .base import Method
@@ -88,7 +88,6 @@ class DynaDiag(Method):
     name = "dynadiag"
     option_names = ("temperature", "importance_lr", "selection", "end_temperature")
     legacy_options = {"selection": "sparse", "end_temperature": 0.05}
-    patterns = ("diag", "blockdiag")
     gates: dict[str, Gates | ReferenceGates] = field(init=False, repr=False)  # while gated
     _optimizer: torch.optim.Adam | None = field(init=False, default=None, repr=False)
     _bank_optimizer: torch.optim.Optimizer | None = field(init=False, default=None,
@@ -107,6 +106,9 @@ class DynaDiag(Method):
             raise ValueError(f"sparsefx.DynaDiag: end_temperature={self.end_temperature!r}: "
                              "expected > 0")
         self.gates = {}
+
+    def works_on(self, pattern) -> bool:  # gates diagonals: diag and its blocked kin
+        return issubclass(pattern.layer, DiagLinear)
 
     @property
     def reference(self) -> bool:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsefx import regrow
+from sparsefx.layers import FanInLinear
 from sparsefx.model_info import info_of
 
 from .base import Method
@@ -60,7 +61,6 @@ class SRigL(Method):
     option_names = ("gamma_sal", "output_layers", "drop", "fan_in", "max_fan_in")
     # what a checkpoint from before these options existed was made with
     legacy_options = {"drop": "row", "fan_in": "fixed", "max_fan_in": 2.0}
-    patterns = ("fanin",)
     needs_gradient = True
     row_active: dict[str, torch.Tensor] = field(init=False, repr=False)  # [out] bool
     budget: dict[str, int] = field(init=False, repr=False)  # out * k0 per layer
@@ -81,6 +81,9 @@ class SRigL(Method):
                              "(a multiple of the layer's starting fan-in)")
         self.row_active, self.budget, self._ablate, self._ablated_rows = {}, {}, set(), {}
         self._fan_in = self.fan_in or "budget"  # the rule in force (attach settles None)
+
+    def works_on(self, pattern) -> bool:  # a fan-in of its own per row: not N:M's groups
+        return issubclass(pattern.layer, FanInLinear) and not pattern.takes_nm
 
     def options(self) -> dict:  # the checkpoint's settings (output_layers: in the layers)
         return {"gamma_sal": self.gamma_sal, "drop": self.drop, "fan_in": self._fan_in,

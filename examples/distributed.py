@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import sys
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,30 +27,7 @@ import sparsefx
 from common import accuracy, digits, mlp  # this folder is on sys.path
 from sparsefx.fsdp import is_sharded
 from sparsefx.kernels.distributed import differs_across_ranks
-
-WRAPPINGS = ("ddp", "compile(ddp)", "ddp(compile)", "fsdp2", "compile(fsdp2)")
-
-
-def wrap(model: nn.Module, wrapping: str) -> nn.Module:
-    """``model`` as ``wrapping`` says; DST gets it (or ``model``: both work)."""
-    # structure buffers are the same on every rank already, and int16 fan-in ids cannot be
-    # broadcast by gloo or NCCL
-    ddp = dict(broadcast_buffers=False)
-    # newer torch deprecates the flag, but its replacement still broadcasts at start
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
-    if wrapping == "ddp":
-        return nn.parallel.DistributedDataParallel(model, **ddp)
-    if wrapping == "compile(ddp)":
-        return torch.compile(nn.parallel.DistributedDataParallel(model, **ddp))
-    if wrapping == "ddp(compile)":
-        return nn.parallel.DistributedDataParallel(torch.compile(model), **ddp)
-    if wrapping == "compile(fsdp2)":
-        return torch.compile(wrap(model, "fsdp2"))
-    from torch.distributed.fsdp import fully_shard
-    for module in model.modules():  # each sparse layer its own FSDP unit, then the rest
-        if isinstance(module, sparsefx.layers.SPARSE_LAYERS):
-            fully_shard(module)
-    return fully_shard(model)
+from sparsefx.wrapping import WRAPPINGS, wrap
 
 
 def checksum(model: nn.Module) -> torch.Tensor:

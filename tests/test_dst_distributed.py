@@ -12,9 +12,7 @@ imports are paid once.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,18 +23,16 @@ import torch.nn.functional as F
 
 import sparsefx
 from sparsefx.fsdp import is_sharded
+from sparsefx.methods import METHODS
+from sparsefx.registry import PATTERNS
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-from distributed import wrap as _wrap  # noqa: E402  (the wrappings as the example writes them)
+from sparsefx.wrapping import wrap as _wrap  # the wrappings the example uses
 
 STEPS, BATCH, DELTA_T = 9, 24, 2
 STRUCTURE = ("offsets", "indices", "mask")
 # every pattern and every method it takes
-EVERY_CASE = [(pattern, method) for pattern in ("diag", "blockdiag", "fanin", "nm",
-                                                "unstructured")
-              for method in ("static", "set", "rigl", "srigl", "dynadiag")
-              if (method != "srigl" or pattern == "fanin")
-              and (method != "dynadiag" or pattern in ("diag", "blockdiag"))]
+EVERY_CASE = [(pattern, method) for pattern in PATTERNS for method in METHODS
+              if METHODS[method]().works_on(PATTERNS[pattern])]
 # every pattern and every method at least once (the compiled and sharded wrappings, which
 # cost a compile or more collectives per case)
 COVERING = [("diag", "dynadiag"), ("blockdiag", "rigl"), ("fanin", "srigl"), ("nm", "set"),

@@ -12,8 +12,15 @@ import torch.nn as nn
 
 import sparsefx
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-from export_aoti import package  # noqa: E402
+
+
+def package(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """``model`` exported (the batch dimension dynamic) and compiled into ``path``, as
+    ``examples/export_aoti.py`` does."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    return Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
+
 
 RUNNER = textwrap.dedent("""
     import sys, torch, sparsefx   # the ops; the model's code is not imported

@@ -31,6 +31,10 @@ class Pattern:
     summary: str                # one line for help texts and docs
     options: tuple[str, ...] = ()  # per-layer options of its from_dense (transform overrides)
 
+    def structure(self, sparsity: float | None, nm: tuple[int, int] | None) -> dict:
+        """``from_dense``'s structure keywords: ``nm=`` or ``sparsity=``."""
+        return {"nm": nm} if self.takes_nm else {"sparsity": sparsity}
+
     def build(self, weight: torch.Tensor, bias: torch.Tensor | None, *,
               sparsity: float | None, nm: tuple[int, int] | None, init: str,
               generator: torch.Generator | None, **options):
@@ -40,7 +44,7 @@ class Pattern:
         if unknown:
             raise ValueError(f"pattern {self.name!r} takes no option {sorted(unknown)}: "
                              f"expected {self.options or 'none'}")
-        structure = {"nm": nm} if self.takes_nm else {"sparsity": sparsity}
+        structure = self.structure(sparsity, nm)
         if not weight.is_meta:
             return self.layer.from_dense(weight, bias, init=init, generator=generator,
                                          **structure, **options)

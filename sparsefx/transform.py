@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from sparsefx import calibration as calibration_
 from sparsefx.layers import SPARSE_LAYERS
 from sparsefx.layers.loading import check_before_loading
 from sparsefx.model_info import ModelInfo, attach, detach
@@ -32,6 +33,7 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
               include_types: tuple[type, ...] = (), exclude_types: tuple[type, ...] = (),
               overrides: dict | None = None, keep_first_dense: bool = False,
               keep_last_dense: bool = False, init: str = "magnitude", seed: int = 0,
+              calibration=None, progress: bool | None = None,
               leaf_modules: tuple = (), concrete_args: dict | None = None) -> nn.Module:
     """A sparse copy of ``model``; ``model`` itself is never modified, also on error.
 
@@ -42,13 +44,24 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     ``keep_last_dense``); and replaces each chosen one by the layer of its pattern (one of
     ``sparsefx.registry.PATTERNS``: ``pattern="nm"`` takes ``nm=(n, m)`` instead of a
     sparsity) built from its dense weights: the largest-magnitude structure
-    (``init="magnitude"``) or a random one seeded by ``seed`` (``init="random"``). Tied and
-    shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
+    (``init="magnitude"``), a random one seeded by ``seed`` (``init="random"``), or one
+    calibrated on ``calibration``, model inputs (``init="wanda"`` or ``"sparsegpt"``: see
+    ``sparsefx.calibration``; ``progress``: a progress bar, default when stderr is a
+    terminal). Tied and shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
     candidate. ``leaf_modules`` (types or FQNs) and ``concrete_args`` go to the tracer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsefx.transform: model is a {type(model).__name__}: expected a "
                         "torch.nn.Module")
+    inits = ("magnitude", "random") + calibration_.INITS
+    if init not in inits:
+        raise ValueError(f"sparsefx.transform: init={init!r}: expected one of {inits}")
+    calibrated = init in calibration_.INITS
+    if calibrated:
+        calibration = calibration_.Calibration(calibration)
+    elif calibration is not None:
+        raise ValueError(f"sparsefx.transform: calibration= given with init={init!r}: expected "
+                         f"init in {calibration_.INITS} (or no calibration)")
     new, parts, functional, sites = prepare(model, leaf_modules, concrete_args)
     if not sites:
         warnings.warn("sparsefx.transform: the model has no nn.Linear and no traceable "
@@ -77,6 +90,8 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
 
     def make_layer(site, weight, bias):
         decision = chosen[site.name]
+        if calibrated:
+            return calibrating(site, weight, bias, decision)
         if init == "magnitude" and not weight.is_meta:
             bad = int((~torch.isfinite(weight)).sum())
             if bad:
@@ -92,8 +107,28 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
         layer._sparsefx_name = site.name
         return layer
 
+    def calibrating(site, weight, bias, decision):
+        if weight.is_meta or not bool(torch.isfinite(weight).all()):
+            what = "on the meta device" if weight.is_meta else "NaN or infinite"
+            raise ValueError(f"layer {site.name}: init={init!r} needs the weight's values: "
+                             f"expected finite weights, not {what} ones (transform after "
+                             "loading them)")
+
+        def build(weight, bias, scores):
+            try:
+                layer = PATTERNS[decision.pattern].layer.from_scores(
+                    weight, bias, scores, **PATTERNS[decision.pattern].structure(
+                        decision.sparsity, decision.nm), **decision.options)
+            except ValueError as error:
+                raise ValueError(f"layer {site.name}: {error}") from None
+            layer._sparsefx_name = site.name
+            return layer
+        return calibration_.Calibrating(site.name, weight, bias, build)
+
     new = rewrite(new, parts, functional, sites, chosen, make_layer,
                    {d.site.name: d.reason for d in decisions if d.pattern is None})
+    if calibrated:
+        new = calibration_.calibrate(new, init, calibration, progress)
     logger.info("sparsefx.transform: %d of %d candidate layers made sparse", len(chosen),
                 len(decisions))
     return new

@@ -353,6 +353,32 @@ class SparseLinear(nn.Module, abc.ABC):
         return cls.from_dense(weight, bias_values, init="random", generator=generator,
                               **structure)
 
+    @classmethod
+    @torch.no_grad()
+    def from_scores(cls, weight: torch.Tensor, bias: torch.Tensor | None, scores: torch.Tensor,
+                    **structure) -> SparseLinear:
+        """The layer of the structure whose kept units hold the largest sum of ``scores``
+        (``[out, in]``, >= 0: a calibrated importance per weight), with ``weight``'s values
+        there. ``from_dense``'s magnitude rule keeps the units of largest sum of squares (a
+        diagonal's or a coset's) or the largest entries of a row, a group or the layer, so on
+        ``sqrt(scores)`` it keeps those of largest summed score. ``structure``: as for
+        ``from_dense`` (``sparsity=``, ``nm=``, a pattern's options)."""
+        chosen = cls.from_dense(scores.float().sqrt(), bias, init="magnitude", **structure)
+        chosen = chosen.to(device=weight.device, dtype=weight.dtype)
+        chosen.param.copy_(chosen.values_from_dense(weight))
+        return chosen
+
+    def values_from_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """What the trained parameter holds for the dense ``weight [out, in]`` on this
+        layer's structure (``dense_weight`` undoes it)."""
+        raise NotImplementedError(f"layer {self.layer_name}: pattern {self.pattern!r} has no "
+                                  "values_from_dense: calibrated init needs it")
+
+    def kept_mask(self) -> torch.Tensor:
+        """``bool [out, in]``: where the structure keeps a weight."""
+        raise NotImplementedError(f"layer {self.layer_name}: pattern {self.pattern!r} has no "
+                                  "kept_mask: calibrated init needs it")
+
     @property
     def sparsity(self) -> float:
         """Fraction of the dense weight's entries not stored."""

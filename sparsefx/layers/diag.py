@@ -147,6 +147,19 @@ class DiagLinear(SparseLinear):
         values = self.effective_values()
         return values if isinstance(values, tuple) else (values, self.offsets)
 
+    def values_from_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        rows, cols = patterns.diag_coordinates(self.offsets, self.out_features,
+                                               self.in_features)
+        return weight[rows, cols].to(self.values.dtype)
+
+    def kept_mask(self) -> torch.Tensor:
+        rows, cols = patterns.diag_coordinates(self.offsets, self.out_features,
+                                               self.in_features)
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
+                           device=self.offsets.device)
+        mask[rows, cols] = True
+        return mask
+
     def dense_weight(self) -> torch.Tensor:
         values, offsets = self.effective()
         return patterns.diag_to_dense(values.detach(), offsets, self.out_features,

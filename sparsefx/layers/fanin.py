@@ -196,5 +196,13 @@ class FanInLinear(SparseLinear):
         return (f"{self.pattern_label} ({self.out_features}, {self.in_features}): fan-in "
                 f"{self.indices.shape[1]}, {self.active_units(rows)} entries")
 
+    def values_from_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.gather(1, self.indices.long()).to(self.values.dtype)
+
+    def kept_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
+                           device=self.indices.device)
+        return mask.scatter_(1, self.indices.long(), True)
+
     def dense_weight(self) -> torch.Tensor:
         return patterns.fanin_to_dense(self.values.detach(), self.indices, self.in_features)

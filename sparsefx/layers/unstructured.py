@@ -133,5 +133,11 @@ class MaskedLinear(SparseLinear):
     def describe(self, rows: int | None = None) -> str:
         return f"unstructured ({self.out_features}, {self.in_features}): {self.stored} elements"
 
+    def values_from_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight * self.mask).to(self.weight.dtype)
+
+    def kept_mask(self) -> torch.Tensor:
+        return self.mask.bool()
+
     def dense_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.mask

@@ -16,6 +16,7 @@ from sparsefx.attention import MultiheadAttention, swap_attention
 from sparsefx.experts import Experts, swap_experts
 from sparsefx.registry import PATTERNS, build_layer
 from sparsefx.passes import analyse
+from sparsefx.permutation import permuted_layer
 from sparsefx.passes.allocate import allocate
 from sparsefx.passes.rewrite import replace_module, rewrite_functional_sites
 from sparsefx.passes.sites import find_functional_sites, find_module_sites, mark_routers, \
@@ -33,7 +34,7 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
               include_types: tuple[type, ...] = (), exclude_types: tuple[type, ...] = (),
               overrides: dict | None = None, keep_first_dense: bool = False,
               keep_last_dense: bool = False, init: str = "magnitude", seed: int = 0,
-              calibration=None, progress: bool | None = None,
+              calibration=None, permute: bool = False, progress: bool | None = None,
               leaf_modules: tuple = (), concrete_args: dict | None = None) -> nn.Module:
     """A sparse copy of ``model``; ``model`` itself is never modified, also on error.
 
@@ -47,7 +48,9 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     (``init="magnitude"``), a random one seeded by ``seed`` (``init="random"``), or one
     calibrated on ``calibration``, model inputs (``init="wanda"`` or ``"sparsegpt"``: see
     ``sparsefx.calibration``; ``progress``: a progress bar, default when stderr is a
-    terminal). Tied and shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
+    terminal). ``permute=True``: diagonal layers (``permutable`` ones) also permute their
+    inputs to keep the most of that importance (``sparsefx.permutation``; not with
+    ``init="random"``). Tied and shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
     candidate. ``leaf_modules`` (types or FQNs) and ``concrete_args`` go to the tracer.
     """
     if not isinstance(model, nn.Module):
@@ -57,6 +60,10 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     if init not in inits:
         raise ValueError(f"sparsefx.transform: init={init!r}: expected one of {inits}")
     calibrated = init in calibration_.INITS
+    if permute and init == "random":
+        raise ValueError("sparsefx.transform: permute=True with init='random': a permutation "
+                         "fits a structure to the weights; expected init='magnitude', "
+                         "'wanda' or 'sparsegpt'")
     if calibrated:
         calibration = calibration_.Calibration(calibration)
     elif calibration is not None:
@@ -98,6 +105,8 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
                 raise ValueError(f"layer {site.name}: weight holds {bad} NaN or infinite "
                                  "entries: init='magnitude' cannot rank them (fix the weights, "
                                  "or draw the structure with init='random', which keeps them)")
+            if permute and PATTERNS[decision.pattern].layer.permutable:
+                return scored(site, decision, weight, bias, weight.detach().double().square())
         try:
             layer = build_layer(decision.pattern, weight, bias, sparsity=decision.sparsity,
                                 nm=decision.nm, init=init, generator=generator,
@@ -114,16 +123,22 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
                              f"expected finite weights, not {what} ones (transform after "
                              "loading them)")
 
-        def build(weight, bias, scores):
-            try:
-                layer = PATTERNS[decision.pattern].layer.from_scores(
-                    weight, bias, scores, **PATTERNS[decision.pattern].structure(
-                        decision.sparsity, decision.nm), **decision.options)
-            except ValueError as error:
-                raise ValueError(f"layer {site.name}: {error}") from None
-            layer._sparsefx_name = site.name
-            return layer
-        return calibration_.Calibrating(site.name, weight, bias, build)
+        return calibration_.Calibrating(site.name, weight, bias,
+                                        lambda *args: scored(site, decision, *args))
+
+    def scored(site, decision, weight, bias, scores):
+        """The layer of largest kept ``scores``, its inputs permuted if ``permute``."""
+        pattern = PATTERNS[decision.pattern]
+        structure = {**pattern.structure(decision.sparsity, decision.nm), **decision.options}
+        try:
+            if permute and pattern.layer.permutable:
+                layer = permuted_layer(pattern.layer, weight, bias, scores, **structure)
+            else:
+                layer = pattern.layer.from_scores(weight, bias, scores, **structure)
+        except ValueError as error:
+            raise ValueError(f"layer {site.name}: {error}") from None
+        layer._sparsefx_name = site.name
+        return layer
 
     new = rewrite(new, parts, functional, sites, chosen, make_layer,
                    {d.site.name: d.reason for d in decisions if d.pattern is None})

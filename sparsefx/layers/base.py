@@ -99,6 +99,7 @@ class SparseLinear(nn.Module, abc.ABC):
     # ----------------------------------------------------------- loading a checkpoint
 
     resizable = False  # whether DST may change the number of slots (FanInLinear.resize)
+    permutable = False  # whether it takes an input permutation (DiagLinear's)
     structure_name: str  # the buffer holding the structure
 
     @property

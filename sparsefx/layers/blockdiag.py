@@ -45,8 +45,10 @@ class BlockDiagLinear(DiagLinear):
 
     @classmethod
     def from_saved(cls, tensors, options) -> BlockDiagLinear:
-        return cls(tensors["values"], tensors["offsets"], options["out_features"],
-                   options["in_features"], options["groups"], tensors.get("bias"))
+        layer = cls(tensors["values"], tensors["offsets"], options["out_features"],
+                    options["in_features"], options["groups"], tensors.get("bias"))
+        layer.set_input_permutation(tensors.get("input_permutation"))
+        return layer
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -75,6 +77,7 @@ class BlockDiagLinear(DiagLinear):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
+        x = self._inputs(x)
         y = torch.ops.sparsefx.blockdiag_linear(x, self.effective_values(), self.offsets,
                                                 self.out_features, self.groups,
                                                 self._bias(bias))

@@ -37,6 +37,7 @@ class DiagLinear(SparseLinear):
 
     pattern = "diag"
     growth_granularity = "diagonals"
+    permutable = True  # set_input_permutation
 
     def __init__(self, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
                  in_features: int, bias: torch.Tensor | None = None):
@@ -48,6 +49,36 @@ class DiagLinear(SparseLinear):
         # gates, sparsefx.methods.dynadiag.Gates), or -> (values, offsets) of more diagonals
         # than the layer keeps (its reference rule gates all P); None: the values themselves
         self.value_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # the layer computes on x[..., input_permutation] (set_input_permutation); None: on x
+        self.register_buffer("input_permutation", None)
+
+    def set_input_permutation(self, permutation: torch.Tensor | None) -> None:
+        """Compute on ``x[..., permutation]``: the diagonals lie on the permuted inputs (a
+        permutation that fits them to a trained weight, ``sparsefx.permutation``), and the
+        layer still computes ``x @ dense_weight().T``. ``None``: on ``x`` as it comes."""
+        if permutation is not None:
+            permutation = permutation.detach().reshape(-1).to(torch.int64)
+            if permutation.numel() != self.in_features or not torch.equal(
+                    permutation.sort().values.cpu(), torch.arange(self.in_features)):
+                raise ValueError(f"layer {self.layer_name}: input_permutation of "
+                                 f"{permutation.numel()} entries: expected a permutation of "
+                                 f"range({self.in_features})")
+            permutation = permutation.to(self.offsets.device)
+        self.input_permutation = permutation
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the op reads: ``x``, its features permuted if the layer is."""
+        if self.input_permutation is None:
+            return x
+        return x.index_select(-1, self.input_permutation)
+
+    def _to_inputs(self, on_permuted: torch.Tensor) -> torch.Tensor:
+        """``[out, in]`` on the permuted inputs -> on the inputs as they come."""
+        if self.input_permutation is None:
+            return on_permuted
+        result = torch.empty_like(on_permuted)
+        result[:, self.input_permutation] = on_permuted
+        return result
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -74,6 +105,7 @@ class DiagLinear(SparseLinear):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         values, offsets = self.effective()
+        x = self._inputs(x)
         y = torch.ops.sparsefx.diag_linear(x, values, offsets, self.out_features,
                                            self._bias(bias))
         return self._tap(y, x)
@@ -87,8 +119,10 @@ class DiagLinear(SparseLinear):
 
     @classmethod
     def from_saved(cls, tensors, options) -> DiagLinear:
-        return cls(tensors["values"], tensors["offsets"], options["out_features"],
-                   options["in_features"], tensors.get("bias"))
+        layer = cls(tensors["values"], tensors["offsets"], options["out_features"],
+                    options["in_features"], tensors.get("bias"))
+        layer.set_input_permutation(tensors.get("input_permutation"))
+        return layer
 
     def slots(self, rows: slice | None = None) -> torch.Tensor:
         return self.offsets[None, :]  # one row
@@ -148,6 +182,8 @@ class DiagLinear(SparseLinear):
         return values if isinstance(values, tuple) else (values, self.offsets)
 
     def values_from_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.input_permutation is not None:
+            weight = weight[:, self.input_permutation]
         rows, cols = patterns.diag_coordinates(self.offsets, self.out_features,
                                                self.in_features)
         return weight[rows, cols].to(self.values.dtype)
@@ -158,9 +194,9 @@ class DiagLinear(SparseLinear):
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
                            device=self.offsets.device)
         mask[rows, cols] = True
-        return mask
+        return self._to_inputs(mask)
 
     def dense_weight(self) -> torch.Tensor:
         values, offsets = self.effective()
-        return patterns.diag_to_dense(values.detach(), offsets, self.out_features,
-                                      self.in_features)
+        return self._to_inputs(patterns.diag_to_dense(values.detach(), offsets,
+                                                      self.out_features, self.in_features))

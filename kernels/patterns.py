@@ -415,3 +415,31 @@ def erk_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]
         if not over:
             return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
         dense |= over
+
+
+def owl_densities(sizes: list[int], outlier_ratios: list[float], sparsity: float,
+                  spread: float) -> list[float]:
+    """Per-layer densities after OWL (outlier-weighted layerwise sparsity): a layer's density
+    rises with its share of outliers, linearly from ``c - spread`` (the fewest) to
+    ``c + spread`` (the most), clipped to ``[0, 1]``, with ``c`` such that the layers (of
+    ``sizes`` weights) together keep ``(1 - sparsity)`` of their weights. Equal ratios give
+    every layer ``1 - sparsity``."""
+    _check_sparsity(sparsity)
+    if not sizes or len(sizes) != len(outlier_ratios):
+        raise ValueError(f"sizes ({len(sizes)}) and outlier_ratios ({len(outlier_ratios)}): "
+                         "expected as many, at least one")
+    low, high = min(outlier_ratios), max(outlier_ratios)
+    unit = [0.0 if high == low else 2 * (r - low) / (high - low) - 1 for r in outlier_ratios]
+    budget = (1.0 - sparsity) * sum(sizes)
+
+    def kept(centre: float) -> list[float]:
+        return [min(1.0, max(0.0, centre + spread * u)) for u in unit]
+
+    lo, hi = -spread, 1.0 + spread  # kept(lo) keeps nothing, kept(hi) everything
+    for _ in range(100):  # bisection on the centre: what is kept grows with it
+        mid = (lo + hi) / 2
+        if sum(n * d for n, d in zip(sizes, kept(mid))) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return kept(hi)

@@ -9,7 +9,7 @@ from sparsefx.kernels import patterns
 
 from .sites import Site
 
-__all__ = ["Decision", "allocate"]
+__all__ = ["Decision", "allocate", "DISTRIBUTIONS"]
 
 
 @dataclass
@@ -22,6 +22,9 @@ class Decision:
     nm: tuple[int, int] | None = None
     reason: str | None = None    # why it stays dense
     options: dict = field(default_factory=dict)  # the pattern's own per-layer options
+
+
+DISTRIBUTIONS = ("uniform", "erk", "owl")
 
 
 def _matches(key: str, name: str) -> bool:
@@ -55,16 +58,18 @@ def allocate(sites: list[Site], site_types: dict[str, type], known: Mapping, *, 
     plus the pattern's own ``options``, e.g. blockdiag's ``groups``;
     an override that names no site is an error), then ``distribution`` spreads ``sparsity``
     over the remaining sites: ``uniform`` gives each the same, ``erk`` follows
-    ``patterns.erk_densities``.
+    ``patterns.erk_densities``; ``owl`` gives each the same here, and transform spreads it
+    by the layers' outliers once calibration has measured them
+    (``patterns.owl_densities``).
     """
     _check_pattern(pattern, known, "transform")
     if not known[pattern].takes_nm:
         _check_sparsity(sparsity, "transform")
-    if distribution not in ("uniform", "erk"):
-        raise ValueError(f"distribution={distribution!r}: expected 'uniform' or 'erk'")
-    if distribution == "erk" and known[pattern].takes_nm:
-        raise ValueError(f"distribution='erk' with pattern={pattern!r}: N:M fixes each "
-                         "layer's density at n/m; use distribution='uniform'")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution={distribution!r}: expected one of {DISTRIBUTIONS}")
+    if distribution != "uniform" and known[pattern].takes_nm:
+        raise ValueError(f"distribution={distribution!r} with pattern={pattern!r}: N:M fixes "
+                         "each layer's density at n/m; use distribution='uniform'")
     decisions = [Decision(site, None, reason=site.dense_reason or site.default_dense)
                  for site in sites]
     eligible = [d for d in decisions if d.reason is None]

@@ -35,11 +35,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["INITS", "DAMPING", "Calibrating", "Calibration", "calibrate", "wanda_scores",
-           "sparsegpt_saliency", "damped_hessian", "least_squares_rows"]
+from sparsefx.kernels.patterns import owl_densities
+
+__all__ = ["INITS", "DAMPING", "OWL_THRESHOLD", "OWL_SPREAD", "Calibrating", "Calibration",
+           "calibrate", "wanda_scores", "sparsegpt_saliency", "damped_hessian",
+           "least_squares_rows", "outlier_ratio", "spread_by_outliers"]
 
 INITS = ("wanda", "sparsegpt")
 DAMPING = 0.01  # SparseGPT's: a hundredth of the mean diagonal of H
+# distribution="owl" (OWL, Yin et al. 2024): a weight is an outlier when its Wanda score is
+# over OWL_THRESHOLD times its layer's mean; densities spread by +-OWL_SPREAD
+OWL_THRESHOLD, OWL_SPREAD = 5.0, 0.08
 
 
 class _Stop(Exception):
@@ -61,10 +67,12 @@ class Calibrating(nn.Module):
         self.stop = False          # raise _Stop after recording (a pass for this layer only)
         self.rows = 0              # input rows (tokens) seen
         self.statistic: torch.Tensor | None = None
-        self.order = -1            # when the forward first reached it
+        self.calls = 0             # forward calls seen
+        self.order = -1            # when the forward first reached it (while clocked)
         self._clock: list[int] | None = None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
         if self.order < 0 and self._clock is not None:
             self.order = self._clock[0]
             self._clock[0] += 1
@@ -224,15 +232,18 @@ def calibrate(model: nn.Module, init: str, calibration: Calibration,
         for _, site in sites:
             site._clock = clock
         if init == "wanda":
-            for _, site in sites:
-                site.record = "norms"
-            calibration.run(model)
-            _check_reached(sites, calibration.where)
+            if any(site.statistic is None for _, site in sites):  # not measured for OWL
+                for _, site in sites:
+                    site.record = "norms"
+                calibration.run(model)
+                _check_reached(sites, calibration.where)
             for name, site in sites:
                 layer = site.build(site.weight, site.bias,
                                    wanda_scores(site.weight, site.statistic))
                 model = _swap(model, name, layer)
             return model
+        for _, site in sites:  # what an OWL pass measured is not a Hessian
+            site.record, site.statistic, site.rows = None, None, 0
         calibration.run(model)  # the order the forward reaches the layers in
         _check_reached(sites, calibration.where)
         sites.sort(key=lambda item: item[1].order)
@@ -256,8 +267,44 @@ def calibrate(model: nn.Module, init: str, calibration: Calibration,
             site._clock = None
 
 
+def outlier_ratio(scores: torch.Tensor, threshold: float = OWL_THRESHOLD) -> float:
+    """The fraction of ``scores`` over ``threshold`` times their mean (OWL's outliers)."""
+    return float((scores > threshold * scores.mean()).double().mean())
+
+
+@torch.no_grad()
+def spread_by_outliers(model: nn.Module, calibration: Calibration, decisions: list,
+                       sparsity: float) -> dict[str, float]:
+    """OWL: one pass recording every ``Calibrating`` site's input norms (kept for Wanda),
+    then each of ``decisions`` (``passes.allocate.Decision``s of those sites) gets the
+    sparsity ``patterns.owl_densities`` gives it from its Wanda outlier ratio; returns the
+    ratios by layer."""
+    sites = {name: module for name, module in model.named_modules()
+             if isinstance(module, Calibrating)}
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        for site in sites.values():
+            site.record = "norms"
+        calibration.run(model)
+    finally:
+        for module, mode in training.items():
+            module.train(mode)
+        for site in sites.values():
+            site.record = None
+    _check_reached(list(sites.items()), calibration.where)
+    ratios = {decision.site.name: outlier_ratio(wanda_scores(
+        sites[decision.site.name].weight, sites[decision.site.name].statistic))
+        for decision in decisions}
+    densities = owl_densities([d.site.out_features * d.site.in_features for d in decisions],
+                              [ratios[d.site.name] for d in decisions], sparsity, OWL_SPREAD)
+    for decision, density in zip(decisions, densities, strict=True):
+        decision.sparsity = 1.0 - density
+    return ratios
+
+
 def _check_reached(sites, where: str) -> None:
-    missed = [name or "(the model)" for name, site in sites if site.order < 0]
+    missed = [name or "(the model)" for name, site in sites if site.calls == 0]
     if len(missed) == len(sites):
         raise ValueError(f"{where}: the calibration reached no layer to be made sparse "
                          f"({', '.join(missed[:8])}{', ...' if len(missed) > 8 else ''}): "

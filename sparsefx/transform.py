@@ -48,7 +48,8 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     (``init="magnitude"``), a random one seeded by ``seed`` (``init="random"``), or one
     calibrated on ``calibration``, model inputs (``init="wanda"`` or ``"sparsegpt"``: see
     ``sparsefx.calibration``; ``progress``: a progress bar, default when stderr is a
-    terminal). ``permute=True``: diagonal layers (``permutable`` ones) also permute their
+    terminal; ``distribution="owl"``: the layers' sparsities spread by their share of
+    outliers, ``sparsefx.calibration.spread_by_outliers``). ``permute=True``: diagonal layers (``permutable`` ones) also permute their
     inputs to keep the most of that importance (``sparsefx.permutation``; not with
     ``init="random"``). Tied and shared weights stay dense. ``sparsefx.report(result)`` says what happened to every
     candidate. ``leaf_modules`` (types or FQNs) and ``concrete_args`` go to the tracer.
@@ -60,6 +61,10 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     if init not in inits:
         raise ValueError(f"sparsefx.transform: init={init!r}: expected one of {inits}")
     calibrated = init in calibration_.INITS
+    if distribution == "owl" and not calibrated:
+        raise ValueError(f"sparsefx.transform: distribution='owl' with init={init!r}: OWL "
+                         "measures outliers on calibration inputs; expected init='wanda' or "
+                         "'sparsegpt' with calibration=")
     if permute and init == "random":
         raise ValueError("sparsefx.transform: permute=True with init='random': a permutation "
                          "fits a structure to the weights; expected init='magnitude', "
@@ -143,6 +148,10 @@ def transform(model: nn.Module, pattern: str = "diag", sparsity: float = 0.9, *,
     new = rewrite(new, parts, functional, sites, chosen, make_layer,
                    {d.site.name: d.reason for d in decisions if d.pattern is None})
     if calibrated:
+        if distribution == "owl":  # the global sparsity's layers, spread by their outliers
+            calibration_.spread_by_outliers(new, calibration, [
+                d for d in chosen.values() if not PATTERNS[d.pattern].takes_nm
+                and d.sparsity == sparsity], sparsity)
         new = calibration_.calibrate(new, init, calibration, progress)
     logger.info("sparsefx.transform: %d of %d candidate layers made sparse", len(chosen),
                 len(decisions))

@@ -319,3 +319,45 @@ def test_training_mode_is_restored_after_calibrating_in_eval():
     sparse = sparsefx.transform(model, "fanin", 0.5, init="wanda", calibration=_batches())
     assert calls and not any(calls)  # dropout off while calibrating
     assert all(module.training for module in sparse.modules())
+
+
+# ------------------------------------------------------------------------------------ OWL
+
+
+@pytest.mark.parametrize("ratios", [[0.1, 0.1, 0.1], [0.0, 0.02, 0.5], [0.3, 0.01, 0.2, 0.9]])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_owl_densities_hold_the_budget_and_rise_with_outliers(ratios, sparsity):
+    sizes = [100 * (i + 1) for i in range(len(ratios))]
+    densities = sparsefx.kernels.patterns.owl_densities(sizes, ratios, sparsity, 0.08)
+    kept = sum(n * d for n, d in zip(sizes, densities))
+    assert kept == pytest.approx((1 - sparsity) * sum(sizes), rel=1e-9)
+    assert all(0 <= d <= 1 for d in densities)
+    order = sorted(range(len(ratios)), key=ratios.__getitem__)
+    assert [densities[i] for i in order] == sorted(densities)
+    if len(set(ratios)) == 1:
+        assert densities == pytest.approx([1 - sparsity] * len(ratios))
+    elif min(densities) > 0 and max(densities) < 1:
+        assert max(densities) - min(densities) == pytest.approx(0.16)
+
+
+def test_owl_gives_the_layer_with_outlier_inputs_more_weights():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 16))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 16, generator=generator) for _ in range(2)]
+    for batch in batches:
+        batch[:, 3] *= 40.0  # one feature in the first layer's inputs: outliers there
+    sparse = sparsefx.transform(model, "fanin", 0.75, init="wanda", calibration=batches,
+                                distribution="owl")
+    layers = [sparse.get_submodule(name) for name in ("0", "2", "4")]
+    assert layers[0].sparsity < layers[1].sparsity and layers[0].sparsity < layers[2].sparsity
+    stored = sum(layer.stored for layer in layers)
+    assert abs(stored - 0.25 * 3 * 256) <= 3  # the global budget, give or take rounding
+
+
+def test_owl_needs_a_calibrated_init_and_a_sparsity_to_spread():
+    with pytest.raises(ValueError, match="distribution='owl' with init='magnitude'"):
+        sparsefx.transform(_mlp(), "diag", 0.5, distribution="owl")
+    with pytest.raises(ValueError, match="distribution='owl' with pattern='nm'"):
+        sparsefx.transform(_mlp(), "nm", init="wanda", calibration=_batches(),
+                           distribution="owl")

@@ -88,8 +88,14 @@ class Calibrating(nn.Module):
                 raise _Stop
         return F.linear(x, self.weight, self.bias if bias is None else bias)
 
+    def release(self) -> None:
+        """Let go of the dense weight (its sparse layer holds what it needs): a model's
+        dense weights are freed one layer at a time as their layers are built."""
+        self.weight = self.bias = self.statistic = None
+
     def extra_repr(self) -> str:
-        return f"{self.name}: calibrating, weight {tuple(self.weight.shape)}"
+        shape = None if self.weight is None else tuple(self.weight.shape)
+        return f"{self.name}: calibrating, weight {shape}"
 
 
 class Calibration:
@@ -203,7 +209,10 @@ def least_squares_rows(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.
         eye = torch.eye(width, dtype=systems.dtype, device=systems.device)
         systems = torch.where(pair, systems, eye)
         right = torch.where(valid, products[rows].gather(1, ids), 0.0)
-        solved = torch.linalg.solve(systems, right)
+        # principal blocks of a damped Hessian (and identity padding): positive definite.
+        # Cholesky, not LU: MKL's batched LU (getrs) fails after torch.set_num_threads
+        factor = torch.linalg.cholesky(systems)
+        solved = torch.cholesky_solve(right[..., None], factor)[..., 0]
         # padding adds zeros (at column 0, which a row may also keep)
         result[rows].scatter_add_(1, ids, torch.where(valid, solved, 0.0))
     return result
@@ -241,6 +250,7 @@ def calibrate(model: nn.Module, init: str, calibration: Calibration,
                 layer = site.build(site.weight, site.bias,
                                    wanda_scores(site.weight, site.statistic))
                 model = _swap(model, name, layer)
+                site.release()
             return model
         for _, site in sites:  # what an OWL pass measured is not a Hessian
             site.record, site.statistic, site.rows = None, None, 0
@@ -258,7 +268,9 @@ def calibrate(model: nn.Module, init: str, calibration: Calibration,
             solved = least_squares_rows(site.weight, hessian, layer.kept_mask())
             del hessian
             layer.param.copy_(layer.values_from_dense(solved.to(site.weight.dtype)))
+            del solved
             model = _swap(model, name, layer)
+            site.release()
         return model
     finally:
         for module, mode in training.items():

@@ -361,3 +361,30 @@ def test_owl_needs_a_calibrated_init_and_a_sparsity_to_spread():
     with pytest.raises(ValueError, match="distribution='owl' with pattern='nm'"):
         sparsefx.transform(_mlp(), "nm", init="wanda", calibration=_batches(),
                            distribution="owl")
+
+
+def test_the_row_solves_hold_after_set_num_threads():
+    """MKL's batched LU fails (a DLASWP parameter error, wrong results) once
+    ``torch.set_num_threads`` has run; the row solves use Cholesky instead."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import torch
+        torch.set_num_threads(2)
+        from sparsefx import calibration as c
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(2000, 512, generator=g, dtype=torch.float64)
+        W = torch.randn(64, 512, generator=g, dtype=torch.float64)
+        H = c.damped_hessian(X.T @ X, 2000)
+        kept = torch.rand(64, 512, generator=g) < 0.5
+        r = c.least_squares_rows(W, H, kept)
+        worst = max(float((H[S][:, S] @ r[i, S] - (H @ W[i])[S]).abs().max())
+                    for i in range(64) for S in [kept[i].nonzero()[:, 0]])
+        print(worst)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ERROR" not in run.stdout + run.stderr
+    assert float(run.stdout.split()[-1]) < 1e-9

@@ -304,12 +304,13 @@ def plot(table: dict, path: Path) -> None:
                             if r["init"] == init and r["permute"] == permute)
             if points:
                 axis.plot(*zip(*points), marker="o", linestyle="--" if permute else "-",
+                          color=f"C{INITS.index(init)}",
                           label=f"{init}{' +perm' if permute else ''}")
         axis.axhline(table["dense_loss"], color="black", linewidth=0.8, label="dense")
         axis.set_title(pattern)
         axis.set_xlabel("sparsity")
     axes[0].set_ylabel("one-shot validation loss (nats/byte)")
-    axes[-1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -141,7 +141,7 @@ CASES = [
          ValueError, r"sparsity='0.9': expected a fraction"),
     Case("transform: unknown init",
          lambda w: sparsefx.transform(w.dense, "diag", 0.9, init="zeros"), ValueError,
-         r"layer 0: init='zeros': expected one of \('magnitude', 'random'\)"),
+         r"sparsefx.transform: init='zeros': expected one of \('magnitude', 'random', 'wanda', 'sparsegpt'\)"),
     Case("transform: N:M with N > M", lambda w: sparsefx.transform(w.dense, "nm", nm=(3, 2)),
          ValueError, r"layer 0: N:M = 3:2: expected 0 < N < M"),
     Case("transform: N:M whose M does not divide the width",

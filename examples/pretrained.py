@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsefx
+from sparsefx.calibration import wanda_scores
 from charlm import charlm, lm_loss, random_batches, stdlib_text, validation_loss
 from study import machine
 
@@ -115,8 +116,8 @@ def wanda_importance(dense, calibration) -> dict[str, torch.Tensor]:
             dense(batch)
     for handle in hooks:
         handle.remove()
-    return {name: dense.get_submodule(name).weight.detach().double().abs()
-            * norm.sqrt()[None, :] for name, norm in norms.items()}
+    return {name: wanda_scores(dense.get_submodule(name).weight, norm)
+            for name, norm in norms.items()}
 
 
 def diagonal_bound(importance: dict[str, torch.Tensor], names, density: float) -> float:
